@@ -1,0 +1,44 @@
+"""polyquant: quantize Hugging Face transformer models with every major method, natively in
+PyTorch, run them on CPU or GPU, read and write the ecosystem's checkpoint formats, and measure
+the accuracy / size / speed trade-offs.
+
+Public API (thin: it calls the layers below)::
+
+    model, tok = polyquant.load_model("default")
+    q = polyquant.quantize(model, polyquant.RTNConfig(bits=4, group_size=64))
+    polyquant.save(q, "out/rtn-w4", tokenizer=tok)
+    q2, tok2 = polyquant.load("out/rtn-w4")
+    print(polyquant.evaluate(q2, tok2))
+"""
+from polyquant.methods import METHODS, MethodConfig, RTNConfig, config_from_dict, get_method, list_methods
+from polyquant.nn import QuantLinear, quantize_model, set_kernels
+from polyquant.tensor import QuantizedWeight
+
+__version__ = "0.1.0"
+
+
+def quantize(model, config, calibration=None, *, inplace: bool = False, show_progress: bool = True):
+    """Quantize ``model`` with a method config (e.g. ``RTNConfig(bits=4)``); returns the quantized
+    model (a copy unless ``inplace=True``)."""
+    return quantize_model(model, config, calibration, inplace=inplace, show_progress=show_progress)
+
+
+def __getattr__(name):  # lazy: keep `import polyquant` light
+    if name in ("load_model", "default_model_path"):
+        from polyquant import models
+        return getattr(models, name)
+    if name in ("save", "load", "detect_format", "checkpoint_info"):
+        from polyquant import formats
+        return getattr(formats, name)
+    if name in ("evaluate",):
+        from polyquant import eval as _eval
+        return getattr(_eval, name)
+    if name == "calibration_data":
+        from polyquant import calibration
+        return calibration.calibration_data
+    raise AttributeError(f"module 'polyquant' has no attribute {name!r}")
+
+
+__all__ = ["METHODS", "MethodConfig", "QuantLinear", "QuantizedWeight", "RTNConfig", "config_from_dict",
+           "get_method", "list_methods", "quantize", "quantize_model", "set_kernels", "load_model", "save",
+           "load", "evaluate", "detect_format", "checkpoint_info", "calibration_data"]

@@ -1,0 +1,99 @@
+"""The format interface and registry.
+
+A *format* turns a quantized model into the exact tensors and ``quantization_config`` that
+another tool (transformers, vLLM, the original library) reads, and back. Formats know nothing
+about algorithms: they see ``QuantLinear`` modules / ``QuantizedWeight`` objects only.
+
+Saving (``polyquant.formats.save``) and loading (``polyquant.formats.load``) are generic and live
+in :mod:`polyquant.formats.api`: they handle config.json, the non-quantized parameters, tokenizer,
+atomic writes and detection; a format implements only the per-layer parts below.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from polyquant.tensor.quantized_weight import QuantizedWeight
+
+__all__ = ["Format", "register_format", "get_format", "list_formats", "FORMATS", "CheckpointError"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, foreign in a way we cannot read, or inconsistent."""
+
+
+class Format:
+    """Base class of an on-disk format.
+
+    Attributes:
+        name: registry name (``compressed-tensors``, ``gptq``, ``awq``, ``bitsandbytes`` ...).
+        quant_method: the ``quantization_config.quant_method`` string it is detected by.
+        readers: tools that load this format (for the integration graph), e.g. ``("transformers", "vllm")``.
+        writers: tools that produce it.
+    """
+
+    name: str = ""
+    quant_method: str = ""
+    readers: tuple[str, ...] = ()
+    writers: tuple[str, ...] = ()
+    description: str = ""
+
+    # -- detection ------------------------------------------------------------------------
+    def detect(self, qcfg: dict[str, Any]) -> bool:
+        """Whether a ``quantization_config`` dict is in this format (default: quant_method match)."""
+        return qcfg.get("quant_method") == self.quant_method
+
+    # -- saving ---------------------------------------------------------------------------
+    def check_layer(self, name: str, qw: QuantizedWeight, module: nn.Module) -> str | None:
+        """None if this format can store the layer; otherwise the reason it cannot."""
+        return None
+
+    def layer_tensors(self, name: str, module: nn.Module) -> dict[str, torch.Tensor]:
+        """Tensors for one quantized module, keyed relative to the module (``weight_packed`` ...).
+        ``module`` is a ``QuantLinear``; its bias (if any) is saved by the generic code as ``bias``."""
+        raise NotImplementedError
+
+    def quantization_config(self, model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, Any]:
+        """The ``quantization_config`` written into config.json."""
+        raise NotImplementedError
+
+    def extra_files(self, model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, Any]:
+        """Other JSON files to write next to config.json (e.g. GPTQ's ``quantize_config.json``)."""
+        return {}
+
+    # -- loading --------------------------------------------------------------------------
+    def quantized_layers(self, qcfg: dict[str, Any], model: nn.Module, keys: set[str]) -> list[str]:
+        """Names of the Linear modules stored quantized in a checkpoint with these tensor keys.
+        Default: every module that has a ``<name>.<marker>`` key for the marker tensor."""
+        raise NotImplementedError
+
+    def load_layer(self, name: str, qcfg: dict[str, Any], tensors: dict[str, torch.Tensor],
+                   module: nn.Linear) -> nn.Module:
+        """Build the quantized module for ``name`` from its tensors (relative keys). ``module`` is
+        the float skeleton (on the meta device: use only its shapes / class). Raise
+        ``CheckpointError`` naming the layer and the problem if the tensors are inconsistent."""
+        raise NotImplementedError
+
+
+FORMATS: dict[str, Format] = {}
+
+
+def register_format(fmt: Format | Callable[[], Format]) -> Format:
+    f = fmt() if isinstance(fmt, type) else fmt
+    if not f.name or f.name in FORMATS:
+        raise ValueError(f"format name {f.name!r} is empty or already registered")
+    FORMATS[f.name] = f
+    return f
+
+
+def get_format(name: str) -> Format:
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise ValueError(f"unknown format {name!r}; known formats: {', '.join(sorted(FORMATS))}") from None
+
+
+def list_formats() -> list[Format]:
+    return [FORMATS[k] for k in sorted(FORMATS)]

@@ -1,0 +1,117 @@
+"""CPU fast paths through PyTorch's packed weight ops.
+
+- ``cpu-int8``: ``aten._weight_int8pack_mm`` for 8-bit per-channel weights (symmetric; an
+  asymmetric zero becomes a per-row correction ``x.sum() * (128 - z) * s``).
+- ``cpu-int4``: ``aten._convert_weight_to_int4pack_for_cpu`` + ``aten._weight_int4pack_mm_for_cpu``
+  for 4-bit group-wise weights (groups 32/64/128/256 dividing the input features, out % 16 == 0;
+  per-channel and larger groups ride on the largest such group with repeated scales). The op
+  dequantizes ``(q - 8) * s + z'``, so our ``(q - z) * s`` maps to ``z' = (8 - z) * s``.
+
+Both ops are fast only with bf16 activations (measured on torch 2.13, AVX-512: 2.2-2.8x an fp32
+linear at batch 1 with bf16, 10-25x slower with fp32/fp16), so these kernels cast the input to
+bf16 and the output back to the caller's dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+from polyquant.kernels.base import Kernel, register_kernel
+
+__all__ = ["CpuInt4Kernel", "CpuInt8Kernel"]
+
+_INT4_GROUPS = (256, 128, 64, 32)
+
+
+class CpuInt8Kernel(Kernel):
+    name = "cpu-int8"
+    devices = ("cpu",)
+    priority = 20
+    layouts = "8-bit per-channel weights (sym or asym), bf16 activations"
+
+    def supports(self, qw, device):
+        if r := self._device_reason(device):
+            return r
+        if qw.qt.kind != "int" or qw.bits != 8:
+            return f"needs 8-bit integer weights, got {qw.qtype}"
+        if qw.block != (1, qw.shape[1]):
+            return f"needs per-channel scales, got block {qw.block}"
+        if qw.g_idx is not None or qw.extras:
+            return "act-order / extras not supported"
+        return None
+
+    def prepare(self, qw):
+        # (code - offset - zero) * s == (code - 128) * s + (128 - offset - zero) * s
+        signed = (qw.codes.to(torch.int16) - 128).to(torch.int8).contiguous()
+        s = qw.scale[:, 0].float()
+        buf = {"w": signed, "s": s.to(torch.bfloat16)}
+        zero = qw.zero[:, 0].float() if qw.zero is not None else torch.zeros_like(s)
+        c = (128.0 - qw.qt.code_offset - zero) * s
+        if bool((c != 0).any()):
+            buf["c"] = c
+        return buf
+
+    def forward(self, module, x):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int8pack_mm(x2, module.kbuf("w"), module.kbuf("s")).to(x.dtype)
+        c = module.kbuf("c", None)
+        if c is not None:
+            y = y + x.reshape(-1, shape[-1]).sum(-1, keepdim=True).to(x.dtype) * c.to(x.dtype)
+        if module.bias is not None:
+            y = y + module.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+
+class CpuInt4Kernel(Kernel):
+    name = "cpu-int4"
+    devices = ("cpu",)
+    priority = 20
+    layouts = "4-bit group-wise weights (group 32/64/128/256 dividing in_features; out % 16 == 0), bf16 activations"
+
+    @staticmethod
+    def _op_group(qw) -> int | None:
+        out, inp = qw.shape
+        c = qw.block[1]
+        for g in _INT4_GROUPS:
+            if inp % g == 0 and (c % g == 0 or c >= inp):
+                return g
+        return None
+
+    def supports(self, qw, device):
+        if r := self._device_reason(device):
+            return r
+        if qw.qt.kind != "int" or qw.bits != 4:
+            return f"needs 4-bit integer weights, got {qw.qtype}"
+        if qw.block[0] != 1:
+            return f"needs row blocks of 1, got block {qw.block}"
+        if qw.g_idx is not None or qw.extras:
+            return "act-order (g_idx) / extras not supported"
+        if qw.shape[0] % 16:
+            return f"out_features {qw.shape[0]} is not a multiple of 16"
+        if self._op_group(qw) is None:
+            return f"group {qw.block[1]} / in_features {qw.shape[1]} do not fit groups {_INT4_GROUPS}"
+        return None
+
+    def prepare(self, qw):
+        g = self._op_group(qw)
+        codes = qw.codes.to(torch.int32).contiguous()
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        s = qw.full_scale().float()[:, ::g]  # [out, in/g]
+        # (code - offset - zero) * s == (code - 8) * s + (8 - offset - zero) * s
+        zero = qw.full_zero().float()[:, ::g] if qw.zero is not None else torch.zeros_like(s)
+        z = (8.0 - qw.qt.code_offset - zero) * s
+        sz = torch.stack([s.t(), z.t()], dim=-1).to(torch.bfloat16).contiguous()
+        return {"w": packed, "sz": sz, "g": torch.tensor(g)}
+
+    def forward(self, module, x):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, module.kbuf("w"), int(module.kbuf("g")),
+                                                         module.kbuf("sz")).to(x.dtype)
+        if module.bias is not None:
+            y = y + module.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+
+register_kernel(CpuInt8Kernel)
+register_kernel(CpuInt4Kernel)

@@ -1,0 +1,10 @@
+"""Methods: pure algorithms (float weight [+ statistics] -> QuantizedWeight), one module each,
+registered by name. Importing this package registers every built-in method."""
+from polyquant.methods.base import MethodConfig
+from polyquant.methods.registry import (METHODS, MethodSpec, config_from_dict, get_method, list_methods,
+                                        register_method, unregister_method)
+from polyquant.methods import rtn  # noqa: F401  (registers)
+from polyquant.methods.rtn import RTNConfig
+
+__all__ = ["MethodConfig", "MethodSpec", "METHODS", "RTNConfig", "config_from_dict", "get_method",
+           "list_methods", "register_method", "unregister_method"]

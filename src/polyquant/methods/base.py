@@ -1,0 +1,70 @@
+"""``MethodConfig``: the base of every method's config dataclass.
+
+A config validates itself on construction (``ValueError`` naming the field, never ``assert``),
+serializes to a plain dict (``to_dict``) with its method name, and is rebuilt by
+``config_from_dict`` through the method registry (an allow-list: no arbitrary imports).
+Layer selection lives here too, so a checkpoint records which modules were quantized.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+__all__ = ["MethodConfig", "check_choice", "check_int"]
+
+
+def check_int(name: str, value: Any, lo: int | None = None, hi: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+
+
+def check_choice(name: str, value: Any, choices: tuple | list) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+@dataclass
+class MethodConfig:
+    """Common fields.
+
+    Attributes:
+        include: regexes of module names to quantize (default: every Linear inside the model's
+            repeated blocks).
+        exclude: regexes of module names to keep in float.
+        quantize_lm_head: also quantize the output head (kept float by default).
+        kernel: ``auto`` (the fastest kernel that supports the layout on the device, recorded)
+            or a kernel name from ``polyquant kernels``.
+    """
+
+    method: ClassVar[str] = ""
+    include: list[str] | None = None
+    exclude: list[str] = field(default_factory=list)
+    quantize_lm_head: bool = False
+    kernel: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.include is not None and not isinstance(self.include, list):
+            raise ValueError(f"include must be a list of regexes, got {self.include!r}")
+        if not isinstance(self.exclude, list):
+            raise ValueError(f"exclude must be a list of regexes, got {self.exclude!r}")
+        if not isinstance(self.kernel, str):
+            raise ValueError(f"kernel must be a string, got {self.kernel!r}")
+        self.validate()
+
+    def validate(self) -> None:  # overridden by methods
+        pass
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["method"] = self.method
+        return d
+
+    def replace(self, **changes: Any) -> "MethodConfig":
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> str:
+        """Short human label, e.g. ``rtn w4 g64 sym``."""
+        return self.method

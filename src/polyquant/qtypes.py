@@ -1,0 +1,135 @@
+"""The storage-type table: one row per quantized element type.
+
+Every other layer reads this table (like ggml's type traits): a ``QType`` says how many bits an
+element takes, which integer codes or float values it can hold, and gives the reference
+``encode`` (value in the quantized domain -> code) and ``decode`` (code -> value) functions.
+
+Integer types are stored *unsigned* (offset binary): a signed int4 value v in [-8, 7] is the code
+v + 8 in [0, 15]. Codebook types (nf4, fp4) store an index into their value table. Float8 types
+store the float8 tensor itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["QType", "QTYPES", "get_qtype", "int_qtype"]
+
+# bitsandbytes' NF4 code book (normal-float quantiles, index order as stored on disk).
+NF4_VALUES = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+# bitsandbytes' FP4 (e2m1) code book in its index order (sign bit = bit 3).
+FP4_VALUES = (
+    0.0, 0.005208333333333333, 0.6666666666666666, 1.0, 0.3333333333333333, 0.5,
+    0.16666666666666666, 0.25, -0.0, -0.005208333333333333, -0.6666666666666666, -1.0,
+    -0.3333333333333333, -0.5, -0.16666666666666666, -0.25,
+)
+
+
+@dataclass(frozen=True)
+class QType:
+    """One storage type.
+
+    Attributes:
+        name: registry key (``int4``, ``uint4``, ``nf4``, ``float8_e4m3fn`` ...).
+        bits: bits per stored element.
+        kind: ``int`` (affine integer), ``codebook`` (index into ``values``), ``float``
+            (a torch float8 dtype), ``ternary``.
+        signed: for ``int``: whether the *value* range is signed (codes are always unsigned).
+        values: code book values for ``codebook`` types.
+        torch_dtype: storage dtype for ``float`` types.
+    """
+
+    name: str
+    bits: int
+    kind: str
+    signed: bool = False
+    values: tuple[float, ...] = field(default=(), repr=False)
+    torch_dtype: torch.dtype | None = None
+
+    @property
+    def n_codes(self) -> int:
+        return 1 << self.bits
+
+    @property
+    def qmin(self) -> int:
+        """Smallest value (signed domain for signed ints)."""
+        return -(1 << (self.bits - 1)) if self.signed else 0
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1 if self.signed else (1 << self.bits) - 1
+
+    @property
+    def code_offset(self) -> int:
+        """code = value + code_offset for integer types."""
+        return -self.qmin
+
+    @property
+    def max_value(self) -> float:
+        if self.kind == "float":
+            return float(torch.finfo(self.torch_dtype).max)
+        if self.kind == "codebook":
+            return max(abs(v) for v in self.values)
+        if self.kind == "ternary":
+            return 1.0
+        return float(self.qmax)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Reference quantizer for values already divided by their scale: nearest code."""
+        if self.kind == "int" or self.kind == "ternary":
+            lo, hi = (self.qmin, self.qmax) if self.kind == "int" else (-1, 1)
+            off = self.code_offset if self.kind == "int" else 1
+            return (torch.clamp(torch.round(x), lo, hi) + off).to(torch.uint8)
+        if self.kind == "codebook":
+            table = torch.tensor(self.values, dtype=torch.float32, device=x.device)
+            return torch.argmin((x.float().unsqueeze(-1) - table).abs(), dim=-1).to(torch.uint8)
+        if self.kind == "float":
+            m = self.max_value
+            return torch.clamp(x.float(), -m, m).to(self.torch_dtype)
+        raise ValueError(f"unknown qtype kind {self.kind!r}")
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes -> float32 values (before the scale is applied)."""
+        if self.kind == "int":
+            return codes.to(torch.float32) - self.code_offset
+        if self.kind == "ternary":
+            return codes.to(torch.float32) - 1
+        if self.kind == "codebook":
+            table = torch.tensor(self.values, dtype=torch.float32, device=codes.device)
+            return table[codes.long()]
+        if self.kind == "float":
+            return codes.to(torch.float32)
+        raise ValueError(f"unknown qtype kind {self.kind!r}")
+
+
+def _build() -> dict[str, QType]:
+    table: dict[str, QType] = {}
+    for b in range(1, 9):
+        table[f"int{b}"] = QType(f"int{b}", b, "int", signed=True)
+        table[f"uint{b}"] = QType(f"uint{b}", b, "int", signed=False)
+    table["ternary"] = QType("ternary", 2, "ternary", signed=True)
+    table["nf4"] = QType("nf4", 4, "codebook", signed=True, values=NF4_VALUES)
+    table["fp4"] = QType("fp4", 4, "codebook", signed=True, values=FP4_VALUES)
+    table["float8_e4m3fn"] = QType("float8_e4m3fn", 8, "float", True, torch_dtype=torch.float8_e4m3fn)
+    table["float8_e5m2"] = QType("float8_e5m2", 8, "float", True, torch_dtype=torch.float8_e5m2)
+    return table
+
+
+QTYPES: dict[str, QType] = _build()
+
+
+def get_qtype(name: str) -> QType:
+    try:
+        return QTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown qtype {name!r}; known: {sorted(QTYPES)}") from None
+
+
+def int_qtype(bits: int, signed: bool) -> QType:
+    return get_qtype(f"{'int' if signed else 'uint'}{bits}")
