@@ -1,0 +1,55 @@
+"""Tiny models built from configs (random, seeded weights) for fast tests, and shared asserts."""
+from __future__ import annotations
+
+import torch
+
+
+def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB."""
+    ref, approx = ref.double(), approx.double()
+    return float(10 * torch.log10(ref.pow(2).sum() / (ref - approx).pow(2).sum().clamp_min(1e-30)))
+
+
+def _seed(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+def tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 2, vocab: int = 256, tie: bool = True):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    _seed(seed)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                      max_position_embeddings=256, tie_word_embeddings=tie)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_qwen2(seed: int = 0, hidden: int = 64, layers: int = 2, vocab: int = 256):
+    """Another decoder family (q/k/v with bias)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    _seed(seed)
+    cfg = Qwen2Config(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                      max_position_embeddings=256)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def tiny_bert(seed: int = 0, hidden: int = 64, layers: int = 2, vocab: int = 256):
+    """A BERT-style encoder."""
+    from transformers import BertConfig, BertModel
+    _seed(seed)
+    cfg = BertConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                     num_attention_heads=4, vocab_size=vocab, max_position_embeddings=128)
+    return BertModel(cfg).eval()
+
+
+def tiny_tokenizer_dir(path) -> str:
+    """A small word-level tokenizer saved to ``path`` (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {f"w{i}": i for i in range(250)}
+    vocab.update({"[UNK]": 250, "<s>": 251, "</s>": 252})
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(str(path))
+    return str(path)
