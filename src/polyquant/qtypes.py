@@ -88,7 +88,11 @@ class QType:
             return (torch.clamp(torch.round(x), lo, hi) + off).to(torch.uint8)
         if self.kind == "codebook":
             table = torch.tensor(self.values, dtype=torch.float32, device=x.device)
-            return torch.argmin((x.float().unsqueeze(-1) - table).abs(), dim=-1).to(torch.uint8)
+            x = x.float().unsqueeze(-1)
+            d = (x - table).abs()
+            # among equally near entries (fp4: +0 / -0) keep the sign of x (a sign bit, as in bnb CUDA kernels)
+            key = (d > d.amin(-1, keepdim=True)).to(torch.uint8) * 2 + (torch.signbit(x) != torch.signbit(table))
+            return torch.argmin(key, dim=-1).to(torch.uint8)
         if self.kind == "float":
             m = self.max_value
             return torch.clamp(x.float(), -m, m).to(self.torch_dtype)

@@ -1,4 +1,9 @@
 """Formats: one module per on-disk format (detect, save, load), plus the generic save/load."""
 from polyquant.formats.base import FORMATS, CheckpointError, Format, get_format, list_formats, register_format
+from polyquant.formats import gptq as _gptq  # noqa: F401,E402  (registers gptq, gptq_v2)
+from polyquant.formats import compressed_tensors as _ct  # noqa: F401,E402  (registers compressed-tensors)
+from polyquant.formats import hqq as _hqq, bitsandbytes as _bnb  # noqa: F401,E402  (registers hqq, bitsandbytes)
+from polyquant.formats.api import checkpoint_info, detect_format, load, save  # noqa: E402
 
-__all__ = ["FORMATS", "CheckpointError", "Format", "get_format", "list_formats", "register_format"]
+__all__ = ["FORMATS", "CheckpointError", "Format", "get_format", "list_formats", "register_format",
+           "save", "load", "detect_format", "checkpoint_info"]

@@ -7,6 +7,13 @@ about algorithms: they see ``QuantLinear`` modules / ``QuantizedWeight`` objects
 Saving (``polyquant.formats.save``) and loading (``polyquant.formats.load``) are generic and live
 in :mod:`polyquant.formats.api`: they handle config.json, the non-quantized parameters, tokenizer,
 atomic writes and detection; a format implements only the per-layer parts below.
+
+Contract with the generic loader: ``load_layer`` receives every tensor stored under the layer's
+prefix (relative keys, including ``bias``) and may build its ``QuantLinear`` with
+``kernel="reference"``; the loader moves the model to the device and then selects the kernels
+(and sets ``QuantLinear.method`` / ``act_quant`` from polyquant's own record when there is one).
+Two optional hooks serve ``checkpoint_info`` (which reads config.json and tensor headers only,
+without building a model): ``layers_from_keys`` and ``describe``.
 """
 from __future__ import annotations
 
@@ -75,6 +82,19 @@ class Format:
         the float skeleton (on the meta device: use only its shapes / class). Raise
         ``CheckpointError`` naming the layer and the problem if the tensors are inconsistent."""
         raise NotImplementedError
+
+    # -- inspection (optional; used by checkpoint_info) -------------------------------------
+    def layers_from_keys(self, qcfg: dict[str, Any], keys: set[str]) -> list[str] | None:
+        """Names of the quantized modules judged from the tensor keys alone (no model built).
+        Default None: the caller falls back to a dtype heuristic."""
+        return None
+
+    def describe(self, qcfg: dict[str, Any]) -> dict[str, Any]:
+        """``bits`` / ``group_size`` / ``sym`` of a ``quantization_config`` for summaries (None where
+        unknown). Default: the flat GPTQ/AWQ-style keys."""
+        return {"bits": qcfg.get("bits", qcfg.get("w_bit")),
+                "group_size": qcfg.get("group_size", qcfg.get("q_group_size")),
+                "sym": qcfg.get("sym")}
 
 
 FORMATS: dict[str, Format] = {}

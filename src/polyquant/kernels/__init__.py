@@ -2,5 +2,7 @@
 ops), ``triton-*`` (GPU). Dispatch is the table in :mod:`polyquant.kernels.base`."""
 from polyquant.kernels.base import KERNELS, Kernel, get_kernel, list_kernels, register_kernel, select_kernel
 from polyquant.kernels import reference, cpu  # noqa: F401  (registers)
+from polyquant.kernels import cpu_actorder, triton_w4a16  # noqa: F401,E402  (registers; triton imported lazily)
+from polyquant.kernels import bnb_int8  # noqa: F401,E402  (registers llm-int8)
 
 __all__ = ["KERNELS", "Kernel", "get_kernel", "list_kernels", "register_kernel", "select_kernel"]

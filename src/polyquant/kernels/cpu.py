@@ -20,6 +20,9 @@ from polyquant.kernels.base import Kernel, register_kernel
 __all__ = ["CpuInt4Kernel", "CpuInt8Kernel"]
 
 _INT4_GROUPS = (256, 128, 64, 32)
+_BF16 = torch.bfloat16
+_int4_mm = torch.ops.aten._weight_int4pack_mm_for_cpu.default
+_int8_mm = torch.ops.aten._weight_int8pack_mm.default
 
 
 class CpuInt8Kernel(Kernel):
@@ -51,15 +54,23 @@ class CpuInt8Kernel(Kernel):
         return buf
 
     def forward(self, module, x):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int8pack_mm(x2, module.kbuf("w"), module.kbuf("s")).to(x.dtype)
-        c = module.kbuf("c", None)
+        # Hot path at decode (hundreds of calls per token): read buffers straight from
+        # ``_buffers``, skip casts that are not needed, call the op overload directly.
+        if module.act_quant is not None:
+            x = module.act_quant(x)
+        b = module._buffers
+        dtype = x.dtype
+        x2 = x.reshape(-1, x.shape[-1])
+        xb = x2 if dtype == _BF16 else x2.to(_BF16)
+        y = _int8_mm(xb, b["k_w"], b["k_s"])
+        if dtype != _BF16:
+            y = y.to(dtype)
+        c = b.get("k_c")
         if c is not None:
-            y = y + x.reshape(-1, shape[-1]).sum(-1, keepdim=True).to(x.dtype) * c.to(x.dtype)
+            y = y + x2.sum(-1, keepdim=True).to(dtype) * c.to(dtype)
         if module.bias is not None:
-            y = y + module.bias.to(y.dtype)
-        return y.reshape(*shape[:-1], y.shape[-1])
+            y = y + module.bias.to(dtype)
+        return y.view(*x.shape[:-1], y.shape[-1]) if x.dim() != 2 else y
 
 
 class CpuInt4Kernel(Kernel):
@@ -104,13 +115,21 @@ class CpuInt4Kernel(Kernel):
         return {"w": packed, "sz": sz, "g": torch.tensor(g)}
 
     def forward(self, module, x):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, module.kbuf("w"), int(module.kbuf("g")),
-                                                         module.kbuf("sz")).to(x.dtype)
+        if module.act_quant is not None:
+            x = module.act_quant(x)
+        b = module._buffers
+        dtype = x.dtype
+        x2 = x.reshape(-1, x.shape[-1])
+        xb = x2 if dtype == _BF16 else x2.to(_BF16)
+        sz = b["k_sz"]
+        # group = in_features / number of scale groups (exact: the group divides in_features);
+        # avoids reading the ``k_g`` tensor (an ``.item()``) on every call.
+        y = _int4_mm(xb, b["k_w"], x2.shape[-1] // sz.shape[0], sz)
+        if dtype != _BF16:
+            y = y.to(dtype)
         if module.bias is not None:
-            y = y + module.bias.to(y.dtype)
-        return y.reshape(*shape[:-1], y.shape[-1])
+            y = y + module.bias.to(dtype)
+        return y.view(*x.shape[:-1], y.shape[-1]) if x.dim() != 2 else y
 
 
 register_kernel(CpuInt8Kernel)

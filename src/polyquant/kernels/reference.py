@@ -26,7 +26,8 @@ class ReferenceKernel(Kernel):
         w = module.quantized_weight.dequantize(x.dtype)
         if module.act_quant is not None:
             x = module.act_quant(x)
-        return F.linear(x, w, module.bias)
+        bias = module.bias
+        return F.linear(x, w, bias.to(x.dtype) if bias is not None and bias.dtype != x.dtype else bias)
 
 
 register_kernel(ReferenceKernel)

@@ -4,6 +4,9 @@ from polyquant.methods.base import MethodConfig
 from polyquant.methods.registry import (METHODS, MethodSpec, config_from_dict, get_method, list_methods,
                                         register_method, unregister_method)
 from polyquant.methods import rtn  # noqa: F401  (registers)
+from polyquant.methods import hqq, bnb  # noqa: F401,E402  (registers hqq, bnb-nf4, bnb-fp4, bnb-int8)
+from polyquant.methods import gptq  # noqa: F401,E402  (registers gptq)
+from polyquant.methods.gptq import GPTQConfig  # noqa: E402
 from polyquant.methods.rtn import RTNConfig
 
 __all__ = ["MethodConfig", "MethodSpec", "METHODS", "RTNConfig", "config_from_dict", "get_method",

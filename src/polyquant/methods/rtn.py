@@ -15,8 +15,8 @@ import torch
 from polyquant.methods.base import MethodConfig, check_int
 from polyquant.methods.registry import MethodSpec, register_method
 from polyquant.qtypes import int_qtype
-from polyquant.tensor.affine import block_view, choose_qparams, quantize_codes
-from polyquant.tensor.quantized_weight import QuantizedWeight
+from polyquant.tensor.affine import choose_qparams, quantize_codes
+from polyquant.tensor.quantized_weight import QuantizedWeight, expand_blocks
 
 __all__ = ["RTNConfig", "rtn_quantize", "group_block"]
 
@@ -85,13 +85,25 @@ def rtn_quantize(weight: torch.Tensor, config: RTNConfig, stats: dict | None = N
     return QuantizedWeight.from_codes(codes, qt.name, block, scale, zero)
 
 
+def _block_error(deq: torch.Tensor, w: torch.Tensor, block: tuple[int, int], norm: float) -> torch.Tensor:
+    """Per block ``sum |deq - w|^norm`` over the block's real elements (a short edge block is
+    zero-padded, so no element counts twice)."""
+    e = (deq - w).abs().pow(norm)
+    r, c = block
+    e = torch.nn.functional.pad(e, (0, -e.shape[1] % c, 0, -e.shape[0] % r))
+    return e.reshape(e.shape[0] // r, r, e.shape[1] // c, c).sum((1, 3))
+
+
 def _clip_search(w, qt, block, config: RTNConfig, scale, zero):
     best_err = None
-    view = block_view(w, block)
     for p in torch.linspace(1.0, float(config.clip_min), int(config.clip_grid)).tolist():
         s, z = choose_qparams(w, qt, block, shrink=p)
-        deq = QuantizedWeight.from_codes(quantize_codes(w, qt, block, s, z), qt.name, block, s, z).dequantize()
-        err = (block_view(deq, block) - view).abs().pow(config.clip_norm).sum(-1)
+        # (decode(code) - zero) * scale, as QuantizedWeight.dequantize computes it, without packing
+        deq = qt.decode(quantize_codes(w, qt, block, s, z))
+        if z is not None:
+            deq = deq - expand_blocks(z, block, tuple(w.shape))
+        deq = deq * expand_blocks(s, block, tuple(w.shape))
+        err = _block_error(deq, w, block, float(config.clip_norm))
         if best_err is None:
             best_err, scale, zero = err, s, z
             continue

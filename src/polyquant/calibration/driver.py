@@ -1,0 +1,447 @@
+"""The sequential calibration driver: quantize a model one repeated block (decoder layer) at a time.
+
+1. Capture. One forward per calibration sample with every block's ``forward`` temporarily replaced
+   by a recorder: it keeps block 0's input hidden states and, for every block, the other arguments
+   (attention mask, position embeddings, cache position ...; blocks may get different ones, e.g.
+   Gemma's sliding/global layers), passes the hidden states through untouched and stops the
+   forward (a "Catcher" exception) at the last block. No graph tracing, no block weights touched.
+2. Per block: hook the block's target Linears to accumulate the statistics the method asks for
+   (``spec.extra["collect"]``, default GPTQ's Hessian), run the block's inputs through it,
+   quantize with ``spec.quantize_weight(weight, config, stats)``. True-sequential (default): the
+   Linears go group by group (``arch.block_groups``) and each group's statistics are collected
+   with the earlier groups already quantized; a statistics pass stops as soon as the group's
+   Linears have seen their input. During calibration a quantized Linear computes with its exact
+   dequantized weight; the block's outputs, recomputed that way, are the next block's inputs.
+   Then the Linears become ``QuantLinear``.
+3. Linears outside the blocks (e.g. ``lm_head`` when asked) are calibrated last, from one forward
+   whose blocks replay the recorded final hidden states.
+
+Only the current block and the activations need to be on the compute device (``device``). With
+``resume_dir`` every finished block is saved and a restarted run skips it (``checkpoint.py``).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from polyquant.calibration.arch import block_groups
+from polyquant.calibration.checkpoint import ResumeState, run_key
+from polyquant.calibration.data import as_samples
+from polyquant.calibration.stats import collector_factory
+from polyquant.nn.quantize import make_quant_linear, replace_module
+from polyquant.nn.quant_linear import QuantLinear
+from polyquant.nn.select import find_blocks
+from polyquant.progress import progress
+from polyquant.tensor.quantized_weight import QuantizedWeight
+
+__all__ = ["Calibration", "run_sequential"]
+
+log = logging.getLogger(__name__)
+_NONE = object()
+
+
+@dataclass
+class Calibration:
+    """Calibration data plus run options, accepted wherever calibration data is
+    (``polyquant.quantize(model, cfg, calibration=Calibration(samples, resume_dir="ckpt"))``).
+
+    Attributes:
+        samples: token windows (see :func:`polyquant.calibration_data`).
+        device: where each block is calibrated (default: where the block is).
+        resume_dir: folder for per-block checkpoints; a restarted run resumes from it.
+    """
+
+    samples: Any
+    device: str | torch.device | None = None
+    resume_dir: str | os.PathLike | None = None
+
+
+class _Stop(Exception):
+    """Raised inside a forward to stop it once what is needed has been seen."""
+
+
+class _FakeQuant(nn.Module):
+    """Stand-in for a quantized Linear during calibration: the exact dequantized weight."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.register_buffer("weight", weight)
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+# -- capture -------------------------------------------------------------------------------
+@contextmanager
+def _patched_forwards(blocks, fn: Callable):
+    """Replace each block's ``forward`` by ``fn(block_index, *args, **kwargs)`` for a while."""
+    saved = [b.__dict__.get("forward", _NONE) for b in blocks]
+    for i, b in enumerate(blocks):
+        b.forward = functools.partial(fn, i)
+    try:
+        yield
+    finally:
+        for b, f in zip(blocks, saved):
+            if f is _NONE:
+                b.__dict__.pop("forward", None)
+            else:
+                b.forward = f
+
+
+def _split(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple]:
+    """Hidden states and the rest of a block call (``(mode, other args, kwargs)``)."""
+    if args:
+        return args[0], ("arg", tuple(args[1:]), dict(kwargs))
+    if "hidden_states" in kwargs:
+        kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        return kwargs["hidden_states"], ("kw", (), kw)
+    raise ValueError("cannot find the hidden states among the block's inputs")
+
+
+class _Interner:
+    """Share equal tensors between recorded calls (every block of every sample usually gets the
+    same mask and position embeddings)."""
+
+    def __init__(self) -> None:
+        self.pool: list[torch.Tensor] = []
+
+    def __call__(self, obj):
+        if isinstance(obj, torch.Tensor):
+            for t in self.pool:
+                if t is obj:
+                    return t
+            for t in self.pool:
+                if t.shape == obj.shape and t.dtype == obj.dtype and t.device == obj.device and torch.equal(t, obj):
+                    return t
+            self.pool.append(obj)
+            return obj
+        if isinstance(obj, tuple):
+            return tuple(self(o) for o in obj)
+        if isinstance(obj, list):
+            return [self(o) for o in obj]
+        if isinstance(obj, dict):
+            return {k: self(v) for k, v in obj.items()}
+        return obj
+
+
+def _move(obj, device: torch.device, memo: dict):
+    if isinstance(obj, torch.Tensor):
+        if obj.device == device:
+            return obj
+        if id(obj) not in memo:
+            memo[id(obj)] = obj.to(device)
+        return memo[id(obj)]
+    if isinstance(obj, tuple):
+        return tuple(_move(o, device, memo) for o in obj)
+    if isinstance(obj, list):
+        return [_move(o, device, memo) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _move(v, device, memo) for k, v in obj.items()}
+    return obj
+
+
+def _model_forward(model: nn.Module, sample: dict) -> None:
+    try:
+        model(**sample, use_cache=False)
+    except _Stop:
+        pass
+
+
+def _capture(model: nn.Module, blocks, samples: list[dict], device: torch.device | None):
+    """Block 0's input hidden states per sample, every block's other arguments per sample, and the
+    block output structure (None: a tensor; k: a tuple of length k)."""
+    n = len(blocks)
+    probe: dict[str, Any] = {}
+
+    def catch_first(i, *args, **kwargs):
+        probe["args"], probe["kwargs"] = args, kwargs
+        raise _Stop
+
+    with _patched_forwards(blocks[:1], catch_first):
+        _model_forward(model, samples[0])
+    if "args" not in probe:
+        raise ValueError(f"the first block of {type(model).__name__} was never called by its forward")
+    out = blocks[0](*probe["args"], **probe["kwargs"])  # real forward, once: learn the output structure
+    if isinstance(out, torch.Tensor):
+        struct = None
+    elif isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        struct = len(out)
+    else:
+        raise ValueError(f"unsupported block output type {type(out).__name__}")
+    del out, probe
+
+    inps: list[torch.Tensor] = []
+    recs: list[list] = []
+    intern = _Interner()
+
+    def record(i, *args, **kwargs):
+        h, rest = _split(args, kwargs)
+        recs[-1][i] = intern(rest)
+        if i == 0:
+            inps.append(h.detach().to(device) if device is not None else h.detach())
+        if i == n - 1:
+            raise _Stop
+        return h if struct is None else (h,) + (None,) * (struct - 1)
+
+    with _patched_forwards(blocks, record):
+        for s in samples:
+            recs.append([None] * n)
+            _model_forward(model, s)
+            missing = [i for i, r in enumerate(recs[-1]) if r is None]
+            if missing:
+                raise ValueError(f"blocks {missing[:5]} of {type(model).__name__} were not called by its forward")
+    return inps, recs, struct
+
+
+# -- per block -----------------------------------------------------------------------------
+def _run_block(blk: nn.Module, h: torch.Tensor, rec: tuple) -> torch.Tensor:
+    mode, rest, kw = rec
+    out = blk(h, *rest, **kw) if mode == "arg" else blk(*rest, hidden_states=h, **kw)
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def _collect(blk: nn.Module, lins: dict[str, nn.Module], factory, inps: list[torch.Tensor], recs: list) -> dict:
+    """Run the block on every input with hooks on ``lins``; returns ``{name: collector}``.
+    A forward stops once all of ``lins`` have seen their input."""
+    collectors: dict[str, Any] = {}
+    want = set(lins)
+    state: dict[str, Any] = {}
+
+    def make_hook(name):
+        def hook(mod, args, kwargs):
+            x = args[0] if args else kwargs["input"]
+            alive, fed, seen = state["alive"], state["fed"], state["seen"]
+            c = collectors.get(name)
+            if c is None:
+                other = alive.get(id(x))
+                c = other[1] if other is not None and getattr(other[1], "shareable", False) else factory(mod)
+                collectors[name] = c
+            alive.setdefault(id(x), (x, c))  # keeps x alive, so its id stays unique this forward
+            if (id(c), id(x)) not in fed:
+                c.add(x)
+                fed.add((id(c), id(x)))
+            seen.add(name)
+            if seen == want:
+                raise _Stop
+        return hook
+
+    handles = [lin.register_forward_pre_hook(make_hook(name), with_kwargs=True) for name, lin in lins.items()]
+    try:
+        for h, rec in zip(inps, recs):
+            state.update(alive={}, fed=set(), seen=set())
+            try:
+                _run_block(blk, h, rec)
+            except _Stop:
+                pass
+    finally:
+        for hd in handles:
+            hd.remove()
+        state.clear()
+    return collectors
+
+
+def _relative_error(w: torch.Tensor, qw: QuantizedWeight, stats: dict | None) -> float:
+    """Hessian-weighted relative output error ``tr(D H D^T) / tr(W H W^T)`` (D = W - Q), or the
+    plain relative weight error when the method collects no Hessian."""
+    w = w.detach().float()
+    q = qw.dequantize(torch.float32).to(w.device)
+    d = w - q
+    H = (stats or {}).get("H")
+    if isinstance(H, torch.Tensor) and H.shape == (w.shape[1], w.shape[1]):
+        H = H.to(w.device)
+        num, den = ((d @ H) * d).sum(), ((w @ H) * w).sum()
+    else:
+        num, den = d.pow(2).sum(), w.pow(2).sum()
+    return float(num / den.clamp_min(1e-30))
+
+
+def _device_of(m: nn.Module) -> torch.device:
+    for t in m.parameters():
+        return t.device
+    for t in m.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _swap_in_fake(blk: nn.Module, name: str, qw: QuantizedWeight, lin: nn.Module) -> None:
+    w = lin.weight
+    replace_module(blk, name, _FakeQuant(qw.dequantize(w.dtype).to(w.device), lin.bias))
+
+
+def _finish_block(blk, spec, config, qws: dict[str, QuantizedWeight], originals: dict[str, nn.Module]) -> None:
+    for name, qw in qws.items():
+        replace_module(blk, name, make_quant_linear(spec, config, qw, originals[name]))
+
+
+def _set_kernels(blk: nn.Module) -> None:
+    for m in blk.modules():
+        if isinstance(m, QuantLinear):
+            m.set_kernel(m._kernel_request)
+
+
+# -- the driver ----------------------------------------------------------------------------
+def run_sequential(model: nn.Module, spec, config, targets: list[tuple[str, nn.Module]], calibration: Any,
+                   show_progress: bool = True, *, device: str | torch.device | None = None,
+                   resume_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Quantize ``targets`` (``(name, Linear)`` pairs of ``model``) block by block with calibration
+    data; swaps in ``QuantLinear`` modules in place. Returns a summary: ``errors`` (per Linear,
+    the Hessian-weighted relative output error), ``blocks``, ``resumed_blocks``, ``seconds``.
+
+    ``calibration``: token windows (see :func:`polyquant.calibration.data.as_samples`) or a
+    :class:`Calibration` carrying them with ``device`` / ``resume_dir``.
+    """
+    t0 = time.perf_counter()
+    if isinstance(calibration, Calibration):
+        device = device if device is not None else calibration.device
+        resume_dir = resume_dir if resume_dir is not None else calibration.resume_dir
+        calibration = calibration.samples
+    samples = as_samples(calibration)
+    prefix, blocks = find_blocks(model)
+    n_blocks = len(blocks)
+    per_block: list[dict[str, nn.Module]] = [{} for _ in range(n_blocks)]
+    tail: dict[str, nn.Module] = {}
+    for name, lin in targets:
+        idx, _, rel = name[len(prefix) + 1:].partition(".") if name.startswith(prefix + ".") else ("", "", "")
+        if idx.isdigit() and int(idx) < n_blocks and rel:
+            per_block[int(idx)][rel] = lin
+        else:
+            tail[name] = lin
+    factory = collector_factory(spec)
+    true_seq = bool(getattr(config, "true_sequential", True))
+    dev = torch.device(device) if device is not None else None
+    resume = None
+    if resume_dir is not None:
+        resume = ResumeState(resume_dir, run_key(model, spec.name, config.to_dict(), targets, samples), n_blocks)
+        if resume.blocks_done:
+            log.info("resuming from %s: %d of %d blocks done", resume.folder, resume.blocks_done, n_blocks)
+
+    errors: dict[str, float] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            inps, recs, struct = _capture(model, blocks, samples, dev)
+            bar = progress(range(n_blocks), desc=f"{spec.name} blocks", enabled=show_progress)
+            for i in bar:
+                blk = blocks[i]
+                errs = _process_block(model, blk, i, per_block[i], spec, config, factory, true_seq, inps,
+                                      [r[i] for r in recs], dev, resume)
+                errors.update({f"{prefix}.{i}.{k}": v for k, v in errs.items()})
+                if errs:
+                    bar.set_postfix_str(f"err={sum(errs.values()) / len(errs):.2e} max={max(errs.values()):.2e}")
+                    log.debug("block %d/%d: %s", i + 1, n_blocks, {k: f"{v:.3e}" for k, v in errs.items()})
+            bar.close()
+            if tail:
+                errors.update(_process_tail(model, blocks, tail, spec, config, factory, samples, inps, struct))
+    finally:
+        model.train(was_training)
+    return {"errors": errors, "blocks": n_blocks, "resumed_blocks": resume.blocks_done if resume else 0,
+            "seconds": time.perf_counter() - t0}
+
+
+def _process_block(model, blk, i, lins, spec, config, factory, true_seq, inps, recs, dev, resume) -> dict[str, float]:
+    """Quantize one block's Linears (or load them from the resume folder); replaces ``inps`` by the
+    block's outputs."""
+    orig_dev = _device_of(blk)
+    work_dev = dev if dev is not None else orig_dev
+    moved = work_dev != orig_dev
+    if moved:
+        blk.to(work_dev)
+    memo: dict = {}
+    recs = [_move(r, work_dev, memo) for r in recs]
+    originals = dict(lins)
+    qws: dict[str, QuantizedWeight] = {}
+    errs: dict[str, float] = {}
+    try:
+        if resume is not None and i < resume.blocks_done:
+            qws, errs = resume.load_block(i)
+            if set(qws) != set(lins):
+                raise ValueError(f"resume folder block {i} holds {sorted(qws)}, expected {sorted(lins)}")
+            for name, qw in qws.items():
+                _swap_in_fake(blk, name, qw, lins[name])
+        else:
+            names = [n for n, _ in blk.named_modules() if n in lins]  # module order
+            for group in block_groups(model, names, true_seq):
+                group_lins = {n: blk.get_submodule(n) for n in group.names}
+                collectors = _collect(blk, group_lins, factory, inps, recs)
+                for name in group.names:
+                    if name not in collectors:
+                        raise ValueError(f"block {i}: {name} received no calibration input")
+                    stats = collectors[name].result()
+                    lin = group_lins[name]
+                    qw = spec.quantize_weight(lin.weight.data, config, stats)
+                    errs[name] = _relative_error(lin.weight.data, qw, stats)
+                    qws[name] = qw
+                    _swap_in_fake(blk, name, qw, lin)
+                del collectors
+        for j in range(len(inps)):
+            inps[j] = _run_block(blk, inps[j], recs[j])
+    except BaseException:
+        for name, lin in originals.items():  # leave the block as it was
+            replace_module(blk, name, lin)
+        if moved:
+            blk.to(orig_dev)
+        raise
+    _finish_block(blk, spec, config, qws, originals)
+    if moved:
+        blk.to(orig_dev)
+        _set_kernels(blk)
+    if resume is not None and i >= resume.blocks_done:
+        resume.save_block(i, {k: v.to("cpu") for k, v in qws.items()}, errs)
+    return errs
+
+
+def _process_tail(model, blocks, tail, spec, config, factory, samples, finals, struct) -> dict[str, float]:
+    """Calibrate Linears outside the blocks: one forward per sample in which the blocks replay the
+    recorded final hidden states, with hooks on the tail Linears."""
+    n = len(blocks)
+    current: dict[str, int] = {}
+
+    def replay(i, *args, **kwargs):
+        h, _ = _split(args, kwargs)
+        if i == n - 1:
+            h = finals[current["j"]].to(h.device)
+        return h if struct is None else (h,) + (None,) * (struct - 1)
+
+    collectors: dict[str, Any] = {}
+    seen: set[str] = set()
+    handles = []
+    for name, lin in tail.items():
+        def hook(mod, args, kwargs, name=name):
+            x = args[0] if args else kwargs["input"]
+            if name not in collectors:
+                collectors[name] = factory(mod)
+            collectors[name].add(x)
+            seen.add(name)
+            if len(seen) == len(tail):
+                raise _Stop  # nothing after the last tail Linear is needed (e.g. the logits)
+        handles.append(lin.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with _patched_forwards(blocks, replay):
+            for j, s in enumerate(samples):
+                current["j"] = j
+                seen.clear()
+                _model_forward(model, s)
+    finally:
+        for hd in handles:
+            hd.remove()
+    errs = {}
+    for name, lin in tail.items():
+        if name not in collectors:
+            raise ValueError(f"{name} received no calibration input")
+        stats = collectors[name].result()
+        qw = spec.quantize_weight(lin.weight.data, config, stats)
+        errs[name] = _relative_error(lin.weight.data, qw, stats)
+        replace_module(model, name, make_quant_linear(spec, config, qw, lin))
+    return errs

@@ -1,0 +1,513 @@
+"""Generic checkpoint save / load / inspection: everything that is the same for every format.
+
+``save`` writes a Hugging Face model folder: ``config.json`` (the model config plus the format's
+``quantization_config``), ``generation_config.json``, ``model.safetensors`` (float parameters of
+the non-quantized modules, each quantized layer's tensors from the format, biases), the format's
+extra files, the tokenizer, and ``polyquant.json`` (polyquant's own record: method, method
+config, version). polyquant's record is a separate file rather than a key inside
+``quantization_config`` because readers validate that dict (compressed-tensors' schemes forbid
+unknown keys; its top level ignores them only "until transformers is compatible"), so an extra
+key there could break them.
+
+``load`` builds the model skeleton from config.json without allocating float weights, swaps in
+the format's quantized layers (reading each layer's tensors lazily from safetensors), loads the
+remaining float tensors, checks that nothing is missing, extra or misshapen, ties weights,
+moves to the device and selects kernels. ``detect_format`` / ``checkpoint_info`` read only
+config.json and the safetensors headers.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from polyquant.formats.base import FORMATS, CheckpointError, Format, get_format, list_formats
+from polyquant.formats.io import (DEFAULT_MAX_SHARD_BYTES, SafetensorsIndex, atomic_dir, check_output_dir,
+                                  read_config, read_json, write_json, write_safetensors)
+
+__all__ = ["save", "load", "detect_format", "checkpoint_info", "POLYQUANT_FILE"]
+
+log = logging.getLogger(__name__)
+
+POLYQUANT_FILE = "polyquant.json"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                    "spiece.model", "vocab.txt")
+
+
+# -- helpers ----------------------------------------------------------------------------------
+def _quant_layers(model: nn.Module) -> dict[str, nn.Module]:
+    from polyquant.nn.quant_linear import QuantLinear
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def _tied_keys(model: nn.Module) -> set[str]:
+    """State-dict keys that transformers ties to another key (e.g. ``lm_head.weight``)."""
+    keys: set[str] = set()
+    for attr in ("all_tied_weights_keys", "_tied_weights_keys"):
+        t = getattr(model, attr, None)
+        if isinstance(t, dict):
+            keys.update(t)
+        elif isinstance(t, (list, tuple, set)):
+            keys.update(str(k) for k in t)
+    return keys
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return bool(prefixes) and key.startswith(prefixes)
+
+
+def _format_for_save(model: nn.Module, format: str | None) -> Format:
+    rec = getattr(model, "polyquant", None)
+    if format is not None:
+        return get_format(format)
+    from polyquant.methods import get_method
+    try:
+        return get_format(get_method(rec.method).default_format)
+    except ValueError:
+        if rec.format:  # e.g. a loaded foreign checkpoint: save back to the format it came from
+            return get_format(rec.format)
+        raise
+
+
+def _version() -> str:
+    from polyquant import __version__
+    return __version__
+
+
+def _config_dict(model: nn.Module, float_dtype: torch.dtype | None) -> dict[str, Any]:
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "to_dict"):
+        raise ValueError("save() needs a transformers model (it has no .config)")
+    d = cfg.to_dict()
+    d.pop("quantization_config", None)
+    if not d.get("architectures"):
+        d["architectures"] = [type(model).__name__]
+    if float_dtype is not None:
+        d["dtype"] = str(float_dtype).removeprefix("torch.")
+    return d
+
+
+# -- save ---------------------------------------------------------------------------------------
+def save(model: nn.Module, out_dir: str | os.PathLike, format: str | None = None, tokenizer: Any = None,
+         overwrite: bool = False, *, max_shard_size: int | None = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Save a polyquant-quantized model as a Hugging Face folder in an ecosystem format.
+
+    Args:
+        model: a model returned by ``polyquant.quantize`` (or ``polyquant.load``).
+        out_dir: the folder to create (written to a temporary sibling, then renamed: a failure
+            leaves nothing behind).
+        format: a registered format name; default: the method's default format.
+        tokenizer: optional tokenizer to save alongside.
+        overwrite: replace an existing model folder (swapped out only once the new one is complete).
+        max_shard_size: bytes per safetensors shard (transformers' layout with an index above it);
+            None writes one file.
+
+    Returns the output folder. Raises ValueError naming the layer when the format cannot store it.
+    The in-memory model is never modified.
+    """
+    out = Path(out_dir)
+    check_output_dir(out, overwrite)
+    rec = getattr(model, "polyquant", None)
+    if rec is None:
+        raise ValueError("save() takes a model quantized by polyquant (model.polyquant is missing); "
+                         "save a float model with model.save_pretrained()")
+    fmt = _format_for_save(model, format)
+    layers = _quant_layers(model)
+    if not layers:
+        raise ValueError("the model has no quantized (QuantLinear) layers to save")
+    for name, m in layers.items():
+        reason = fmt.check_layer(name, m.quantized_weight, m)
+        if reason:
+            raise ValueError(f"format {fmt.name!r} cannot store layer {name!r}: {reason}")
+
+    # tensors (computed before anything is written)
+    prefixes = tuple(n + "." for n in layers)
+    tied = _tied_keys(model)
+    tensors: dict[str, torch.Tensor] = {}
+    seen: dict[tuple, str] = {}
+    float_dtype = None
+    for k, t in model.state_dict().items():
+        if _under(k, prefixes):
+            continue
+        ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if t.numel() and ident in seen:
+            if k in tied or seen[ident] in tied:
+                keep = seen[ident] if k in tied else k
+                tensors.pop(seen[ident], None)
+                tensors[keep] = t
+                seen[ident] = keep
+                continue
+            t = t.clone()  # shared but not declared tied: store both
+        else:
+            seen[ident] = k
+        tensors[k] = t
+        if float_dtype is None and t.is_floating_point():
+            float_dtype = t.dtype
+    for name, m in layers.items():
+        lt = fmt.layer_tensors(name, m)
+        if "bias" in lt:
+            raise ValueError(f"format {fmt.name!r} returned a 'bias' tensor for {name!r}; bias is saved generically")
+        for k, t in lt.items():
+            tensors[f"{name}.{k}"] = t
+        if getattr(m, "bias", None) is not None:
+            tensors[f"{name}.bias"] = m.bias.detach()
+    ptrs: set[tuple] = set()
+    for k in list(tensors):
+        t = tensors[k].detach().to("cpu")
+        key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else None
+        if key is not None and key in ptrs:
+            t = t.clone()
+        elif key is not None:
+            ptrs.add(key)
+        tensors[k] = t.contiguous()
+
+    qcfg = dict(fmt.quantization_config(model, layers))
+    qcfg.setdefault("quant_method", fmt.quant_method)
+    config = _config_dict(model, float_dtype)
+    config["quantization_config"] = qcfg
+    extra = fmt.extra_files(model, layers)
+    record = {"polyquant_version": _version(), "method": rec.method, "config": rec.config, "format": fmt.name,
+              "modules": sorted(layers)}
+
+    with atomic_dir(out, overwrite) as tmp:
+        write_json(tmp / "config.json", config)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None and hasattr(gen, "to_diff_dict"):
+            write_json(tmp / "generation_config.json", gen.to_diff_dict())
+        for fname, content in extra.items():
+            if Path(fname).name != fname or fname in ("config.json", POLYQUANT_FILE):
+                raise ValueError(f"format {fmt.name!r} asked to write a bad extra file name {fname!r}")
+            if isinstance(content, (bytes, str)):
+                (tmp / fname).write_bytes(content if isinstance(content, bytes) else content.encode())
+            else:
+                write_json(tmp / fname, content)
+        write_json(tmp / POLYQUANT_FILE, record)
+        write_safetensors(tmp, tensors, max_shard_size,
+                          metadata={"polyquant_version": _version(), "quant_format": fmt.name})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    log.info("saved %d quantized layers to %s (%s)", len(layers), out, fmt.name)
+    return out
+
+
+# -- detection ------------------------------------------------------------------------------------
+def _find_format(qcfg: dict[str, Any]) -> Format | None:
+    hits = [f for f in list_formats() if f.detect(qcfg)]
+    if len(hits) > 1:
+        log.debug("several formats claim this checkpoint: %s; using %s", [f.name for f in hits], hits[0].name)
+    return hits[0] if hits else None
+
+
+def _qcfg(config: dict[str, Any], folder: Path) -> dict[str, Any] | None:
+    qcfg = config.get("quantization_config")
+    if qcfg is None:
+        return None
+    if not isinstance(qcfg, dict):
+        raise CheckpointError(f"{folder}/config.json: quantization_config must be an object")
+    return qcfg
+
+
+def _unknown(qcfg: dict[str, Any]) -> CheckpointError:
+    return CheckpointError(f"unknown quant_method {qcfg.get('quant_method')!r}: polyquant reads "
+                           f"{', '.join(sorted(FORMATS))}")
+
+
+def detect_format(path: str | os.PathLike) -> str | None:
+    """The registered format of a checkpoint folder; None for a plain float model. Raises
+    ``CheckpointError`` for an unreadable folder or a quant_method no format reads."""
+    folder = Path(path)
+    qcfg = _qcfg(read_config(folder), folder)
+    if qcfg is None:
+        return None
+    fmt = _find_format(qcfg)
+    if fmt is None:
+        raise _unknown(qcfg)
+    return fmt.name
+
+
+def _read_record(folder: Path) -> dict[str, Any] | None:
+    p = folder / POLYQUANT_FILE
+    if not p.is_file():
+        return None
+    return read_json(p, "polyquant record")
+
+
+# -- load -----------------------------------------------------------------------------------------
+def _skeleton(folder: Path, config_dict: dict[str, Any], trust_remote_code: bool) -> nn.Module:
+    import transformers
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise CheckpointError(f"{folder}/config.json is not a config transformers can read: {e}") from None
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")  # we build the quantized modules ourselves
+    cls = None
+    for arch in config_dict.get("architectures") or []:
+        cls = getattr(transformers, str(arch), None)
+        if cls is not None:
+            break
+    try:  # skip the (meta) weight init: every weight is loaded afterwards
+        from transformers.initialization import no_init_weights
+    except ImportError:  # pragma: no cover - older transformers
+        no_init_weights = contextlib.nullcontext
+    with init_empty_weights(include_buffers=False), no_init_weights():
+        if cls is not None:
+            return cls(config)
+        if getattr(config, "auto_map", None) and not trust_remote_code:
+            raise CheckpointError(f"{folder} needs code shipped with the model ({config_dict.get('architectures')}); "
+                                  "polyquant does not run remote code unless trust_remote_code=True")
+        from polyquant.models import _model_class
+        auto = _model_class(config, trust_remote_code)
+        return auto.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def _load_tokenizer(folder: Path, trust_remote_code: bool):
+    if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except Exception as e:  # a broken tokenizer must not hide the model
+        log.warning("could not load the tokenizer in %s: %s", folder, e)
+        return None
+
+
+def load(path: str | os.PathLike, kernel: str = "auto", device: str | torch.device = "cpu",
+         dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """Load a quantized checkpoint folder (any registered format; a plain float folder loads via
+    ``polyquant.models.load_model``). Returns ``(model, tokenizer)``; the tokenizer is None when
+    the folder has none.
+
+    Args:
+        kernel: ``auto`` or a kernel name, selected per layer after moving to ``device``.
+        device: where the model runs.
+        dtype: dtype of the float (non-quantized) parameters and biases; quantized scales keep
+            their stored dtype.
+        trust_remote_code: allow model classes shipped with the checkpoint (off by default).
+
+    Raises ``CheckpointError`` (a ValueError) for a missing, corrupt, foreign or inconsistent folder.
+    """
+    from polyquant.nn.quant_linear import QuantLinear
+    from polyquant.nn.quantize import QuantRecord, replace_module
+
+    folder = Path(path)
+    config_dict = read_config(folder)
+    qcfg = _qcfg(config_dict, folder)
+    if qcfg is None:
+        from polyquant.models import load_model
+        index = SafetensorsIndex(folder)  # clear errors for missing / pickle-only weights
+        del index
+        model, tok = load_model(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+        return model.to(device), tok
+    fmt = _find_format(qcfg)
+    if fmt is None:
+        raise _unknown(qcfg)
+    record = _read_record(folder)
+    index = SafetensorsIndex(folder)
+    keys = index.keys()
+
+    model = _skeleton(folder, config_dict, trust_remote_code)
+    names = list(fmt.quantized_layers(qcfg, model, keys))
+    modules = dict(model.named_modules())
+    for n in names:
+        if not isinstance(modules.get(n), nn.Linear):
+            raise CheckpointError(f"the checkpoint stores {n!r} quantized, but the model has no Linear layer "
+                                  "of that name")
+    prefixes = tuple(n + "." for n in names)
+    expected = {k: v for k, v in model.state_dict().items() if not _under(k, prefixes)}
+    persistent = set(model.state_dict())
+    transient = {n for n, _ in model.named_buffers()} - persistent
+    float_keys = {k for k in keys if not _under(k, prefixes)}
+    extra = sorted(k for k in float_keys - set(expected) if k not in transient)
+    if extra:
+        layer_hint = [k for k in extra if k.rsplit(".", 1)[0] in modules]
+        what = (f" (e.g. {layer_hint[0]!r}: quantized tensors for a layer the quantization_config does not "
+                "quantize)" if layer_hint and not layer_hint[0].endswith((".weight", ".bias")) else "")
+        raise CheckpointError(f"{folder}: {len(extra)} tensor(s) the model does not have: {extra[:5]}{what}")
+    tied = _tied_keys(model) if getattr(model.config, "tie_word_embeddings", False) else set()
+    if tied and any(k.rsplit(".", 1)[0] in names for k in tied):
+        # a quantized output head cannot share the float embedding: keep both, untied
+        log.warning("%s: the config ties the output head, which is stored quantized; loading it untied", folder)
+        model.config.tie_word_embeddings = False
+        tied = set()
+    missing = sorted(k for k in set(expected) - float_keys if k not in tied)
+    if missing:
+        raise CheckpointError(f"{folder}: missing tensor(s) {missing[:5]}" + (f" and {len(missing) - 5} more"
+                                                                             if len(missing) > 5 else ""))
+    for k in sorted(float_keys & set(expected)):
+        info = index.tensors[k]
+        if tuple(info.shape) != tuple(expected[k].shape):
+            raise CheckpointError(f"tensor {k!r} has shape {list(info.shape)} in the checkpoint, the model "
+                                  f"expects {list(expected[k].shape)}")
+
+    with index:
+        for n in names:
+            skel = modules[n]
+            rel = {k[len(n) + 1:]: index.get(k) for k in keys if k.startswith(n + ".")}
+            try:
+                new = fmt.load_layer(n, qcfg, rel, skel)
+            except CheckpointError:
+                raise
+            except (ValueError, RuntimeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"layer {n!r}: {e}") from None
+            if getattr(new, "bias", None) is not None and new.bias.is_floating_point():
+                new.bias.data = new.bias.data.to(dtype)
+            replace_module(model, n, new)
+        state: dict[str, torch.Tensor] = {}
+        for k in sorted(float_keys & set(expected)):
+            t = index.get(k)
+            if t.is_floating_point() and expected[k].is_floating_point():
+                t = t.to(dtype)
+            state[k] = t
+        model.load_state_dict(state, strict=False, assign=True)
+        del state
+        meta = index.metadata()
+    if tied:
+        model.tie_weights()
+    still = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if still:
+        raise CheckpointError(f"{folder}: no tensor for {still[:5]}")
+    model.to(device)
+    model.eval()
+
+    method = (record or {}).get("method") or fmt.name
+    mconfig = (record or {}).get("config") or {}
+    act = None
+    from polyquant.methods import get_method
+    from polyquant.methods.registry import config_from_dict
+    try:
+        spec = get_method(method)
+    except ValueError:
+        spec = None
+    if spec is not None and callable(spec.extra.get("act_quant")) and mconfig:
+        try:
+            act = spec.extra["act_quant"](config_from_dict(mconfig))
+        except ValueError as e:
+            log.warning("cannot rebuild %s activation quantization from polyquant.json: %s", method, e)
+    for n in names:
+        m = model.get_submodule(n)
+        if isinstance(m, QuantLinear):
+            m.method = method if spec is not None else (m.method or method)
+            if act is not None:
+                m.act_quant = act
+            m.set_kernel(kernel)
+    written_by = _written_by(record, qcfg, meta)
+    model.polyquant = QuantRecord(method, dict(mconfig), names, format=fmt.name, source=str(folder),
+                                  extra={"quantization_config": qcfg, "written_by": written_by})
+    gen_path = folder / "generation_config.json"
+    if gen_path.is_file() and getattr(model, "generation_config", None) is not None:
+        try:
+            from transformers import GenerationConfig
+            model.generation_config = GenerationConfig.from_pretrained(str(folder))
+        except Exception as e:
+            log.warning("ignoring unreadable generation_config.json: %s", e)
+    model.name_or_path = str(folder)
+    return model, _load_tokenizer(folder, trust_remote_code)
+
+
+def _written_by(record: dict[str, Any] | None, qcfg: dict[str, Any] | None, meta: dict[str, str]) -> str:
+    if record and record.get("polyquant_version"):
+        return f"polyquant {record['polyquant_version']}"
+    if meta.get("polyquant_version"):
+        return f"polyquant {meta['polyquant_version']}"
+    if qcfg and qcfg.get("quant_method") == "compressed-tensors" and qcfg.get("version"):
+        return f"foreign (compressed-tensors {qcfg['version']})"
+    return "foreign"
+
+
+# -- info -----------------------------------------------------------------------------------------
+_CODE_HINT = re.compile(r"(qweight|weight_packed|packed|^weight$|codes|q_weight|W_q)")
+
+
+def _heuristic_layers(keys_info: dict) -> list[str]:
+    """Modules holding integer / fp8 tensors (formats without ``layers_from_keys``)."""
+    names = set()
+    for k, info in keys_info.items():
+        if info.is_float and info.dtype not in ("F8_E4M3", "F8_E5M2"):
+            continue
+        mod = k.rsplit(".", 1)[0]
+        if ".weight." in k:
+            mod = k.split(".weight.", 1)[0]
+        names.add(mod)
+    return sorted(names)
+
+
+def _kind(rel: str, info) -> str:
+    r = rel.lower()
+    if "zero" in r or r in ("qzeros", "zeros"):
+        return "zeros"
+    if "scale" in r or r in ("scales", "absmax", "scb"):
+        return "scales"
+    if r == "bias":
+        return "bias"
+    if _CODE_HINT.search(rel) and (not info.is_float or info.dtype in ("F8_E4M3", "F8_E5M2")):
+        return "codes"
+    return "other"
+
+
+def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
+    """Summary of a checkpoint folder from config.json and safetensors headers (no model built):
+    format, quant_method, method, bits, group_size, sym, quantized layers (count, first names),
+    float parameter count, bytes on disk (total and by kind) and who wrote it."""
+    folder = Path(path)
+    config = read_config(folder)
+    qcfg = _qcfg(config, folder)
+    record = _read_record(folder)
+    index = SafetensorsIndex(folder)
+    tinfo = index.tensors
+    fmt = _find_format(qcfg) if qcfg is not None else None
+    layers: list[str] = []
+    if qcfg is not None:
+        found = fmt.layers_from_keys(qcfg, set(tinfo)) if fmt is not None else None
+        layers = sorted(found) if found is not None else _heuristic_layers(tinfo)
+    prefixes = tuple(n + "." for n in layers)
+    by_kind = {"codes": 0, "scales": 0, "zeros": 0, "bias": 0, "other_quantized": 0, "float": 0}
+    float_params = 0
+    by_dtype: dict[str, int] = {}
+    for k, info in tinfo.items():
+        by_dtype[info.dtype] = by_dtype.get(info.dtype, 0) + info.nbytes
+        if _under(k, prefixes):
+            mod = next(n for n in layers if k.startswith(n + "."))
+            kind = _kind(k[len(mod) + 1:], info)
+            by_kind["other_quantized" if kind == "other" else kind] += info.nbytes
+        else:
+            by_kind["float"] += info.nbytes
+            if info.is_float:
+                float_params += int(torch.Size(info.shape).numel())
+    desc = fmt.describe(qcfg) if (fmt is not None and qcfg is not None) else {}
+    meta = {}
+    try:
+        with index:
+            meta = index.metadata()
+    except CheckpointError:
+        pass
+    files_bytes = sum(f.stat().st_size for f in index.files)
+    return {
+        "path": str(folder),
+        "format": fmt.name if fmt is not None else None,
+        "quant_method": qcfg.get("quant_method") if qcfg else None,
+        "readable": qcfg is None or fmt is not None,
+        "method": (record or {}).get("method") or (fmt.name if fmt is not None else None),
+        "method_config": (record or {}).get("config"),
+        "bits": desc.get("bits"),
+        "group_size": desc.get("group_size"),
+        "sym": desc.get("sym"),
+        "quantized_layers": len(layers),
+        "layer_names": layers[:5],
+        "float_params": float_params,
+        "tensors": len(tinfo),
+        "bytes_total": files_bytes,
+        "bytes_tensors": sum(i.nbytes for i in tinfo.values()),
+        "bytes_by_kind": by_kind,
+        "bytes_by_dtype": by_dtype,
+        "architectures": config.get("architectures"),
+        "written_by": _written_by(record, qcfg, meta),
+    }

@@ -1,0 +1,140 @@
+"""LLM.int8() at run time: the activation rule and the int8 x int8 kernel (``llm-int8``).
+
+The rule (bitsandbytes ``int8_vectorwise_quant`` + ``int8_mixed_scaled_mm``): the input ``X [M, K]``
+is cast to ``quant_dtype`` (float16, as bitsandbytes does); with a threshold ``t`` (0 or inf: off),
+every input column holding some ``|x| >= t`` is an *outlier column*. Outlier entries are zeroed,
+each row's absmax ``SCA`` is taken, ``CA = round(X * 127 / SCA)`` (int8) and the outlier columns of
+``CA`` are zeroed. Then
+
+    Y = (CA @ CB^T) * (SCA ⊗ SCB) / 127²  +  X[:, outliers] @ W_deq[:, outliers]^T  + bias
+
+with ``CB``/``SCB`` the row-wise int8 weight of :mod:`polyquant.methods.bnb`.
+
+Two paths compute it:
+
+- the **reference** kernel calls :class:`LLMInt8Activation` as the layer's ``act_quant``: it
+  fake-quantizes ``X`` (non-outlier columns become ``CA * SCA / 127``, outlier columns stay float)
+  and multiplies with the dequantized weight - the same sum, in float;
+- the ``llm-int8`` kernel (this module) runs the int8 product with ``torch._int_mm`` (CPU; CUDA when
+  ``M > 16`` and ``K``, ``N`` are multiples of 8) or, elsewhere, exactly in float64, then adds the
+  float outlier product. It takes only bitsandbytes int8 layouts (int8 codes, per-row scales and the
+  ``SCB`` extra) and, without an LLM.int8 rule on the module, runs them weight-only.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from polyquant.kernels.base import Kernel, register_kernel
+
+__all__ = ["LLMInt8Activation", "LLMInt8Kernel", "int8_matmul"]
+
+_INV_127SQ = 1.0 / (127.0 * 127.0)
+
+
+class LLMInt8Activation(nn.Module):
+    """Per-token int8 activation quantization with LLM.int8's outlier columns.
+
+    Args:
+        threshold: outlier magnitude (``llm_int8_threshold``); 0 or inf disables the decomposition.
+        quant_dtype: ``float16`` (bitsandbytes) or ``float32``: the dtype X is cast to before its
+            absmax and codes are computed.
+    """
+
+    def __init__(self, threshold: float = 6.0, quant_dtype: str = "float16") -> None:
+        super().__init__()
+        if not float(threshold) >= 0:
+            raise ValueError(f"threshold must be >= 0, got {threshold}")
+        if quant_dtype not in ("float16", "float32"):
+            raise ValueError(f"quant_dtype must be 'float16' or 'float32', got {quant_dtype!r}")
+        self.threshold = float(threshold)
+        self.quant_dtype = quant_dtype
+
+    @property
+    def decomposes(self) -> bool:
+        return 0.0 < self.threshold < float("inf")
+
+    def quantize(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``x2 [M, K]`` -> ``CA`` int8 ``[M, K]``, ``SCA`` fp32 ``[M]``, outlier column indices (or None)."""
+        a = x2.to(getattr(torch, self.quant_dtype))
+        cols = None
+        if self.decomposes:
+            outliers = a.abs() >= self.threshold
+            if bool(outliers.any()):
+                cols = outliers.any(dim=0).nonzero().flatten()
+                a = a.masked_fill(outliers, 0)
+        sca = a.abs().amax(dim=1).float()
+        safe = torch.where(sca > 0, sca, torch.ones_like(sca))
+        ca = torch.round(a * (127.0 / safe).unsqueeze(-1)).to(torch.int8)
+        if cols is not None:
+            ca[:, cols] = 0
+        return ca, sca, cols
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake quantization (the reference path): ``CA * SCA / 127`` outside the outlier columns."""
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        ca, sca, cols = self.quantize(x2)
+        fq = ca.float() * (sca / 127.0).unsqueeze(-1)
+        if cols is not None:
+            fq[:, cols] = x2[:, cols].float()
+        return fq.to(x.dtype).reshape(shape)
+
+    def extra_repr(self) -> str:
+        return f"threshold={self.threshold:g}, quant_dtype={self.quant_dtype}"
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact ``a [M, K] int8 @ b[N, K]^T int8`` -> int32: ``torch._int_mm`` where it runs, else
+    float64 (exact for any K below 2**38)."""
+    m, k = a.shape
+    n = b.shape[0]
+    use = a.device.type == "cpu" or (a.device.type == "cuda" and m > 16 and k % 8 == 0 and n % 8 == 0)
+    if use and hasattr(torch, "_int_mm"):
+        return torch._int_mm(a.contiguous(), b.t())
+    return (a.double() @ b.double().t()).round().to(torch.int32)
+
+
+class LLMInt8Kernel(Kernel):
+    name = "llm-int8"
+    devices = ("cpu", "cuda")
+    priority = 30
+    layouts = "bitsandbytes int8 (row-wise absmax, SCB): int8 x int8 matmul + float outlier columns"
+
+    def supports(self, qw, device):
+        if r := self._device_reason(device):
+            return r
+        if qw.qtype != "int8":
+            return f"needs bitsandbytes int8 weights, got {qw.qtype}"
+        if qw.block != (1, qw.shape[1]) or qw.zero is not None or qw.g_idx is not None:
+            return "needs symmetric per-row scales without act-order"
+        if set(qw.extras) != {"SCB"}:
+            return "needs bitsandbytes' SCB statistics (an int8 weight quantized by bnb-int8)"
+        return None
+
+    def prepare(self, qw):
+        cb = (qw.codes.to(torch.int16) - 128).to(torch.int8).contiguous()
+        return {"CB": cb, "SCB": qw.extras["SCB"].float().contiguous(), "s": qw.scale[:, 0].float().contiguous()}
+
+    def forward(self, module, x):
+        rule = module.act_quant
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        cb, s = module.kbuf("CB"), module.kbuf("s")
+        if not isinstance(rule, LLMInt8Activation):  # weight-only use of the int8 layout
+            w = (cb.float() * s.unsqueeze(-1)).to(x.dtype)
+            return F.linear(x, w, module.bias)
+        ca, sca, cols = rule.quantize(x2)
+        acc = int8_matmul(ca, cb)
+        y = acc.float() * (sca.unsqueeze(-1) * module.kbuf("SCB").unsqueeze(0)) * _INV_127SQ
+        if module.bias is not None:
+            y = y + module.bias.float()
+        y = y.to(x.dtype)
+        if cols is not None:
+            w_cols = (cb[:, cols].float() * s.unsqueeze(-1)).to(x.dtype)
+            y = y.addmm(x2[:, cols], w_cols.t())
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+
+register_kernel(LLMInt8Kernel)

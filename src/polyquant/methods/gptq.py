@@ -1,0 +1,275 @@
+"""GPTQ (Frantar et al. 2022): quantize a Linear's weight column by column, spreading each column's
+rounding error onto the columns not yet quantized through the inverse Hessian of the layer's
+inputs, so that ``||W X - Q X||^2`` stays small.
+
+As in the reference code (IST-DASLab/gptq ``gptq.py``, AutoGPTQ ``fasterquant``):
+dead inputs (``H_ii = 0``) get ``H_ii = 1`` and a zero weight column; dampening adds
+``damp_percent * mean(diag H)`` to the diagonal (raised x10, with a warning, while the Cholesky
+factorisation fails); the upper Cholesky factor of ``H^-1`` drives the updates, done lazily in
+blocks of ``block_size`` columns; a group's scale and zero are computed from the current,
+error-updated weights when the loop reaches the group (``static_groups``: all up front from the
+original weights); ``act_order`` processes columns by decreasing ``diag(H)`` and records each
+column's group in ``g_idx`` (``g_idx[c] = position of c in that order // group_size``).
+Scales follow ``tensor/affine.py``: symmetric ``absmax / (2**(b-1) - 0.5)`` (= GPTQ's
+``2 * absmax / maxq`` with zero ``(maxq+1)/2``), asymmetric min/max with an integer zero.
+``mse`` searches a shrink factor per row (group) minimising ``sum |w - q|^2.4`` (GPTQ's ``mse``).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from polyquant.methods.base import MethodConfig, check_int
+from polyquant.methods.registry import MethodSpec, register_method
+from polyquant.methods.rtn import validate_group_size
+from polyquant.qtypes import QType, int_qtype
+from polyquant.tensor.affine import choose_qparams
+from polyquant.tensor.quantized_weight import QuantizedWeight
+
+__all__ = ["GPTQConfig", "gptq_quantize"]
+
+GPTQ_BITS = (2, 3, 4, 8)
+MAX_DAMP_RETRIES = 4  # damp_percent x10 each time: 0.01 -> 100 at most
+
+
+@dataclass
+class GPTQConfig(MethodConfig):
+    """GPTQ.
+
+    Attributes:
+        bits: 2, 3, 4 or 8.
+        group_size: input columns per scale; -1 for per channel.
+        sym: symmetric (signed codes, no zero point) or asymmetric (integer zero point).
+        act_order: process columns by decreasing Hessian diagonal ("desc_act").
+        static_groups: compute every group's scale/zero before the loop (with act_order: groups
+            stay contiguous, ``g_idx = c // group_size``).
+        damp_percent: dampening, as a fraction of the mean Hessian diagonal.
+        block_size: columns per lazy-update block.
+        true_sequential: quantize a block's Linears group by group (q/k/v, o, gate/up, down), each
+            calibrated with the earlier groups already quantized.
+        mse: search a shrink factor of each group's range (minimises ``|w - q|^mse_norm``).
+        mse_grid: shrink steps of 1/mse_grid; mse_max_shrink: largest shrink tried.
+        mse_norm: exponent of the search's error.
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    act_order: bool = False
+    static_groups: bool = False
+    damp_percent: float = 0.01
+    block_size: int = 128
+    true_sequential: bool = True
+    mse: bool = False
+    mse_grid: int = 100
+    mse_max_shrink: float = 0.8
+    mse_norm: float = 2.4
+
+    def validate(self) -> None:
+        if self.bits not in GPTQ_BITS or isinstance(self.bits, bool):
+            raise ValueError(f"bits must be one of {list(GPTQ_BITS)}, got {self.bits!r}")
+        validate_group_size(self.group_size)
+        for name in ("sym", "act_order", "static_groups", "true_sequential", "mse"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if isinstance(self.damp_percent, bool) or not isinstance(self.damp_percent, (int, float)) \
+                or not 0 < self.damp_percent < 1e3 or not math.isfinite(self.damp_percent):
+            raise ValueError(f"damp_percent must be a positive number, got {self.damp_percent!r}")
+        check_int("block_size", self.block_size, 1, 1 << 16)
+        check_int("mse_grid", self.mse_grid, 1, 10000)
+        if not 0 <= float(self.mse_max_shrink) < 1:
+            raise ValueError(f"mse_max_shrink must be in [0, 1), got {self.mse_max_shrink}")
+        if not float(self.mse_norm) > 0:
+            raise ValueError(f"mse_norm must be positive, got {self.mse_norm}")
+
+    def describe(self) -> str:
+        g = "pc" if self.group_size == -1 else f"g{self.group_size}"
+        extra = "".join([" act-order" if self.act_order else "", " static" if self.static_groups else "",
+                         " mse" if self.mse else ""])
+        return f"gptq w{self.bits} {g} {'sym' if self.sym else 'asym'}{extra}"
+
+
+# -- scale / zero of a group -------------------------------------------------------------------
+def _fake(x: torch.Tensor, qt: QType, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    """Quantize-dequantize with broadcasting scale/zero (same arithmetic as the main loop)."""
+    if zero is None:
+        return torch.clamp(torch.round(x / scale), qt.qmin, qt.qmax) * scale
+    return (torch.clamp(torch.round(x / scale) + zero, 0, qt.qmax) - zero) * scale
+
+
+def _group_params(x: torch.Tensor, qt: QType, config: GPTQConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row scale (and zero) of ``x [out, n]``, shapes ``[out]``."""
+    scale, zero = choose_qparams(x, qt, (1, x.shape[1]))
+    if config.mse:
+        steps = int(config.mse_max_shrink * config.mse_grid)
+        best = _fake(x, qt, scale, zero).sub_(x).abs_().pow_(config.mse_norm).sum(1, keepdim=True)
+        for c0 in range(1, steps, 16):  # chunks of shrink factors, vectorised
+            p = 1 - torch.arange(c0, min(c0 + 16, steps), device=x.device, dtype=torch.float32) / config.mse_grid
+            s, z = choose_qparams(x, qt, (1, x.shape[1]), shrink=p.view(-1, 1, 1))
+            err = _fake(x.unsqueeze(0), qt, s, z).sub_(x).abs_().pow_(config.mse_norm).sum(2, keepdim=True)
+            e_min, k = err.min(0)
+            better = e_min < best  # strictly better only: the earliest (least shrunk) wins ties
+            best = torch.where(better, e_min, best)
+            scale = torch.where(better, s.gather(0, k.unsqueeze(0)).squeeze(0), scale)
+            if zero is not None:
+                zero = torch.where(better, z.gather(0, k.unsqueeze(0)).squeeze(0), zero)
+    return scale[:, 0], (zero[:, 0] if zero is not None else None)
+
+
+# -- inverse Hessian ---------------------------------------------------------------------------
+def _inverse_hessian_upper(H: torch.Tensor, damp_percent: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp I)^-1``; dampening x10 on failure."""
+    mean_diag = torch.mean(torch.diagonal(H))
+    damp = float(damp_percent)
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for attempt in range(MAX_DAMP_RETRIES + 1):
+        L, info = torch.linalg.cholesky_ex(H + (damp * mean_diag) * eye)
+        if int(info) == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if int(info) == 0 and torch.isfinite(U).all():
+                return U
+        if attempt < MAX_DAMP_RETRIES:
+            warnings.warn(f"GPTQ: the Hessian is not positive definite with damp_percent={damp:g}; "
+                          f"retrying with {damp * 10:g}", RuntimeWarning, stacklevel=3)
+            damp *= 10
+    raise ValueError(f"GPTQ: the Hessian is not positive definite even with damp_percent={damp:g} "
+                     "(degenerate calibration inputs?); check the calibration data or raise damp_percent")
+
+
+# -- the algorithm -----------------------------------------------------------------------------
+def _column_loop(W, Hinv, vals, scales, zeros, static, col_group, qt: QType, gs: int, config: GPTQConfig) -> None:
+    """The blocked column loop (lazy batch updates); fills ``vals`` (integer values), ``scales`` and
+    ``zeros`` of dynamic groups, in processing order."""
+    inp = W.shape[1]
+    s = z = None
+    B = int(config.block_size)
+    for i1 in range(0, inp, B):
+        i2 = min(i1 + B, inp)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if static is not None:
+                s, z = static[0] if gs == inp else static[col_group[col]]
+            elif col % gs == 0:  # a group starts: parameters from the current, error-updated weights
+                end = min(col + gs, inp)
+                cur = W1[:, i:min(end - i1, i2 - i1)]
+                if end > i2:  # the group runs past this block: bring in this block's pending updates
+                    rest = W[:, i2:end] - Err1[:, :i] @ Hinv[i1:col, i2:end]
+                    cur = torch.cat([cur, rest], 1)
+                s, z = _group_params(cur, qt, config)
+                scales[:, col // gs] = s
+                if zeros is not None:
+                    zeros[:, col // gs] = z
+            w = W1[:, i]
+            if z is None:
+                v = torch.clamp(torch.round(w / s), qt.qmin, qt.qmax)
+                q = v * s
+            else:
+                v = torch.clamp(torch.round(w / s) + z, 0, qt.qmax)
+                q = (v - z) * s
+            vals[:, col] = v
+            err = (w - q) / Hinv1[i, i]
+            W1[:, i + 1:].addr_(err, Hinv1[i, i + 1:], alpha=-1)
+            Err1[:, i] = err
+        if i2 < inp:
+            W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
+
+
+@contextmanager
+def _one_thread(device: torch.device):
+    """The column loop is thousands of tiny ops: on CPU one thread is faster than several (no
+    per-op synchronisation; many times faster when the cores are shared). Restored afterwards."""
+    n = torch.get_num_threads()
+    if device.type != "cpu" or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def gptq_quantize(weight: torch.Tensor, config: GPTQConfig, stats: dict | None) -> QuantizedWeight:
+    """GPTQ of one ``[out, in]`` weight with ``stats = {"H": [in, in] Hessian, "n": samples}``.
+    ``stats`` is not modified (it may be shared by Linears with the same input)."""
+    if not stats or stats.get("H") is None:
+        raise ValueError("GPTQ needs calibration statistics ({'H': hessian}); quantize the model with "
+                         "calibration data: polyquant.quantize(model, cfg, calibration=...)")
+    if stats.get("n") is not None and int(stats["n"]) <= 0:
+        raise ValueError("GPTQ: no calibration samples reached this layer (n = 0)")
+    if weight.dim() != 2:
+        raise ValueError(f"GPTQ quantizes 2-D weights, got shape {tuple(weight.shape)}")
+    H0 = stats["H"]
+    out, inp = weight.shape
+    if tuple(H0.shape) != (inp, inp):
+        raise ValueError(f"Hessian shape {tuple(H0.shape)} does not match {inp} input features")
+    if not torch.isfinite(H0).all():
+        raise ValueError("GPTQ: the Hessian contains NaN or Inf (non-finite activations in the calibration "
+                         "forward; check the model and calibration data)")
+    W = weight.detach().to(H0.device, torch.float32).clone()
+    if not torch.isfinite(W).all():
+        raise ValueError("weight contains NaN or Inf values")
+    H = H0.detach().to(torch.float32).clone()
+    qt = int_qtype(config.bits, signed=config.sym)
+    gs = inp if config.group_size == -1 or config.group_size >= inp else config.group_size
+    n_groups = math.ceil(inp / gs)
+
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    static = None
+    if gs == inp:  # per channel: parameters from the whole (dead-zeroed) row, once
+        static = [_group_params(W, qt, config)]
+    elif config.static_groups:
+        static = [_group_params(W[:, g * gs:(g + 1) * gs], qt, config) for g in range(n_groups)]
+
+    perm = None
+    if config.act_order:
+        perm = torch.argsort(torch.diagonal(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    Hinv = _inverse_hessian_upper(H, config.damp_percent)
+    del H
+
+    vals = torch.empty_like(W)  # integer values (signed domain for sym), permuted order
+    scales = torch.empty(out, n_groups, dtype=torch.float32, device=W.device)
+    zeros = None if config.sym else torch.empty_like(scales)
+    col_group = (perm if perm is not None else torch.arange(inp, device=W.device)) // gs  # static groups
+    col_group = col_group.tolist()
+    with _one_thread(W.device):
+        _column_loop(W, Hinv, vals, scales, zeros, static, col_group, qt, gs, config)
+
+    if static is not None:
+        for g, (sg, zg) in enumerate(static):
+            scales[:, g] = sg
+            if zeros is not None:
+                zeros[:, g] = zg
+    g_idx = None
+    if perm is not None:
+        invperm = torch.argsort(perm)
+        vals = vals[:, invperm]
+        if static is None:  # groups follow the processing order: record each column's group
+            g_idx = (torch.arange(inp, device=W.device) // gs)[invperm].to(torch.int32)
+    codes = (vals + qt.code_offset).to(torch.uint8)
+    return QuantizedWeight.from_codes(codes, qt.name, (1, gs), scales, zeros, g_idx=g_idx)
+
+
+register_method(MethodSpec(
+    name="gptq",
+    config_cls=GPTQConfig,
+    quantize_weight=gptq_quantize,
+    needs_calibration=True,
+    family="calibration-based",
+    bits=GPTQ_BITS,
+    formats=("gptq", "compressed-tensors"),
+    description="Hessian-aware column-by-column rounding with error feedback (optional act-order)",
+    reference="Frantar et al. 2022, GPTQ (arXiv 2210.17323); IST-DASLab/gptq, AutoGPTQ",
+    extra={"collect": "hessian"},
+))
