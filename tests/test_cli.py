@@ -113,6 +113,22 @@ def test_generic_flags_and_opts_set_config_fields():
     assert build_config("rtn", opts=["include=none"]).include is None
 
 
+@pytest.mark.parametrize("method", sorted(polyquant.METHODS))
+def test_every_method_option_can_be_set_from_the_command_line(method):
+    """Each config field of every registered method survives --opt key=<its default as text>."""
+    import dataclasses
+    import typing
+    cls = polyquant.METHODS[method].config_cls
+    hints = typing.get_type_hints(cls)
+    default = cls()
+    for f in dataclasses.fields(cls):
+        v = getattr(default, f.name)
+        raw = ("none" if v is None else str(v).lower() if isinstance(v, bool)
+               else ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
+        assert convert_value(raw, hints[f.name], f.name) == v, f"{method}.{f.name} from {raw!r}"
+    assert build_config(method) == default
+
+
 def test_convert_value_types():
     from typing import Literal, Optional
     assert convert_value("-1", int, "g") == -1
@@ -262,6 +278,15 @@ def test_existing_output_without_overwrite_is_refused_and_untouched(capsys, tmp_
     code, _, err = run(capsys, "quantize", tiny_dir, "-o", out_dir)
     assert code == 2 and "already exists" in error_line(err) and "--overwrite" in err
     assert [p.name for p in out_dir.iterdir()] == ["keep.txt"]
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_model(capsys, tmp_path, tiny_dir):
+    out_dir = tmp_path / "docs"
+    out_dir.mkdir()
+    (out_dir / "notes.txt").write_text("precious")
+    code, _, err = run(capsys, "quantize", tiny_dir, "-o", out_dir, "--overwrite")
+    assert code == 2 and "not a model folder" in error_line(err)
+    assert (out_dir / "notes.txt").read_text() == "precious"
 
 
 def test_a_failing_save_leaves_no_folder(capsys, tmp_path, tiny_dir, monkeypatch):

@@ -1,7 +1,7 @@
 """The ``polyquant`` command line: thin wrappers over the public API.
 
 Commands: ``methods``, ``formats``, ``kernels`` (the registries), ``quantize``, ``eval``, ``info``,
-``compare``. Method options are generic: the flags ``--bits``, ``--group-size``, ``--sym/--asym``,
+``compare``, ``convert``. Method options are generic: the flags ``--bits``, ``--group-size``, ``--sym/--asym``,
 ``--act-order``, ``--clip-search`` and ``--opt key=value`` set fields of the chosen method's
 config dataclass (values converted from the field's type), so a newly registered method needs
 no change here.
@@ -145,8 +145,11 @@ def _load(spec: str):
 def _check_output(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"output {out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"output folder {out} already exists; pass --overwrite to replace it")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UsageError(f"output folder {out} already exists; pass --overwrite to replace it")
+        if not (out / "config.json").is_file():  # a typo must not wipe an unrelated folder
+            raise UsageError(f"refusing to overwrite {out}: it is not empty and not a model folder (no config.json)")
 
 
 def _read_text_arg(path: str | None, flag: str) -> str | None:
@@ -568,17 +571,33 @@ def cmd_compare(args) -> int:
         raise UsageError(f"output {out} exists and is not a folder")
     t0 = time.perf_counter()
     result = run_compare(args.model, out, text=text, text_name=args.text, seqlen=args.seqlen,
-                         max_windows=args.max_windows, threads=args.threads, decode_tokens=args.decode_tokens,
+                         max_windows=args.max_windows, threads=args.threads, eval_threads=args.eval_threads,
+                         decode_tokens=args.decode_tokens,
                          measure_speed=not args.no_speed, resume=not args.fresh, show_progress=not args.quiet)
     runs = result["runs"]
     failed = [r for r in runs if r.get("status") != "ok"]
     _out(text_table(SUMMARY_HEADERS, summary_rows(result)))
+    windows_threads = f" ({args.eval_threads} for the windows)" if args.eval_threads else ""
     _out(f"\n{len(runs)} runs ({len(failed)} failed) on {args.model}, seqlen {args.seqlen}, "
-         f"{args.max_windows} windows, {args.threads} thread(s), in {time.perf_counter() - t0:.0f} s; "
-         f"records: {out / 'results.json'}")
+         f"{args.max_windows} windows, {args.threads} thread(s){windows_threads}, "
+         f"in {time.perf_counter() - t0:.0f} s; records: {out / 'results.json'}")
     if failed:
         _err(f"polyquant: {len(failed)} run(s) failed: " + "; ".join(f"{r['name']}: {r.get('error')}" for r in failed))
         return 1
+    return 0
+
+
+def cmd_convert(args) -> int:
+    """Dequantize a checkpoint into a plain float folder (``polyquant.convert.convert``)."""
+    from polyquant.convert import convert
+    p = Path(args.checkpoint).expanduser()
+    if not (p.is_dir() and (p / "config.json").is_file()):
+        raise UsageError(f"{args.checkpoint!r} is not a checkpoint folder (no config.json)")
+    out = Path(args.output).expanduser()
+    _check_output(out, args.overwrite)
+    t0 = time.perf_counter()
+    convert(p, to=args.to, out_dir=out, overwrite=args.overwrite)
+    _out(f"wrote {out} ({args.to}, {_dir_bytes(out) / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
@@ -685,13 +704,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder (default: polyquant-report)")
     c.add_argument("--seqlen", type=_positive, default=512, help="tokens per window (default 512)")
     c.add_argument("--max-windows", type=_positive, default=40, metavar="N", help="windows (default 40)")
-    c.add_argument("--threads", type=_positive, default=1, metavar="N", help="torch threads (default 1)")
+    c.add_argument("--threads", type=_positive, default=1, metavar="N",
+                   help="torch threads for the speed measurement (default 1)")
+    c.add_argument("--eval-threads", type=_positive, metavar="N",
+                   help="torch threads for the perplexity/KL windows (default: --threads)")
     c.add_argument("--text", metavar="FILE", help="evaluation text (default: the built-in pydoc text)")
     c.add_argument("--decode-tokens", type=_positive, default=64, help="tokens to decode for speed (default 64)")
     c.add_argument("--no-speed", action="store_true", help="skip speed measurements")
     c.add_argument("--fresh", action="store_true", help="redo every run, ignoring finished ones in DIR")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_compare)
+
+    v = sub.add_parser("convert", parents=[common], help="dequantize a checkpoint to a plain float folder",
+                       description="Dequantize any checkpoint polyquant reads into a plain Hugging Face folder "
+                                   "that transformers loads without a quantization config (activation "
+                                   "quantization is dropped).")
+    v.add_argument("checkpoint", metavar="CKPT")
+    v.add_argument("--to", choices=("bf16", "fp16", "fp32"), default="bf16", help="float dtype (default bf16)")
+    v.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder")
+    v.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    v.set_defaults(func=cmd_convert)
     return p
 
 

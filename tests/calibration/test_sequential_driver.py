@@ -103,6 +103,8 @@ def test_statistics_are_those_of_the_partly_quantized_model(recorder, true_seque
     H, n = _hessian_of(model, "model.layers.0.self_attn.q_proj", calib)
     assert by_name["model.layers.0.self_attn.q_proj"]["n"] == n == 4 * 24
     torch.testing.assert_close(by_name["model.layers.0.self_attn.q_proj"]["H"], H, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(by_name["model.layers.0.self_attn.v_proj"]["H"], H, rtol=1e-4, atol=1e-5)
+    assert by_name["model.layers.0.self_attn.v_proj"]["n"] == n  # shared input: counted once, not thrice
     # block 0, down_proj: true-sequential sees every earlier Linear already quantized
     ref = tiny_llama(layers=2)
     if true_sequential:

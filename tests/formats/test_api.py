@@ -143,7 +143,8 @@ def test_overwrite_swaps_in_complete_folder(qmodel, tmp_path):
     (out / "stale.txt").write_text("old")
     save(qmodel, out, overwrite=True)
     assert _entries(tmp_path) == ["out"]
-    assert "stale.txt" not in _entries(out) and {"config.json", "model.safetensors", "polyquant.json"} <= set(_entries(out))
+    assert "stale.txt" not in _entries(out)
+    assert {"config.json", "model.safetensors", "polyquant.json"} <= set(_entries(out))
     # a folder that is not a model folder is never replaced
     other = tmp_path / "notes"
     other.mkdir()

@@ -211,7 +211,8 @@ def test_trivial_g_idx_is_dropped(llama, tmp_path):
     def trivial(n, m):
         qw = m.quantized_weight
         g = (torch.arange(qw.shape[1]) // 32).to(torch.int32)
-        return QuantLinear(QuantizedWeight(qw.qtype, qw.shape, qw.block, qw.data, qw.scale, None, g), kernel="reference")
+        qw2 = QuantizedWeight(qw.qtype, qw.shape, qw.block, qw.data, qw.scale, None, g)
+        return QuantLinear(qw2, kernel="reference")
     q = _swap_all(q, trivial)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -232,7 +233,15 @@ def test_fp8_and_w8a8(llama, tmp_path):
 
     def w8a8(n, m):
         return QuantLinear(m.quantized_weight, kernel="reference", act_quant=CTActivationQuant(act))
-    for name, make, fmt_name in (("fp8", fp8, "naive-quantized"), ("w8a8", w8a8, "int-quantized")):
+
+    static = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor", "dynamic": False}
+    scales = {}
+
+    def w8a8_static(n, m):  # a different calibrated input scale per layer
+        scales[n] = torch.tensor([0.01 * (1 + len(scales))])
+        return QuantLinear(m.quantized_weight, kernel="reference", act_quant=CTActivationQuant(static, scales[n]))
+    for name, make, fmt_name in (("fp8", fp8, "naive-quantized"), ("w8a8", w8a8, "int-quantized"),
+                                 ("w8a8-static", w8a8_static, "int-quantized")):
         m = _swap_all(_quant(llama, bits=8, group_size=-1, sym=True), make)
         y = m(X).logits
         path = save(m, tmp_path / name)
@@ -246,6 +255,8 @@ def test_fp8_and_w8a8(llama, tmp_path):
         n = "model.layers.1.mlp.up_proj"
         local = {k[len(n) + 1:]: v for k, v in sd.items() if k.startswith(n + ".")}
         assert torch.equal(comp.decompress(local, scheme)["weight"], m.get_submodule(n).quantized_weight.dequantize())
+    assert len(scales) == 14 and torch.equal(sd[f"{n}.input_scale"], scales[n])
+    assert torch.equal(m2.get_submodule(n).act_quant.scale, scales[n])
 
 
 # -- checkpoints written by the library ------------------------------------------------------------
@@ -398,3 +409,65 @@ def test_mixed_schemes_use_exact_targets(llama, tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(str(path))
     with torch.no_grad():
         assert torch.equal(hf(X).logits, y)
+
+
+@pytest.mark.slow
+def test_default_model_round_trip_and_transformers(tmp_path):
+    """SmolLM2-135M, W4 g64 sym: exact round trip; transformers reads it to the same logits as our
+    reference kernel."""
+    from transformers import AutoModelForCausalLM
+    model, tok = polyquant.load_model("default")
+    q = _quant(model, bits=4, group_size=64, sym=True)
+    ids = tok("def add(a, b):\n    return a + b", return_tensors="pt")["input_ids"]
+    path = save(q, tmp_path / "smol", tokenizer=tok)
+    info = polyquant.checkpoint_info(path)
+    assert info["quantized_layers"] == 210 and info["bytes_by_kind"]["codes"] == 53084160
+    q2, tok2 = load(path)
+    with torch.no_grad():
+        assert torch.equal(q2(ids).logits, q(ids).logits)
+        ref, _ = load(path, kernel="reference")
+        hf = AutoModelForCausalLM.from_pretrained(str(path))
+        assert torch.equal(hf(ids).logits, ref(ids).logits)
+    assert tok2(["x = 1"])["input_ids"] == tok(["x = 1"])["input_ids"]
+
+
+@pytest.mark.parametrize("args", [
+    dict(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True),
+    dict(num_bits=8, type="float", symmetric=True, strategy="token", dynamic=True),
+    dict(num_bits=8, type="float", symmetric=True, strategy="group", group_size=16, dynamic=True),
+    dict(num_bits=8, type="int", symmetric=False, strategy="tensor", dynamic=True),
+])
+def test_activation_quant_matches_library(args):
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
+    x = torch.randn(2, 5, 64) * 3
+    a = QuantizationArgs(**args)
+    s, z = compute_dynamic_scales_and_zp(x, a, module=None)
+    ref = fake_quantize(x, s, None if a.symmetric else z, a)
+    assert torch.equal(CTActivationQuant(args)(x), ref)
+    assert not torch.equal(ref, x)
+
+
+def test_fp8_block_layer_matches_library():
+    """FP8 2-D blocks (rows not a multiple of the block): our layer tensors decompress in the
+    library to exactly our dequantize(), and load back to the same weight."""
+    from polyquant.tensor.affine import block_reduce
+    from polyquant.tensor.quantized_weight import expand_blocks
+    fmt = get_format("compressed-tensors")
+    w, blk = torch.randn(40, 64), (16, 32)
+    s = block_reduce(w, blk, "amax") / 448
+    qw = QuantizedWeight.from_codes((w / expand_blocks(s, blk, w.shape)).to(torch.float8_e4m3fn),
+                                    "float8_e4m3fn", blk, s)
+    m = QuantLinear(qw, kernel="reference")
+    holder = torch.nn.Module()
+    holder.l = m
+    qc = fmt.quantization_config(holder, {"l": m})
+    group = qc["config_groups"]["group_0"]
+    assert group["weights"]["block_structure"] == [16, 32] and group["format"] == "naive-quantized"
+    t = fmt.layer_tensors("l", m)
+    assert t["weight"].dtype == torch.float8_e4m3fn and t["weight_scale"].shape == (3, 2)
+    comp, scheme = _ct_compressor(group)
+    assert torch.equal(comp.decompress(dict(t), scheme)["weight"], qw.dequantize())
+    back = fmt.load_layer("l", qc, dict(t), torch.nn.Linear(64, 40, bias=False, device="meta"))
+    assert torch.equal(back.quantized_weight.dequantize(), qw.dequantize())

@@ -79,6 +79,7 @@ def test_one_record_per_run_failures_recorded_and_resume(tmp_path, tiny_dir, tex
     assert "no Linear layer matched" in recs[3]["error"]
     assert calls == ["fp", 8, 4]  # the broken run failed in quantize, before evaluate
     assert len(jsonl(out)) == 4
+    assert not (out / ".reference-logits").exists()
     fp, w8, w4 = recs[:3]
     assert w8["config"] == RTNConfig(bits=8, group_size=-1).to_dict() and fp["config"] is None
     for r in recs[:3]:
@@ -130,6 +131,22 @@ def test_interrupted_sweep_resumes_and_an_eval_error_is_recorded(tmp_path, tiny_
     assert recs[1]["error"] == "RuntimeError: kernel exploded" and "Traceback" in recs[1]["traceback"]
 
 
+def test_speed_at_threads_windows_at_eval_threads_and_short_decode_on_slow_kernels(tmp_path, tiny_dir, text,
+                                                                                      counted):
+    calls, _ = counted
+    runs = [Run("fp32"), Run("w3", RTNConfig(bits=3, group_size=32))]  # 3 bits: only the reference kernel
+    res = run_compare(tiny_dir, tmp_path / "r", runs, text=text, seqlen=16, max_windows=2, threads=1, eval_threads=2,
+                      decode_tokens=16, show_progress=False)
+    fp, w3 = res["runs"]
+    assert calls == ["fp", "fp", 3, 3]  # an accuracy pass and a speed pass each
+    assert w3["kernel"] == {"reference": 14}
+    assert fp["metrics"]["decode_tokens"] == 16 and w3["metrics"]["decode_tokens"] == 8 and "notes" in w3
+    for r in (fp, w3):
+        m = r["metrics"]
+        assert (m["threads"], m["eval_threads"], m["windows"]) == (1, 2, 2) and m["decode_tok_s"] > 0
+    assert w3["metrics"]["kl"] > 0
+
+
 def test_torn_last_line_is_ignored_and_not_glued_to_the_next_record(tmp_path):
     store = ResultsStore(tmp_path)
     store.append({"key": "a", "status": "ok"})
@@ -151,6 +168,16 @@ def test_cached_reference_gives_identical_kl(tmp_path, tiny_dir, text):
     assert (cached.misses, cached.hits) == (2, 2)
     assert plain["kl"] == first["kl"] == second["kl"] and plain["top1"] == second["top1"]
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
+
+    # the baseline's own evaluation fills a cache through a hook: no reference forward at all later
+    cached = CachedReference(model, tmp_path / "cache2")
+    handle = cached.recording_hook()
+    polyquant.evaluate(model, tok, text=text, **KW)
+    handle.remove()
+    assert len(list((tmp_path / "cache2").glob("*.npy"))) == 2
+    again = polyquant.evaluate(q, tok, text=text, reference=cached, **KW)
+    assert (cached.misses, cached.hits) == (0, 2)
+    assert again["kl"] == plain["kl"] and again["top1"] == plain["top1"]
 
 
 def test_summary_rows_relative_columns():

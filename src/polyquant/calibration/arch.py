@@ -1,6 +1,7 @@
 """Architecture knowledge for the sequential driver, kept as data: inside one repeated block,
 which Linears are quantized together ("true sequential" groups), in which order, and which
-module produces their input (``feeds``: what an input-scaling method such as AWQ would fold into).
+module produces their input (``feeds``: what an input-scaling method such as AWQ would fold into)
+and whether that fold is exact (``scalable``).
 
 One table of layouts (names relative to the block) and one table mapping ``config.model_type`` to a
 layout. A model type that is not listed gets the first layout whose names cover the block's
@@ -18,14 +19,21 @@ __all__ = ["Group", "LAYOUTS", "MODEL_TYPES", "block_groups", "layout_for"]
 
 @dataclass(frozen=True)
 class Group:
-    """Linears (names relative to the block) quantized together, and the module feeding them."""
+    """Linears (names relative to the block) quantized together, and the module feeding them.
+
+    ``scalable``: the feed's output reaches these Linears through channel-wise linear operations
+    only and nowhere else, so dividing the feed's output channel c by s_c (a norm's weight, a
+    Linear's rows) and multiplying the Linears' input column c by s_c leaves the block unchanged.
+    False across a nonlinearity (fc1 -> gelu -> fc2) or from a post-norm that is also the residual.
+    """
 
     names: tuple[str, ...]
     feeds: str | None = None
+    scalable: bool = True
 
 
-def _g(names: str, feeds: str | None) -> Group:
-    return Group(tuple(names.split()), feeds)
+def _g(names: str, feeds: str | None, scalable: bool = True) -> Group:
+    return Group(tuple(names.split()), feeds, scalable)
 
 
 LAYOUTS: dict[str, tuple[Group, ...]] = {
@@ -47,7 +55,7 @@ LAYOUTS: dict[str, tuple[Group, ...]] = {
     "phi": (
         _g("self_attn.q_proj self_attn.k_proj self_attn.v_proj mlp.fc1", "input_layernorm"),
         _g("self_attn.dense", "self_attn.v_proj"),
-        _g("mlp.fc2", "mlp.fc1"),
+        _g("mlp.fc2", "mlp.fc1", scalable=False),  # through gelu
     ),
     # Phi-3: fused qkv and gate_up projections.
     "phi3": (
@@ -60,8 +68,8 @@ LAYOUTS: dict[str, tuple[Group, ...]] = {
     "bert": (
         _g("attention.self.query attention.self.key attention.self.value", None),
         _g("attention.output.dense", "attention.self.value"),
-        _g("intermediate.dense", "attention.output.LayerNorm"),
-        _g("output.dense", "intermediate.dense"),
+        _g("intermediate.dense", "attention.output.LayerNorm", scalable=False),  # the norm is also the residual
+        _g("output.dense", "intermediate.dense", scalable=False),  # through gelu
     ),
 }
 
@@ -103,7 +111,7 @@ def block_groups(model: nn.Module, linear_names: list[str], true_sequential: boo
         for g in LAYOUTS[layout]:
             names = tuple(n for n in g.names if n in present)
             if names:
-                groups.append(Group(names, g.feeds))
+                groups.append(Group(names, g.feeds, g.scalable))
     covered = {n for g in groups for n in g.names}
     groups += [Group((n,)) for n in linear_names if n not in covered]
     return groups

@@ -87,8 +87,10 @@ class ResumeState:
     def _block_path(self, i: int) -> Path:
         return self.folder / f"block_{i:04d}.safetensors"
 
-    def save_block(self, i: int, weights: dict[str, QuantizedWeight], errors: dict[str, float]) -> None:
-        """Save block ``i``'s quantized weights, then mark it done (both atomically)."""
+    def save_block(self, i: int, weights: dict[str, QuantizedWeight], errors: dict[str, float],
+                   floats: dict[str, torch.Tensor] | None = None) -> None:
+        """Save block ``i``'s quantized weights, then mark it done (both atomically). ``floats``:
+        float state-dict entries of the block that the method changed (e.g. AWQ's folded norms)."""
         tensors: dict[str, torch.Tensor] = {}
         meta: dict[str, Any] = {}
         for name, qw in weights.items():
@@ -96,12 +98,19 @@ class ResumeState:
                           "fields": sorted(qw.tensors())}
             for field, t in qw.tensors().items():
                 tensors[f"{name}::{field}"] = t.detach().cpu().contiguous()
+        for key, t in (floats or {}).items():
+            tensors[f"float::{key}"] = t.detach().cpu().contiguous()
         metadata = {"layers": json.dumps(meta), "errors": json.dumps(errors)}
         _atomic_write_bytes(self._block_path(i), lambda p: save_file(tensors, str(p), metadata=metadata))
         self.blocks_done = i + 1
         state = {"format": STATE_FORMAT, "version": STATE_VERSION, "key": self.key, "n_blocks": self.n_blocks,
                  "blocks_done": self.blocks_done}
         _atomic_write_bytes(self.folder / "state.json", lambda p: p.write_text(json.dumps(state, indent=1)))
+
+    def load_floats(self, i: int) -> dict[str, torch.Tensor]:
+        """The float state-dict entries saved with block ``i`` (empty when none were)."""
+        tensors = load_file(str(self._block_path(i)))
+        return {k[len("float::"):]: v for k, v in tensors.items() if k.startswith("float::")}
 
     def load_block(self, i: int) -> tuple[dict[str, QuantizedWeight], dict[str, float]]:
         from safetensors import safe_open

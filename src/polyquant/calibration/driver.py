@@ -16,6 +16,13 @@
 3. Linears outside the blocks (e.g. ``lm_head`` when asked) are calibrated last, from one forward
    whose blocks replay the recorded final hidden states.
 
+A method that works on a whole block at once (AWQ: scales shared by a group of Linears, folded
+into the module that feeds them) sets ``spec.extra["quantize_block"]``: a callable taking a
+:class:`BlockJob` and returning ``{name: (QuantizedWeight, reference float weight, stats)}`` for
+every target Linear of the block; it replaces step 2's group loop and may change the block's
+float modules in place (the driver restores them if anything fails, and a resume folder keeps
+them).
+
 Only the current block and the activations need to be on the compute device (``device``). With
 ``resume_dir`` every finished block is saved and a restarted run skips it (``checkpoint.py``).
 """
@@ -43,7 +50,7 @@ from polyquant.nn.select import find_blocks
 from polyquant.progress import progress
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
-__all__ = ["Calibration", "run_sequential"]
+__all__ = ["BlockJob", "Calibration", "run_sequential"]
 
 log = logging.getLogger(__name__)
 _NONE = object()
@@ -63,6 +70,30 @@ class Calibration:
     samples: Any
     device: str | torch.device | None = None
     resume_dir: str | os.PathLike | None = None
+
+
+@dataclass
+class BlockJob:
+    """One block handed to a method's ``spec.extra["quantize_block"]``.
+
+    Attributes:
+        model: the whole model (for ``config.model_type`` / the architecture table).
+        block: the block (its target Linears are still the float ``nn.Linear`` modules).
+        index: the block's index.
+        linears: the block's target Linears by name relative to the block, in module order.
+        config: the method config.
+        collect: ``collect(linears) -> {name: collector}`` runs the block's calibration inputs
+            with the method's statistics hooks on ``linears`` (as the group loop does).
+        run_sample: ``run_sample(j)`` is the block's output for calibration sample ``j`` (for checks).
+    """
+
+    model: nn.Module
+    block: nn.Module
+    index: int
+    linears: dict[str, nn.Module]
+    config: Any
+    collect: Callable[[dict[str, nn.Module]], dict[str, Any]]
+    run_sample: Callable[[int], torch.Tensor]
 
 
 class _Stop(Exception):
@@ -331,8 +362,10 @@ def run_sequential(model: nn.Module, spec, config, targets: list[tuple[str, nn.M
     model.eval()
     try:
         with torch.no_grad():
-            inps, recs, struct = _capture(model, blocks, samples, dev)
-            bar = progress(range(n_blocks), desc=f"{spec.name} blocks", enabled=show_progress)
+            # blocks after the last one with targets matter only to Linears outside the blocks
+            n_run = n_blocks if tail else 1 + max((i for i in range(n_blocks) if per_block[i]), default=-1)
+            inps, recs, struct = _capture(model, blocks[:max(n_run, 1)], samples, dev)
+            bar = progress(range(n_run), desc=f"{spec.name} blocks", enabled=show_progress)
             for i in bar:
                 blk = blocks[i]
                 errs = _process_block(model, blk, i, per_block[i], spec, config, factory, true_seq, inps,
@@ -363,11 +396,35 @@ def _process_block(model, blk, i, lins, spec, config, factory, true_seq, inps, r
     originals = dict(lins)
     qws: dict[str, QuantizedWeight] = {}
     errs: dict[str, float] = {}
+    block_fn = spec.extra.get("quantize_block") if lins else None
+    snapshot = floats = None
+    if callable(block_fn):  # the method may change float modules of the block: keep a copy
+        snapshot = {k: v.detach().clone() for k, v in blk.state_dict().items()}
     try:
         if resume is not None and i < resume.blocks_done:
             qws, errs = resume.load_block(i)
             if set(qws) != set(lins):
                 raise ValueError(f"resume folder block {i} holds {sorted(qws)}, expected {sorted(lins)}")
+            if snapshot is not None:
+                saved = resume.load_floats(i)
+                if saved:
+                    blk.load_state_dict({k: v.to(snapshot[k].device) for k, v in saved.items()}, strict=False)
+            for name, qw in qws.items():
+                _swap_in_fake(blk, name, qw, lins[name])
+        elif callable(block_fn):
+            names = [n for n, _ in blk.named_modules() if n in lins]  # module order
+            job = BlockJob(model, blk, i, {n: lins[n] for n in names}, config,
+                           lambda group_lins: _collect(blk, group_lins, factory, inps, recs),
+                           lambda j: _run_block(blk, inps[j], recs[j]))
+            results = block_fn(job)
+            if set(results) != set(lins):
+                raise ValueError(f"{spec.name}: block {i} quantized {sorted(results)}, expected {sorted(lins)}")
+            for name, (qw, ref, stats) in results.items():
+                qws[name] = qw
+                errs[name] = _relative_error(ref, qw, stats)
+            if resume is not None:  # the block's float state as the method left it
+                skip = {f"{n}.weight" for n in lins}
+                floats = {k: v.detach().cpu().clone() for k, v in blk.state_dict().items() if k not in skip}
             for name, qw in qws.items():
                 _swap_in_fake(blk, name, qw, lins[name])
         else:
@@ -390,6 +447,8 @@ def _process_block(model, blk, i, lins, spec, config, factory, true_seq, inps, r
     except BaseException:
         for name, lin in originals.items():  # leave the block as it was
             replace_module(blk, name, lin)
+        if snapshot is not None:
+            blk.load_state_dict(snapshot)
         if moved:
             blk.to(orig_dev)
         raise
@@ -398,7 +457,10 @@ def _process_block(model, blk, i, lins, spec, config, factory, true_seq, inps, r
         blk.to(orig_dev)
         _set_kernels(blk)
     if resume is not None and i >= resume.blocks_done:
-        resume.save_block(i, {k: v.to("cpu") for k, v in qws.items()}, errs)
+        if floats is not None:
+            resume.save_block(i, {k: v.to("cpu") for k, v in qws.items()}, errs, floats=floats)
+        else:
+            resume.save_block(i, {k: v.to("cpu") for k, v in qws.items()}, errs)
     return errs
 
 

@@ -117,7 +117,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, format: str | None = None
     if rec is None:
         raise ValueError("save() takes a model quantized by polyquant (model.polyquant is missing); "
                          "save a float model with model.save_pretrained()")
-    fmt = _format_for_save(model, format)
+    fmt = _format_for_save(model, format).for_model(model)
     layers = _quant_layers(model)
     if not layers:
         raise ValueError("the model has no quantized (QuantLinear) layers to save")
@@ -189,7 +189,8 @@ def save(model: nn.Module, out_dir: str | os.PathLike, format: str | None = None
                 write_json(tmp / fname, content)
         write_json(tmp / POLYQUANT_FILE, record)
         write_safetensors(tmp, tensors, max_shard_size,
-                          metadata={"polyquant_version": _version(), "quant_format": fmt.name})
+                          metadata={**fmt.safetensors_metadata(tensors, layers),
+                                    "polyquant_version": _version(), "quant_format": fmt.name})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     log.info("saved %d quantized layers to %s (%s)", len(layers), out, fmt.name)
@@ -380,24 +381,26 @@ def load(path: str | os.PathLike, kernel: str = "auto", device: str | torch.devi
 
     method = (record or {}).get("method") or fmt.name
     mconfig = (record or {}).get("config") or {}
-    act = None
     from polyquant.methods import get_method
     from polyquant.methods.registry import config_from_dict
     try:
         spec = get_method(method)
     except ValueError:
         spec = None
-    if spec is not None and callable(spec.extra.get("act_quant")) and mconfig:
+    rule, mcfg = (spec.extra.get("act_quant") if spec is not None else None), None
+    if callable(rule) and mconfig:
         try:
-            act = spec.extra["act_quant"](config_from_dict(mconfig))
+            mcfg = config_from_dict(mconfig)
         except ValueError as e:
             log.warning("cannot rebuild %s activation quantization from polyquant.json: %s", method, e)
     for n in names:
         m = model.get_submodule(n)
         if isinstance(m, QuantLinear):
             m.method = method if spec is not None else (m.method or method)
-            if act is not None:
-                m.act_quant = act
+            # the method's own activation rule (one per layer, as quantize_model builds them) replaces a
+            # format's stateless one; an activation rule carrying a stored static scale is kept
+            if mcfg is not None and getattr(m.act_quant, "scale", None) is None:
+                m.act_quant = rule(mcfg)
             m.set_kernel(kernel)
     written_by = _written_by(record, qcfg, meta)
     model.polyquant = QuantRecord(method, dict(mconfig), names, format=fmt.name, source=str(folder),

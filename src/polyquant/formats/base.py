@@ -53,6 +53,12 @@ class Format:
         return qcfg.get("quant_method") == self.quant_method
 
     # -- saving ---------------------------------------------------------------------------
+    def for_model(self, model: nn.Module) -> "Format":
+        """The format object that saves ``model`` (called first by ``save``). Default: ``self``; a
+        format whose per-layer tensors depend on a model-level setting (AWQ's ``version``) returns
+        a configured copy."""
+        return self
+
     def check_layer(self, name: str, qw: QuantizedWeight, module: nn.Module) -> str | None:
         """None if this format can store the layer; otherwise the reason it cannot."""
         return None
@@ -68,6 +74,12 @@ class Format:
 
     def extra_files(self, model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, Any]:
         """Other JSON files to write next to config.json (e.g. GPTQ's ``quantize_config.json``)."""
+        return {}
+
+    def safetensors_metadata(self, tensors: dict[str, torch.Tensor], layers: dict[str, nn.Module]
+                             ) -> dict[str, str]:
+        """Extra string entries for the safetensors header of every shard, given the complete
+        tensor dict being written (e.g. torchao's per-tensor subclass descriptions). Default none."""
         return {}
 
     # -- loading --------------------------------------------------------------------------

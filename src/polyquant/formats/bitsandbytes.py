@@ -242,7 +242,8 @@ def bnb8_weight_from_tensors(name: str, tensors: dict[str, torch.Tensor], in_fea
         raise _fail(name, f"SCB must be {out_features} float values, got {scb.dtype} {list(scb.shape)}")
     fmt = tensors.get("weight_format")
     if fmt is not None and int(fmt.reshape(-1)[0]) != 0:
-        raise _fail(name, f"weight_format {int(fmt.reshape(-1)[0])} is not 0 ('row'); bitsandbytes only loads row-major")
+        raise _fail(name, f"weight_format {int(fmt.reshape(-1)[0])} is not 0 ('row'); bitsandbytes only loads "
+                          "row-major")
     return int8_weight_from_scb(cb, scb.reshape(-1))
 
 

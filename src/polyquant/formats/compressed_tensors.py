@@ -146,8 +146,9 @@ def _args_dict(a: _Args) -> dict[str, Any]:
 # -- activation quantization ------------------------------------------------------------------
 class CTActivationQuant:
     """Activation fake-quantization as compressed-tensors applies ``input_activations``:
-    dynamic (per token or per tensor, from the running min/max) or static per tensor
-    (``input_scale`` / ``input_zero_point``). ``ct_args`` is the dict it was built from."""
+    dynamic (per token, per token and group of input channels, or per tensor, from the current
+    min/max) or static per tensor (``input_scale`` / ``input_zero_point``). ``ct_args`` is the
+    dict it was built from."""
 
     def __init__(self, ct_args: dict[str, Any], scale: torch.Tensor | None = None,
                  zero_point: torch.Tensor | None = None) -> None:
@@ -157,7 +158,7 @@ class CTActivationQuant:
         if a.type == "int" and not 2 <= a.num_bits <= 8:
             raise CheckpointError(f"input_activations: int{a.num_bits} activations are not supported")
         if a.dynamic is True:
-            if a.strategy not in ("token", "tensor"):
+            if a.strategy not in ("token", "tensor", "group"):
                 raise CheckpointError(f"input_activations: dynamic {a.strategy} strategy is not supported")
         elif a.dynamic is False:
             if a.strategy != "tensor" or scale is None:
@@ -178,13 +179,21 @@ class CTActivationQuant:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         a = self.args
+        if a.strategy == "group" and self.scale is None:  # per token and group of input channels
+            k, g = x.shape[-1], a.group_size
+            xg = torch.nn.functional.pad(x, (0, -k % g)).unflatten(-1, (-(-k // g), g))
+            return self._fake_quant(xg, (-1,)).flatten(-2)[..., :k]
+        return self._fake_quant(x, (-1,) if a.strategy == "token" else None)
+
+    def _fake_quant(self, x: torch.Tensor, dims: tuple[int, ...] | None) -> torch.Tensor:
+        a = self.args
         qmin, qmax = self._range()
         xf = x.float()
         if self.scale is not None:
             s = self.scale.float().reshape(-1)[0]
             zp = self.zero_point.float().reshape(-1)[0] if self.zero_point is not None else None
         else:
-            dims = (-1,) if a.strategy == "token" else tuple(range(xf.dim()))
+            dims = dims if dims is not None else tuple(range(xf.dim()))
             lo = torch.clamp(xf.amin(dim=dims, keepdim=True), max=0)
             hi = torch.clamp(xf.amax(dim=dims, keepdim=True), min=0)
             if a.symmetric:
@@ -235,8 +244,10 @@ def _trivial_g_idx(qw: QuantizedWeight) -> bool:
     return bool(torch.equal(qw.g_idx.long(), ref))
 
 
-def _plan(qw: QuantizedWeight, module: nn.Module) -> tuple[_Args, dict[str, Any] | None, str, bool]:
-    """(weight args, input_activations dict, format, keep g_idx) for one layer, or _Refuse."""
+def _plan(qw: QuantizedWeight, module: nn.Module
+          ) -> tuple[_Args, dict[str, Any] | None, str, bool, torch.Tensor | None]:
+    """(weight args, input_activations dict, format, keep g_idx, unsigned zero point codes) for
+    one layer, or _Refuse."""
     qt = qw.qt
     out, inp = qw.shape
     r, c = qw.block
@@ -245,9 +256,11 @@ def _plan(qw: QuantizedWeight, module: nn.Module) -> tuple[_Args, dict[str, Any]
     if not qw.scale.is_floating_point() or qw.scale.dtype not in (torch.float16, torch.bfloat16, torch.float32,
                                                                      torch.float64):
         raise _Refuse(f"scale dtype {qw.scale.dtype} (compressed-tensors needs fp16/bf16/fp32 scales)")
+    zp = None
     if qt.kind == "int":
         typ = "int"
-        sym = ct_zero_point(qw) is None
+        zp = ct_zero_point(qw)
+        sym = zp is None
     elif qt.name == "float8_e4m3fn":
         if qw.zero is not None:
             raise _Refuse("fp8 weights with a zero point")
@@ -273,14 +286,23 @@ def _plan(qw: QuantizedWeight, module: nn.Module) -> tuple[_Args, dict[str, Any]
         ct = getattr(module.act_quant, "ct_args", None)
         if not isinstance(ct, dict):
             raise _Refuse("its activation quantization has no compressed-tensors description (act_quant.ct_args)")
-        _parse_args(ct, "input_activations")
+        ia = _parse_args(ct, "input_activations")
+        if ia.strategy == "group" and ia.group_size and inp % ia.group_size:
+            raise _Refuse(f"activation group size {ia.group_size} does not divide in_features {inp} (compressed-"
+                          "tensors' group quantization requires it; the fine-grained 'fp8' format does not)")
+        if ia.dynamic is False:
+            sc = getattr(module.act_quant, "scale", None)
+            if not (isinstance(sc, torch.Tensor) and sc.numel() == 1 and ia.strategy == "tensor"):
+                raise _Refuse("static activation quantization needs one per-tensor act_quant.scale")
+            if not ia.symmetric and not isinstance(getattr(module.act_quant, "zero_point", None), torch.Tensor):
+                raise _Refuse("asymmetric static activation quantization needs act_quant.zero_point")
         inputs = dict(ct)
     if typ == "int":
         fmt = INT_Q if inputs is not None else PACK
     else:
         fmt = FLOAT_Q if inputs is not None else NAIVE
     args = _Args(qt.bits, typ, sym, strategy, gs, block, "group" if keep_g else None, False)
-    return args, inputs, fmt, keep_g
+    return args, inputs, fmt, keep_g, zp
 
 
 def _ct_scale(qw: QuantizedWeight, strategy: str) -> torch.Tensor:
@@ -430,10 +452,9 @@ class CompressedTensorsFormat(Format):
 
     def layer_tensors(self, name: str, module: nn.Module) -> dict[str, torch.Tensor]:
         qw = module.quantized_weight
-        args, _, fmt, keep_g = _plan(qw, module)
+        args, inputs, fmt, keep_g, zp = _plan(qw, module)
         out, inp = qw.shape
         t: dict[str, torch.Tensor] = {"weight_scale": _ct_scale(qw, args.strategy)}
-        zp = ct_zero_point(qw) if args.type == "int" else None
         half = 1 << (qw.bits - 1) if args.type == "int" else 0
         if args.strategy == "tensor" and zp is not None:
             zp = zp.reshape(1)
@@ -453,6 +474,11 @@ class CompressedTensorsFormat(Format):
             t["weight"] = qw.data
         if keep_g:
             t["weight_g_idx"] = qw.g_idx.to(torch.int32)
+        if inputs is not None and inputs.get("dynamic", False) is False:  # static: the calibrated scale
+            act = module.act_quant
+            t["input_scale"] = act.scale.detach().reshape(1).to(qw.scale.dtype).clone()
+            if not inputs.get("symmetric", True):
+                t["input_zero_point"] = act.zero_point.detach().reshape(1).to(torch.int8).clone()
         return t
 
     def quantization_config(self, model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, Any]:
@@ -460,7 +486,7 @@ class CompressedTensorsFormat(Format):
         members: dict[str, list[str]] = {}
         act_order = []
         for name, m in layers.items():
-            args, inputs, fmt, keep_g = _plan(m.quantized_weight, m)
+            args, inputs, fmt, keep_g, _ = _plan(m.quantized_weight, m)
             if keep_g:
                 act_order.append(name)
             scheme = {"weights": _args_dict(args), "input_activations": inputs, "output_activations": None,

@@ -28,11 +28,12 @@ key                              content
 ===============================  ================================================================
 
 Grouping: axis 1 reshapes the flattened weight to ``[numel/gs, gs]`` (``block=(1, gs)`` when
-``in % gs == 0``); axis 0 to ``[gs, numel/gs]``, expressible only with ``gs == out``
-(``block=(out, 1)``); other groupings are refused by name. Packing (hqq ``bitpack.py``) splits the
-rows of the grouped ``[R, C]`` codes into ``k`` equal slices (``k = 8 / bits``; ``10`` for 3-bit, rows
-zero-padded to a multiple of 10) and stores slice ``t`` at bit ``(k - 1 - t) * bits`` of one word
-(uint8; int32 for 3-bit): ``4bit_u8`` = first half of the rows in the high nibble.
+``in % gs == 0``, ``block=(gs/in, in)`` when ``gs`` is a multiple of ``in``); axis 0 to
+``[gs, numel/gs]``, expressible only with ``gs == out`` (``block=(out, 1)``); other groupings are
+refused by name. Packing (hqq ``bitpack.py``) splits the rows of the grouped ``[R, C]`` codes into
+``k`` equal slices (``k = 8 / bits``; ``10`` for 3-bit, rows zero-padded to a multiple of 10) and
+stores slice ``t`` at bit ``(k - 1 - t) * bits`` of one word (uint8; int32 for 3-bit): ``4bit_u8``
+= first half of the rows in the high nibble.
 
 ``quantization_config``: ``{"quant_method": "hqq", "quant_config": {"weight_quant_params": {...},
 "scale_quant_params": null, "zero_quant_params": null, "offload_meta": false}, "skip_modules": [...]}``
@@ -112,6 +113,8 @@ def _grouping(qw: QuantizedWeight) -> tuple[int, int] | None:
     r, c = qw.block
     if r == 1 and (c >= inp or inp % c == 0):
         return 1, min(c, inp)
+    if c >= inp and r < out and out % r == 0:  # groups of r whole rows
+        return 1, r * inp
     if c == 1 and r >= out:
         return 0, out
     return None
@@ -228,7 +231,7 @@ def hqq_weight_from_tensors(name: str, tensors: dict[str, torch.Tensor], in_feat
     numel = out_features * in_features
     if gs <= 0 or numel % gs:
         raise _fail(name, f"group_size {gs} does not divide the {numel} weight values")
-    if axis == 1 and in_features % gs:
+    if axis == 1 and in_features % gs and gs % in_features:
         raise _fail(name, f"axis-1 groups of {gs} straddle rows of in_features={in_features}; QuantizedWeight "
                           "cannot express that")
     if axis == 0 and gs != out_features:
@@ -259,7 +262,8 @@ def hqq_weight_from_tensors(name: str, tensors: dict[str, torch.Tensor], in_feat
             raise _fail(name, f"{key} is {t.dtype} {list(t.shape)}, expected a float tensor {list(sz)}")
     if axis == 1:
         codes = codes.reshape(out_features, in_features)
-        block, grid = (1, gs), (out_features, in_features // gs)
+        block = (1, gs) if in_features % gs == 0 else (gs // in_features, in_features)
+        grid = (out_features // block[0], in_features // block[1])
     else:
         block, grid = (out_features, 1), (1, in_features)
     return QuantizedWeight.from_codes(codes.contiguous(), f"uint{bits}", block, scale.reshape(grid).contiguous(),

@@ -29,6 +29,10 @@ class Kernel:
     layouts: str = ""
     fast: bool = True
     min_capability: tuple[int, int] | None = None
+    # A kernel that computes an activation rule natively (e.g. int8 x int8 with per-token dynamic
+    # activations) names the rule's class here: ``auto`` offers it only to layers whose
+    # ``act_quant`` is such a rule (an explicit request still gets it).
+    act_rule: type | tuple[type, ...] | None = None
 
     def supports(self, qw: QuantizedWeight, device: torch.device) -> str | None:
         """None when this kernel can run ``qw`` on ``device``; otherwise the reason it cannot."""
@@ -69,10 +73,11 @@ def list_kernels() -> list[Kernel]:
     return sorted(KERNELS.values(), key=lambda k: (-k.priority, k.name))
 
 
-def select_kernel(qw: QuantizedWeight, device: torch.device | str, requested: str = "auto"
-                  ) -> tuple[Kernel, dict[str, str]]:
+def select_kernel(qw: QuantizedWeight, device: torch.device | str, requested: str = "auto",
+                  act_quant: object = None) -> tuple[Kernel, dict[str, str]]:
     """Pick the kernel. ``requested='auto'``: the highest-priority kernel that supports the layout
-    on the device; otherwise exactly the named kernel (ValueError with the reason if it cannot).
+    on the device (kernels with an ``act_rule`` only for layers whose ``act_quant`` is that rule);
+    otherwise exactly the named kernel (ValueError with the reason if it cannot).
     Returns the kernel and, for auto, why each faster kernel was passed over."""
     device = torch.device(device)
     if requested != "auto":
@@ -83,6 +88,8 @@ def select_kernel(qw: QuantizedWeight, device: torch.device | str, requested: st
         return k, {}
     skipped: dict[str, str] = {}
     for k in list_kernels():
+        if k.act_rule is not None and not isinstance(act_quant, k.act_rule):
+            continue  # a different computation (its activation rule), not a faster kernel passed over
         reason = k.supports(qw, device)
         if reason is None:
             return k, skipped

@@ -6,6 +6,9 @@ from polyquant.methods.registry import (METHODS, MethodSpec, config_from_dict, g
 from polyquant.methods import rtn  # noqa: F401  (registers)
 from polyquant.methods import hqq, bnb  # noqa: F401,E402  (registers hqq, bnb-nf4, bnb-fp4, bnb-int8)
 from polyquant.methods import gptq  # noqa: F401,E402  (registers gptq)
+from polyquant.methods import awq  # noqa: F401,E402  (registers awq)
+from polyquant.methods import fp8  # noqa: F401,E402  (registers fbgemm-fp8, fp8-block, fp8, fp8-static)
+from polyquant.methods import eetq, quanto, torchao  # noqa: F401,E402  (registers eetq, quanto, torchao-*)
 from polyquant.methods.gptq import GPTQConfig  # noqa: E402
 from polyquant.methods.rtn import RTNConfig
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from polyquant.methods.base import MethodConfig, check_int
+from polyquant.methods.base import MethodConfig, check_choice, check_int
 from polyquant.methods.registry import MethodSpec, register_method
 from polyquant.methods.rtn import validate_group_size
 from polyquant.qtypes import QType, int_qtype
@@ -34,6 +34,7 @@ __all__ = ["GPTQConfig", "gptq_quantize"]
 
 GPTQ_BITS = (2, 3, 4, 8)
 MAX_DAMP_RETRIES = 4  # damp_percent x10 each time: 0.01 -> 100 at most
+_SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass
@@ -54,6 +55,9 @@ class GPTQConfig(MethodConfig):
         mse: search a shrink factor of each group's range (minimises ``|w - q|^mse_norm``).
         mse_grid: shrink steps of 1/mse_grid; mse_max_shrink: largest shrink tried.
         mse_norm: exponent of the search's error.
+        scale_dtype: scales are rounded to this dtype's values as they are chosen, so the codes
+            are computed against the scale a checkpoint stores (GPTQ checkpoints store float16;
+            ``float32`` keeps them unrounded).
     """
 
     bits: int = 4
@@ -68,6 +72,7 @@ class GPTQConfig(MethodConfig):
     mse_grid: int = 100
     mse_max_shrink: float = 0.8
     mse_norm: float = 2.4
+    scale_dtype: str = "float16"
 
     def validate(self) -> None:
         if self.bits not in GPTQ_BITS or isinstance(self.bits, bool):
@@ -85,6 +90,7 @@ class GPTQConfig(MethodConfig):
             raise ValueError(f"mse_max_shrink must be in [0, 1), got {self.mse_max_shrink}")
         if not float(self.mse_norm) > 0:
             raise ValueError(f"mse_norm must be positive, got {self.mse_norm}")
+        check_choice("scale_dtype", self.scale_dtype, tuple(_SCALE_DTYPES))
 
     def describe(self) -> str:
         g = "pc" if self.group_size == -1 else f"g{self.group_size}"
@@ -107,8 +113,9 @@ def _group_params(x: torch.Tensor, qt: QType, config: GPTQConfig) -> tuple[torch
     if config.mse:
         steps = int(config.mse_max_shrink * config.mse_grid)
         best = _fake(x, qt, scale, zero).sub_(x).abs_().pow_(config.mse_norm).sum(1, keepdim=True)
-        for c0 in range(1, steps, 16):  # chunks of shrink factors, vectorised
-            p = 1 - torch.arange(c0, min(c0 + 16, steps), device=x.device, dtype=torch.float32) / config.mse_grid
+        chunk = max(1, min(16, (1 << 24) // max(1, x.numel())))  # shrink factors per vectorised step
+        for c0 in range(1, steps, chunk):
+            p = 1 - torch.arange(c0, min(c0 + chunk, steps), device=x.device, dtype=torch.float32) / config.mse_grid
             s, z = choose_qparams(x, qt, (1, x.shape[1]), shrink=p.view(-1, 1, 1))
             err = _fake(x.unsqueeze(0), qt, s, z).sub_(x).abs_().pow_(config.mse_norm).sum(2, keepdim=True)
             e_min, k = err.min(0)
@@ -117,6 +124,10 @@ def _group_params(x: torch.Tensor, qt: QType, config: GPTQConfig) -> tuple[torch
             scale = torch.where(better, s.gather(0, k.unsqueeze(0)).squeeze(0), scale)
             if zero is not None:
                 zero = torch.where(better, z.gather(0, k.unsqueeze(0)).squeeze(0), zero)
+    dt = _SCALE_DTYPES[config.scale_dtype]
+    if dt != torch.float32:  # the value a checkpoint stores (kept positive and finite)
+        fi = torch.finfo(dt)
+        scale = scale.clamp(fi.smallest_normal if dt == torch.bfloat16 else 2.0 ** -24, fi.max).to(dt).float()
     return scale[:, 0], (zero[:, 0] if zero is not None else None)
 
 

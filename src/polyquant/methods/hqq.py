@@ -6,8 +6,9 @@ code units*: ``w = (q - zero) * scale`` - exactly ``QuantizedWeight``'s dequanti
 Grouping (hqq reshapes the flattened weight):
 
 - ``axis=1`` (hqq's and transformers' default): groups of ``group_size`` consecutive values of the
-  row-major weight, i.e. ``block=(1, group_size)`` when ``in_features % group_size == 0`` (groups
-  that straddle rows are refused by name). ``group_size=-1``: one group per row, ``block=(1, in)``.
+  row-major weight, i.e. ``block=(1, group_size)`` when ``in_features % group_size == 0`` and
+  ``block=(group_size / in, in)`` (whole rows) when ``group_size`` is a multiple of ``in_features``;
+  groups that straddle rows otherwise are refused by name. ``group_size=-1``: one group per row.
 - ``axis=0``: hqq reshapes to ``[group_size, numel / group_size]``, so a group is ``group_size``
   rows *with a stride of* ``out / group_size`` in one column; ``QuantizedWeight`` can express that
   only when the group is the whole column (``group_size=-1`` or ``out_features``, ``block=(out, 1)``);
@@ -106,10 +107,13 @@ def hqq_grouping(shape: tuple[int, int], group_size: int, axis: int) -> tuple[in
     out, inp = shape
     if axis == 1:
         gs = inp if group_size in (-1, inp) else group_size
-        if inp % gs:
-            raise ValueError(f"hqq axis=1 groups of {gs} flattened values straddle rows of a weight with "
-                             f"in_features={inp}; use a group_size dividing in_features")
-        return gs, (1, gs)
+        if inp % gs == 0:
+            return gs, (1, gs)
+        if gs % inp == 0 and out % (gs // inp) == 0:  # a group is gs / in whole rows
+            return gs, (gs // inp, inp)
+        raise ValueError(f"hqq axis=1 groups of {gs} flattened values straddle rows of a weight with "
+                         f"in_features={inp}; use a group_size dividing in_features (or a multiple of it "
+                         f"dividing the weight)")
     gs = out if group_size in (-1, out) else group_size
     if gs != out:
         raise ValueError(f"hqq axis=0 groups of {gs} < out_features={out} gather rows with a stride of "
@@ -195,7 +199,7 @@ def hqq_quantize(weight: torch.Tensor, config: HQQConfig, stats: dict | None = N
     zero = zero.to(dt)
     if config.axis == 1:
         codes = codes.reshape(out, inp)
-        grid = (out, inp // gs)
+        grid = (out // block[0], inp // block[1])
     else:
         codes = codes.t()
         grid = (1, inp)

@@ -61,7 +61,7 @@ class QuantLinear(nn.Module):
     def set_kernel(self, kernel: str = "auto") -> str:
         """(Re)select the kernel for the current device and rebuild its buffers."""
         qw = self.quantized_weight
-        chosen, skipped = select_kernel(qw, self.qw_data.device, kernel)
+        chosen, skipped = select_kernel(qw, self.qw_data.device, kernel, act_quant=self.act_quant)
         for name in [n for n, _ in self.named_buffers(recurse=False) if n.startswith("k_")]:
             delattr(self, name)
         for k, v in chosen.prepare(qw).items():

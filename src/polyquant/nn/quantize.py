@@ -85,14 +85,21 @@ def quantize_model(model: nn.Module, config: MethodConfig, calibration: Any = No
             bar.set_postfix_str(name)
             qw = spec.quantize_weight(lin.weight.data, config, None)
             replace_module(model, name, make_quant_linear(spec, config, qw, lin))
+    finish = spec.extra.get("after_quantize")
+    if callable(finish):  # e.g. static activation scales calibrated on the quantized model
+        finish(model, config, calibration, names)
     model.polyquant = QuantRecord(spec.name, config.to_dict(), names, seconds=time.perf_counter() - t0)
     return model
 
 
 def make_quant_linear(spec, config: MethodConfig, qw, lin: nn.Linear) -> QuantLinear:
     act = spec.extra.get("act_quant")
+    act_quant = act(config) if callable(act) else None
+    bind = spec.extra.get("layer_act_quant")  # (config, qw, act) -> (qw, act): per-layer activation
+    if callable(bind):                        # parameters carried in qw.extras (e.g. static input scales)
+        qw, act_quant = bind(config, qw, act_quant)
     return QuantLinear(qw, lin.bias.data if lin.bias is not None else None, kernel=config.kernel,
-                       act_quant=act(config) if callable(act) else None, method=spec.name)
+                       act_quant=act_quant, method=spec.name)
 
 
 def set_kernels(model: nn.Module, kernel: str = "auto") -> dict[str, int]:

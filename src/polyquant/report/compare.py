@@ -37,6 +37,11 @@ __all__ = ["Run", "default_runs", "run_compare", "summary_rows", "SUMMARY_HEADER
 log = logging.getLogger(__name__)
 
 DEFAULT_OUT = "polyquant-report"
+#: Decode steps timed for a model running on a kernel that is not a fast path (the reference
+#: kernel dequantizes every layer at every step: 64 steps of W3 take minutes on a CPU core).
+SLOW_DECODE_TOKENS = 8
+_SPEED_KEYS = ("prefill_tok_s", "prefill_tokens", "prefill_runs", "decode_tok_s", "decode_tokens", "decode_runs",
+               "speed_seconds", "threads")
 SUMMARY_HEADERS = ["method", "setting", "ppl", "Δppl %", "KL", "top1", "weight MB", "decode tok/s",
                    "vs fp32", "kernel", "status"]
 
@@ -99,7 +104,8 @@ def _cpu_name() -> str:
 
 class CachedReference(nn.Module):
     """The reference model with its logits kept on disk (exact float32, one ``.npy`` per input),
-    so each evaluation window's reference forward runs once per sweep instead of once per run.
+    so each evaluation window's reference forward runs once per sweep instead of once per run
+    (and not at all when the baseline's own evaluation filled the cache, see ``recording_hook``).
 
     Only plain ``model(input_ids=..., use_cache=...)`` calls are cached; anything else goes to the
     wrapped model, and so do attribute look-ups (``config``, ``parameters()`` ...).
@@ -119,24 +125,47 @@ class CachedReference(nn.Module):
         except AttributeError:
             return getattr(super().__getattr__("inner"), name)
 
+    def _path(self, input_ids: torch.Tensor) -> Path:
+        ids = input_ids.detach().cpu().contiguous()
+        key = hashlib.sha256(ids.numpy().tobytes() + repr(tuple(ids.shape)).encode()).hexdigest()[:32]
+        return self.folder / f"{key}.npy"
+
+    def store(self, input_ids: torch.Tensor, logits: torch.Tensor) -> None:
+        """Keep the logits the reference produced for ``input_ids`` (written atomically)."""
+        import numpy as np
+        path = self._path(input_ids)
+        if path.is_file():
+            return
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, logits.detach().float().cpu().numpy(), allow_pickle=False)
+        os.replace(tmp, path)
+
+    def recording_hook(self):
+        """A forward hook for the reference model itself: while the baseline is evaluated, its
+        no-cache forwards fill the cache, so the quantized runs never run the reference again.
+        Returns the hook handle (call ``.remove()``)."""
+        def hook(module, args, kwargs, output):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            logits = getattr(output, "logits", None)
+            if (isinstance(ids, torch.Tensor) and logits is not None and kwargs.get("use_cache") is False
+                    and not kwargs.get("past_key_values") and set(kwargs) <= {"input_ids", "labels", "use_cache"}):
+                self.store(ids, logits)
+        return self.inner.register_forward_hook(hook, with_kwargs=True)
+
     def forward(self, input_ids: torch.Tensor | None = None, **kw):
         if input_ids is None or set(kw) - {"use_cache"}:
             return self.inner(input_ids=input_ids, **kw)
         import numpy as np
         from transformers.modeling_outputs import CausalLMOutputWithPast
-        ids = input_ids.detach().cpu().contiguous()
-        key = hashlib.sha256(ids.numpy().tobytes() + repr(tuple(ids.shape)).encode()).hexdigest()[:32]
-        path = self.folder / f"{key}.npy"
+        path = self._path(input_ids)
         if path.is_file():
             self.hits += 1
             logits = torch.from_numpy(np.load(path, allow_pickle=False)).to(input_ids.device)
             return CausalLMOutputWithPast(logits=logits)
         self.misses += 1
         out = self.inner(input_ids=input_ids, **kw)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, out.logits.detach().float().cpu().numpy(), allow_pickle=False)
-        os.replace(tmp, path)
+        self.store(input_ids, out.logits)
         return out
 
 
@@ -160,6 +189,11 @@ def _kernels(model: torch.nn.Module) -> dict[str, int]:
     return kernel_summary(model)
 
 
+def _slow(kernels: dict[str, int]) -> bool:
+    from polyquant.kernels import KERNELS
+    return any(k in KERNELS and not KERNELS[k].fast for k in kernels)
+
+
 def _run_key(run: Run, settings: dict[str, Any]) -> str:
     blob = json.dumps({"run": run.name, "config": run.config.to_dict() if run.config else None,
                        "settings": settings}, sort_keys=True, default=str)
@@ -178,8 +212,9 @@ def _evaluate(model, tokenizer, **kw) -> dict[str, Any]:
 def run_compare(model: str | os.PathLike = "default", out_dir: str | os.PathLike = DEFAULT_OUT,
                 runs: list[Run] | None = None, *, text: str | None = None, text_name: str | None = None,
                 seqlen: int = 512, max_windows: int | None = 40, threads: int | None = 1,
-                decode_tokens: int = 64, measure_speed: bool = True, seed: int = 0,
-                resume: bool = True, cache_reference: bool = True, show_progress: bool = True) -> dict[str, Any]:
+                eval_threads: int | None = None, decode_tokens: int = 64, measure_speed: bool = True,
+                seed: int = 0, resume: bool = True, cache_reference: bool = True,
+                show_progress: bool = True) -> dict[str, Any]:
     """Run the sweep and return the ``results.json`` payload (``runs``: one record per run, in
     sweep order).
 
@@ -191,6 +226,9 @@ def run_compare(model: str | os.PathLike = "default", out_dir: str | os.PathLike
             is run first and is the reference for KL / top-1 and Δppl.
         text: evaluation text (default: the built-in pydoc text); ``text_name`` labels it.
         seqlen, max_windows, threads, decode_tokens, measure_speed: passed to ``evaluate``.
+        eval_threads: torch threads for the perplexity / KL windows (default: ``threads``); when
+            it differs, speed is measured in a second, speed-only ``evaluate`` at ``threads``.
+            A run on a kernel that is not a fast path times ``SLOW_DECODE_TOKENS`` decode steps.
         seed: torch seed set before each run.
         resume: reuse finished runs found in ``out_dir`` (False: redo every run).
         cache_reference: keep the reference logits of each window on disk (in ``out_dir``, removed
@@ -205,10 +243,12 @@ def run_compare(model: str | os.PathLike = "default", out_dir: str | os.PathLike
     if len(set(names)) != len(names):
         raise ValueError(f"run names must be unique, got {names}")
     runs.sort(key=lambda r: r.config is not None)  # the baseline first: it is the reference
+    eval_threads = eval_threads or threads
     store = ResultsStore(out_dir)
     text_sha = hashlib.sha256(text.encode()).hexdigest()[:16] if text is not None else "default"
     settings = {"model": str(model), "text": text_name or ("default (pydoc topics)" if text is None else "user"),
                 "text_sha256": text_sha, "seqlen": seqlen, "max_windows": max_windows, "threads": threads,
+                "eval_threads": eval_threads,
                 "decode_tokens": decode_tokens, "measure_speed": measure_speed, "seed": seed}
     keys = {r.name: _run_key(r, settings) for r in runs}
     done = store.finished() if resume else {}
@@ -225,15 +265,17 @@ def run_compare(model: str | os.PathLike = "default", out_dir: str | os.PathLike
     cache_dir = store.folder / ".reference-logits"
     shutil.rmtree(cache_dir, ignore_errors=True)  # left by an interrupted sweep
     prev_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
+    if eval_threads:
+        torch.set_num_threads(eval_threads)
     try:
         if todo:
             fp, tok = load_model(model)
             if getattr(fp, "polyquant", None) is not None or getattr(fp.config, "quantization_config", None):
                 raise ValueError(f"{model} is a quantized checkpoint; compare needs an unquantized model")
             reference = fp
-            if (sum(r.config is not None for r in todo) > 1 and cache_reference
+            store.folder.mkdir(parents=True, exist_ok=True)
+            n_quant = sum(r.config is not None for r in todo)
+            if (cache_reference and n_quant and n_quant + (len(todo) > n_quant) > 1
                     and _reference_cache_fits(store.folder, fp, seqlen, max_windows)):
                 reference = CachedReference(fp, cache_dir)
         bar = progress(runs, desc="compare", enabled=show_progress, unit="run")
@@ -246,21 +288,35 @@ def run_compare(model: str | os.PathLike = "default", out_dir: str | os.PathLike
                                    "model": str(model), "settings": settings, "seed": seed, "device": device,
                                    "versions": env, "started": _now()}
             t0 = time.perf_counter()
-            q = None
+            q = hook = None
             try:
                 torch.manual_seed(seed)
                 if run.config is None:
                     target, ref, quant_s = fp, None, 0.0
+                    if isinstance(reference, CachedReference):
+                        hook = reference.recording_hook()
                 else:
                     t1 = time.perf_counter()
                     q = quantize_model(fp, run.config, inplace=False, show_progress=False)
                     quant_s = time.perf_counter() - t1
                     target, ref = q, reference
                 rec["kernel"] = _kernels(target) or {"dense": 1}
+                dec = decode_tokens
+                if _slow(rec["kernel"]) and decode_tokens > SLOW_DECODE_TOKENS:
+                    dec = SLOW_DECODE_TOKENS  # each step dequantizes every layer: time a few steps only
+                    rec["notes"] = [f"decode timed over {dec} tokens: the {', '.join(sorted(rec['kernel']))} "
+                                    f"kernel is not a fast path"]
+                split = measure_speed and eval_threads != threads
                 t1 = time.perf_counter()
-                rec["metrics"] = _evaluate(target, tok, text=text, seqlen=seqlen, max_windows=max_windows,
-                                           reference=ref, threads=threads, decode_tokens=decode_tokens,
-                                           measure_speed=measure_speed, show_progress=show_progress)
+                metrics = _evaluate(target, tok, text=text, seqlen=seqlen, max_windows=max_windows,
+                                    reference=ref, threads=eval_threads, decode_tokens=dec,
+                                    measure_speed=measure_speed and not split, show_progress=show_progress)
+                if split:  # speed at `threads`, the accuracy pass above at `eval_threads`
+                    speed = _evaluate(target, tok, text=text, seqlen=seqlen, max_windows=1, reference=None,
+                                      threads=threads, decode_tokens=dec, measure_speed=True, show_progress=False)
+                    metrics.update({k: speed.get(k) for k in _SPEED_KEYS})
+                    metrics["eval_threads"] = eval_threads
+                rec["metrics"] = metrics
                 rec["timings"] = {"quantize_s": quant_s, "eval_s": time.perf_counter() - t1}
                 rec["status"] = "ok"
             except Exception as e:  # recorded; the sweep goes on
@@ -269,6 +325,9 @@ def run_compare(model: str | os.PathLike = "default", out_dir: str | os.PathLike
                 rec["traceback"] = traceback.format_exc(limit=8)
                 log.warning("run %s failed: %s", run.name, rec["error"])
             finally:
+                if hook is not None:
+                    hook.remove()
+                    hook = None
                 del q
                 gc.collect()
             rec["timings"] = {**rec.get("timings", {}), "total_s": time.perf_counter() - t0}

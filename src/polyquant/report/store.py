@@ -43,6 +43,12 @@ def to_jsonable(obj: Any) -> Any:
     return str(obj)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``:
     readers see the old file or the new one, never a partial one."""
@@ -54,6 +60,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -68,7 +75,7 @@ class ResultsStore:
     """Records of one output folder.
 
     Args:
-        folder: the sweep's output folder (created if missing).
+        folder: the sweep's output folder (created at the first write).
     """
 
     JSONL = "runs.jsonl"
@@ -78,7 +85,6 @@ class ResultsStore:
         self.folder = Path(folder)
         if self.folder.exists() and not self.folder.is_dir():
             raise ValueError(f"output {self.folder} exists and is not a folder")
-        self.folder.mkdir(parents=True, exist_ok=True)
 
     @property
     def jsonl_path(self) -> Path:
@@ -118,6 +124,7 @@ class ResultsStore:
         if "key" not in record:
             raise ValueError("a record needs a 'key'")
         line = json.dumps(to_jsonable(record), sort_keys=True, allow_nan=False) + "\n"
+        self.folder.mkdir(parents=True, exist_ok=True)
         path = self.jsonl_path
         if path.is_file() and path.stat().st_size:
             with open(path, "rb") as f:  # a torn last line must not swallow this record

@@ -1,0 +1,60 @@
+"""Dynamic float8 activations (torchao ``Float8DynamicActivationFloat8WeightConfig``), emulated.
+
+torchao 0.18 quantizes the activation with ``Float8Tensor.from_hp`` (the ``torch`` kernel choice,
+which is what runs off Hopper GPUs): per token (``granularity="row"``) or per tensor,
+``scale = amax(|x|) / 448`` computed in the activation's dtype, optionally clamped to
+``[activation_value_lb, activation_value_ub]`` before the division, cast to float32;
+``q = (x.float() / scale).clamp(-448, 448).to(float8_e4m3fn)`` (round to nearest even). The
+product is ``torch._scaled_mm(q_x, q_w^T, scale_x, scale_w)``.
+
+Here the rule is applied as fake quantization (``q.float() * scale``) in front of any kernel, so
+the product is the same sum in float (``torch._scaled_mm`` runs on CPU in torch 2.13, but measured
+no faster than dequantize-and-matmul: ~25 ms for a 1x576 @ 576x1536 product). Difference from
+torchao: an all-zero token gets scale 0 there (0/0 = NaN codes); here it stays 0.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["Float8DynamicActivation", "float8_scale", "FP8_MAX"]
+
+FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
+
+
+def float8_scale(x: torch.Tensor, dims: tuple[int, ...] | None, lb: float | None = None,
+                 ub: float | None = None) -> torch.Tensor:
+    """torchao ``_choose_scale_float8``: ``amax(|x|) / 448`` over ``dims`` (None: all), in ``x``'s
+    dtype, as float32 with kept dims."""
+    a = x.abs()
+    amax = a.amax().reshape([1] * x.dim()) if dims is None else a.amax(dim=dims, keepdim=True)
+    if lb is not None or ub is not None:
+        amax = torch.clamp(amax, min=lb, max=ub)
+    return (amax / FP8_MAX).to(torch.float32)
+
+
+class Float8DynamicActivation(nn.Module):
+    """Dynamic float8 (e4m3fn) activations with a per-token or per-tensor scale."""
+
+    def __init__(self, granularity: str = "tensor", lb: float | None = None, ub: float | None = None) -> None:
+        super().__init__()
+        if granularity not in ("row", "tensor"):
+            raise ValueError(f"granularity must be 'row' or 'tensor', got {granularity!r}")
+        self.granularity = granularity
+        self.lb = lb
+        self.ub = ub
+
+    def quantize(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x2 [M, K]`` -> float8 codes and float32 scales (``[M, 1]`` or ``[1, 1]``)."""
+        scale = float8_scale(x2, (-1,) if self.granularity == "row" else None, self.lb, self.ub)
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = (x2.to(torch.float32) / safe).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        return q, scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        q, scale = self.quantize(x.reshape(-1, shape[-1]))
+        return (q.to(torch.float32) * scale).to(x.dtype).reshape(shape)
+
+    def extra_repr(self) -> str:
+        return f"float8_e4m3fn dynamic, per {'token' if self.granularity == 'row' else 'tensor'}"

@@ -1,0 +1,131 @@
+"""Dynamic int8 activations x int8 weights (torchao ``Int8DynamicActivationInt8WeightConfig``):
+the activation rule and the integer kernel (``int8-dynamic``).
+
+The rule (torchao 0.18 ``Int8Tensor.from_hp`` applied to the activation, ``PerRow`` granularity =
+per token, symmetric): in the activation's dtype ``scale = max(|min(x, 0)|, max(x, 0)) / 127.5``,
+clamped below at the float32 eps, then cast to float32; ``q = clamp(round(x * (1 / scale)),
+-128, 127)`` (round half to even). With ``granularity="tensor"`` one scale covers the whole input.
+
+The kernel computes what torchao's linear does on CPU::
+
+    y = ((q_x @ q_w^T) as int32 -> float32 * scale_x).to(x.dtype) * scale_w + bias
+
+with the integer product from ``torch._int_mm`` (exact int32 accumulation). ``torch._int_mm`` takes
+any shape on CPU; on CUDA it needs ``M > 16`` and ``K``, ``N`` multiples of 8, so :func:`int8_mm`
+zero-pads there (exact); elsewhere it falls back to float64, exact for ``K < 2**37``.
+
+The reference kernel runs the same rule as fake quantization (``q_x * scale_x`` in float, times the
+dequantized weight): equal up to float rounding of the accumulation.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from polyquant.kernels.base import Kernel, register_kernel
+
+__all__ = ["Int8DynamicActivation", "Int8DynamicKernel", "int8_mm", "int8_symmetric_scale"]
+
+_F32_EPS = torch.finfo(torch.float32).eps
+
+
+def int8_symmetric_scale(x: torch.Tensor, dims: tuple[int, ...] | None) -> torch.Tensor:
+    """torchao's symmetric int8 scale (``choose_qparams_affine``, quant range [-128, 127]) over
+    ``dims`` (None: the whole tensor), computed in ``x``'s dtype and returned as float32 (keepdim)."""
+    if dims is None:
+        lo, hi = x.amin(), x.amax()
+        lo, hi = lo.reshape([1] * x.dim()), hi.reshape([1] * x.dim())
+    else:
+        lo, hi = x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
+    lo = torch.minimum(lo, torch.zeros_like(lo))
+    hi = torch.maximum(hi, torch.zeros_like(hi))
+    amax = torch.maximum(-lo, hi)
+    scale = torch.clamp(amax / 127.5, min=_F32_EPS)
+    return scale.to(torch.float32)
+
+
+def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact ``a [M, K] int8 @ b [N, K]^T int8`` -> int32 ``[M, N]``."""
+    m, k = a.shape
+    n = b.shape[0]
+    if a.device.type == "cpu":
+        return torch._int_mm(a.contiguous(), b.t())
+    if a.device.type == "cuda":
+        pm, pk, pn = max(0, 17 - m), -k % 8, -n % 8
+        if pm or pk or pn:
+            a = F.pad(a, (0, pk, 0, pm))
+            b = F.pad(b, (0, pk, 0, pn))
+        return torch._int_mm(a.contiguous(), b.t())[:m, :n]
+    return (a.double() @ b.double().t()).round().to(torch.int32)
+
+
+class Int8DynamicActivation(nn.Module):
+    """Dynamic symmetric int8 activations, one scale per token (``granularity="row"``) or per
+    input tensor (``"tensor"``), as torchao quantizes them."""
+
+    def __init__(self, granularity: str = "row") -> None:
+        super().__init__()
+        if granularity not in ("row", "tensor"):
+            raise ValueError(f"granularity must be 'row' or 'tensor', got {granularity!r}")
+        self.granularity = granularity
+
+    def quantize(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x2 [M, K]`` -> int8 codes ``[M, K]`` and float32 scales ``[M, 1]`` (``[1, 1]`` per tensor)."""
+        scale = int8_symmetric_scale(x2, (-1,) if self.granularity == "row" else None)
+        q = torch.clamp(torch.round(x2 * (1.0 / scale)), -128, 127).to(torch.int8)
+        return q, scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake quantization (the reference path): ``q * scale`` in the input's dtype."""
+        shape = x.shape
+        q, scale = self.quantize(x.reshape(-1, shape[-1]))
+        return (q.to(torch.float32) * scale).to(x.dtype).reshape(shape)
+
+    def extra_repr(self) -> str:
+        return f"int8 dynamic, per {'token' if self.granularity == 'row' else 'tensor'}"
+
+
+class Int8DynamicKernel(Kernel):
+    name = "int8-dynamic"
+    devices = ("cpu", "cuda")
+    priority = 25
+    layouts = "8-bit symmetric per-channel or per-tensor weights with int8 dynamic activations (int8 x int8)"
+    act_rule = Int8DynamicActivation
+
+    def supports(self, qw, device):
+        if r := self._device_reason(device):
+            return r
+        if qw.qt.kind != "int" or qw.bits != 8 or not qw.qt.signed:
+            return f"needs signed 8-bit integer weights, got {qw.qtype}"
+        if qw.zero is not None or qw.g_idx is not None or qw.extras:
+            return "needs symmetric weights without act-order or extras"
+        if qw.block not in ((1, qw.shape[1]), tuple(qw.shape)):
+            return f"needs per-channel or per-tensor scales, got block {qw.block}"
+        return None
+
+    def prepare(self, qw):
+        w = (qw.codes.to(torch.int16) - 128).to(torch.int8).contiguous()
+        return {"w": w, "s": qw.scale.float().reshape(-1).contiguous()}
+
+    def forward(self, module, x):
+        b = module._buffers
+        w, s = b["k_w"], b["k_s"]
+        shape, dtype = x.shape, x.dtype
+        x2 = x.reshape(-1, shape[-1])
+        rule = module.act_quant
+        if not isinstance(rule, Int8DynamicActivation):  # explicitly requested without the rule
+            if rule is not None:
+                x2 = rule(x2)
+            y = F.linear(x2, (w.float() * s.unsqueeze(-1)).to(dtype))
+        else:
+            q, xs = rule.quantize(x2)
+            # torchao's order: (int32 -> f32) * scale_x, cast to the output dtype, times the f32
+            # weight scale (promotes to f32), plus bias, cast back
+            y = (int8_mm(q, w).to(torch.float32) * xs).to(dtype) * s
+        if module.bias is not None:
+            y = y + module.bias
+        return y.to(dtype).reshape(*shape[:-1], y.shape[-1])
+
+
+register_kernel(Int8DynamicKernel)

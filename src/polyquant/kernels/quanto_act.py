@@ -1,0 +1,133 @@
+"""optimum-quanto's static activation quantization (``QModuleMixin.quantize_input`` with
+``input_scale``), its calibration rule (``optimum.quanto.Calibration``), and the calibration pass.
+
+A layer's input is quantized per tensor with a *static* scale: ``qint8``:
+``q = clamp(round(x / s), -128, 127)``; ``qfloat8`` (e4m3fn): ``q = clamp(x / s, -448, 448)`` cast
+to float8; the layer then computes with ``q * s`` (fake quantization: the same sum quanto's int8 /
+float8 matmul forms, up to float rounding of the accumulation).
+
+Calibration (quanto's rule): for every batch, ``new = max|x| / qmax`` (127 or 448, in the input's
+dtype); the first batch sets the scale, later ones update it as ``momentum * s + (1 - momentum) *
+new`` (momentum 0.9). Output scales (``output_scale``) are calibrated the same way on the layer's
+output and saved for quanto, which also quantizes a layer's *output* when the next operation accepts
+quantized tensors (its "streamline" tracing, e.g. q/k/v projections feeding reshapes); polyquant does
+not apply output quantization - the one known difference from quanto's own activation numerics.
+
+Before calibration (no ``input_scale``) the rule uses a dynamic per-tensor scale ``max|x| / qmax``
+of each call (quanto itself would use its initial scale of 1.0, i.e. plain rounding of x).
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+__all__ = ["QuantoActivation", "calibrate_activations", "ACT_QTYPES"]
+
+ACT_QTYPES = {"qint8": 127.0, "qfloat8": float(torch.finfo(torch.float8_e4m3fn).max)}
+
+
+class QuantoActivation(nn.Module):
+    """Static per-tensor activation quantization with quanto's scale rule.
+
+    Args:
+        qtype: ``qint8`` or ``qfloat8``.
+        input_scale / output_scale: calibrated scalar scales (None: not calibrated yet).
+        momentum: calibration momentum.
+    """
+
+    def __init__(self, qtype: str, input_scale: torch.Tensor | None = None,
+                 output_scale: torch.Tensor | None = None, momentum: float = 0.9) -> None:
+        super().__init__()
+        if qtype not in ACT_QTYPES:
+            raise ValueError(f"activations must be one of {sorted(ACT_QTYPES)}, got {qtype!r}")
+        if not 0.0 <= float(momentum) < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.qtype = qtype
+        self.momentum = float(momentum)
+        self.calibrating = False
+        self.register_buffer("input_scale", None if input_scale is None else input_scale.detach().reshape(()))
+        self.register_buffer("output_scale", None if output_scale is None else output_scale.detach().reshape(()))
+
+    @property
+    def qmax(self) -> float:
+        return ACT_QTYPES[self.qtype]
+
+    @property
+    def calibrated(self) -> bool:
+        return self.input_scale is not None
+
+    def _update(self, name: str, t: torch.Tensor) -> None:
+        new = t.detach().abs().amax() / self.qmax
+        old = getattr(self, name)
+        value = new if old is None else self.momentum * old + new * (1.0 - self.momentum)
+        setattr(self, name, value.detach().reshape(()))
+
+    def observe_output(self, y: torch.Tensor) -> None:
+        self._update("output_scale", y)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.calibrating:
+            self._update("input_scale", x)
+        s = self.input_scale if self.input_scale is not None else x.detach().abs().amax() / self.qmax
+        s = s.to(x.device)
+        safe = torch.where(s > 0, s, torch.ones_like(s))
+        y = x / safe
+        if self.qtype == "qint8":
+            q = torch.clamp(torch.round(y), -128, 127)
+        else:
+            q = y.clamp(-self.qmax, self.qmax).to(torch.float8_e4m3fn).to(y.dtype)
+        return (q * s).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        s = "uncalibrated" if self.input_scale is None else f"input_scale={float(self.input_scale):.4g}"
+        return f"{self.qtype}, static per-tensor, {s}"
+
+
+@contextlib.contextmanager
+def _calibrating(rules: list[tuple[nn.Module, QuantoActivation]]) -> Iterator[None]:
+    hooks = []
+    try:
+        for module, rule in rules:
+            rule.calibrating = True
+            hooks.append(module.register_forward_hook(
+                lambda mod, args, out, rule=rule: rule.observe_output(out)))
+        yield
+    finally:
+        for module, rule in rules:
+            rule.calibrating = False
+        for h in hooks:
+            h.remove()
+
+
+def calibrate_activations(model: nn.Module, calibration: Any, show_progress: bool = False) -> int:
+    """Run ``calibration`` (token windows, see :func:`polyquant.calibration.data.as_samples`) through
+    ``model`` and update every :class:`QuantoActivation`'s input/output scales with quanto's rule.
+    Returns the number of layers calibrated."""
+    from polyquant.calibration import Calibration
+    from polyquant.calibration.data import as_samples
+    from polyquant.progress import progress
+
+    if isinstance(calibration, Calibration):
+        calibration = calibration.samples
+    samples = as_samples(calibration)
+    rules = [(m, m.act_quant) for m in model.modules() if isinstance(getattr(m, "act_quant", None), QuantoActivation)]
+    if not rules:
+        return 0
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), _calibrating(rules):
+            for s in progress(samples, desc="quanto calibration", enabled=show_progress):
+                model(**{k: v.to(device) for k, v in s.items()}, use_cache=False)
+    finally:
+        model.train(was_training)
+    missing = [type(m).__name__ for m, r in rules if not r.calibrated]
+    if missing:
+        warnings.warn(f"{len(missing)} layer(s) saw no calibration input and keep dynamic activation scales",
+                      stacklevel=2)
+    return len(rules)

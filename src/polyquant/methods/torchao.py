@@ -1,0 +1,241 @@
+"""TorchAO's post-training recipes, reproduced bit for bit on the same weight (torchao 0.18, the
+``version=2`` configs): ``torchao-int4``, ``torchao-int8``, ``torchao-int8-dynamic``,
+``torchao-float8``. Saved in torchao's safetensors layout (:mod:`polyquant.formats.torchao`).
+
+- ``torchao-int4`` = ``Int4WeightOnlyConfig(group_size)`` with its default ``plain`` packing
+  (``Int4Tensor.from_hp`` -> mslk/fbgemm ``int4_row_quantize_zp``), computed in float32 per group of
+  ``group_size`` inputs: ``scale = max(max - min, 1e-6) / 15``, ``zero = min + 8 * scale`` (a *float*
+  zero, the "tinygemm" zero-point domain), ``u = clamp(round((w - min) / scale), 0, 15)``; scale and
+  zero are then cast to the weight's dtype and dequantization is ``(u - 8) * scale + zero``. In
+  ``QuantizedWeight`` terms: qtype ``uint4``, ``zero = 8 - zero_float / scale`` (a float code-domain
+  zero, kept in float64 so that ``(8 - zero) * scale`` gives torchao's stored zero back exactly), so
+  ``dequantize()`` is ``(u - zero) * scale`` and the ``cpu-int4`` kernel's ``z' = (8 - zero) * s`` is
+  torchao's zero. Like torchao, the group size must divide ``in_features`` (torchao leaves such layers
+  in float; here quantizing them is refused by shape - exclude them or pick a group that divides).
+- ``torchao-int8`` = ``Int8WeightOnlyConfig`` (``Int8Tensor``): symmetric, per row (or per tensor);
+  ``scale = max(|min(w,0)|, max(w,0)) / 127.5`` in the weight's dtype, clamped to >= float32 eps,
+  float32; ``q = clamp(round(w * (1 / scale)), -128, 127)`` (half to even).
+- ``torchao-int8-dynamic`` = ``Int8DynamicActivationInt8WeightConfig``: the same weights, plus
+  per-token dynamic symmetric int8 activations run as an int8 x int8 product
+  (:mod:`polyquant.kernels.int8_dynamic`).
+- ``torchao-float8`` = ``Float8WeightOnlyConfig`` (per row) or, with ``activations="float8"``,
+  ``Float8DynamicActivationFloat8WeightConfig`` (per tensor by default, as torchao; per row with
+  ``granularity="row"``): ``scale = amax(|w|) / 448`` (weight dtype, then float32),
+  ``q = (w.float() / scale).clamp(-448, 448).to(float8_e4m3fn)``. An all-zero row gets code 0 (torchao
+  would produce NaN codes from 0/0).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from polyquant.methods.base import MethodConfig, check_choice
+from polyquant.methods.registry import MethodSpec, register_method
+from polyquant.tensor.quantized_weight import QuantizedWeight
+
+__all__ = ["TorchAOInt4Config", "TorchAOInt8Config", "TorchAOInt8DynamicConfig", "TorchAOFloat8Config",
+           "torchao_int4_weight", "torchao_int8_weight", "torchao_float8_weight", "INT4_GROUPS"]
+
+INT4_GROUPS = (32, 64, 128, 256)
+GRANULARITIES = ("row", "tensor")
+
+
+def _check_weight(w: torch.Tensor, who: str) -> None:
+    if w.dim() != 2:
+        raise ValueError(f"{who} quantizes 2-D weights, got shape {tuple(w.shape)}")
+    if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"{who} needs a float32/float16/bfloat16 weight, got {w.dtype}")
+    if not torch.isfinite(w).all():
+        raise ValueError("weight contains NaN or Inf values")
+
+
+# -- the recipes (pure functions) --------------------------------------------------------------
+def torchao_int4_weight(weight: torch.Tensor, group_size: int) -> QuantizedWeight:
+    """torchao ``Int4WeightOnlyConfig(group_size)`` (plain ``Int4Tensor``) as a ``QuantizedWeight``."""
+    w = weight.detach()
+    _check_weight(w, "torchao-int4")
+    n, k = w.shape
+    if k % group_size:
+        raise ValueError(f"torchao-int4: group_size {group_size} does not divide in_features {k} of a "
+                         f"[{n}, {k}] weight (torchao leaves such layers unquantized); exclude the layer or "
+                         f"use a group size from {INT4_GROUPS} that divides {k}")
+    x = w.to(torch.float32).reshape(n, k // group_size, group_size)
+    mx = x.amax(dim=-1, keepdim=True)
+    mn = x.amin(dim=-1, keepdim=True)
+    scale = (mx - mn).clamp(min=1e-6) / 15
+    zero = mn + scale * 8
+    u = x.sub(mn).div(scale).round().clamp_(0, 15).to(torch.uint8).reshape(n, k)
+    s = scale.squeeze(-1).to(w.dtype)
+    z = zero.squeeze(-1).to(w.dtype)
+    zero_code = 8.0 - z.double() / s.double()
+    return QuantizedWeight.from_codes(u, "uint4", (1, group_size), s, zero_code)
+
+
+def _int8_scale(w: torch.Tensor, granularity: str) -> torch.Tensor:
+    from polyquant.kernels.int8_dynamic import int8_symmetric_scale
+    return int8_symmetric_scale(w, (-1,) if granularity == "row" else None)
+
+
+def torchao_int8_weight(weight: torch.Tensor, granularity: str = "row") -> QuantizedWeight:
+    """torchao ``Int8Tensor.from_hp(weight, PerRow() | PerTensor())`` as a ``QuantizedWeight``."""
+    w = weight.detach()
+    _check_weight(w, "torchao-int8")
+    scale = _int8_scale(w, granularity)  # [N, 1] or [1, 1] float32
+    q = torch.clamp(torch.round(w * (1.0 / scale)), -128, 127)
+    codes = (q + 128).to(torch.uint8)
+    block = (1, w.shape[1]) if granularity == "row" else tuple(w.shape)
+    return QuantizedWeight.from_codes(codes, "int8", block, scale)
+
+
+def torchao_float8_weight(weight: torch.Tensor, granularity: str = "row") -> QuantizedWeight:
+    """torchao ``Float8Tensor.from_hp(weight, float8_e4m3fn, PerRow() | PerTensor())``."""
+    from polyquant.kernels.float8 import FP8_MAX, float8_scale
+    w = weight.detach()
+    _check_weight(w, "torchao-float8")
+    scale = float8_scale(w, (-1,) if granularity == "row" else None)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = (w.to(torch.float32) / safe).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    block = (1, w.shape[1]) if granularity == "row" else tuple(w.shape)
+    return QuantizedWeight.from_codes(q, "float8_e4m3fn", block, scale)
+
+
+# -- configs -----------------------------------------------------------------------------------
+@dataclass
+class TorchAOInt4Config(MethodConfig):
+    """torchao int4 weight-only (``Int4WeightOnlyConfig``).
+
+    Attributes:
+        group_size: inputs per scale/zero: 32, 64, 128 (torchao's default) or 256; must divide the
+            in_features of every quantized layer.
+    """
+
+    group_size: int = 128
+
+    def validate(self) -> None:
+        check_choice("group_size", self.group_size, INT4_GROUPS)
+
+    def describe(self) -> str:
+        return f"torchao int4 g{self.group_size}"
+
+
+@dataclass
+class TorchAOInt8Config(MethodConfig):
+    """torchao int8 weight-only (``Int8WeightOnlyConfig``).
+
+    Attributes:
+        granularity: ``row`` (one scale per output channel, torchao's default) or ``tensor``.
+    """
+
+    granularity: str = "row"
+
+    def validate(self) -> None:
+        check_choice("granularity", self.granularity, GRANULARITIES)
+
+    def describe(self) -> str:
+        return f"torchao int8 w8a16 per-{self.granularity}"
+
+
+@dataclass
+class TorchAOInt8DynamicConfig(MethodConfig):
+    """torchao int8 dynamic activations + int8 weights (``Int8DynamicActivationInt8WeightConfig``).
+
+    Attributes:
+        granularity: ``row`` (per output channel for weights, per token for activations: torchao's
+            default) or ``tensor`` (for both).
+    """
+
+    granularity: str = "row"
+
+    def validate(self) -> None:
+        check_choice("granularity", self.granularity, GRANULARITIES)
+
+    def describe(self) -> str:
+        return f"torchao w8a8 dynamic per-{self.granularity}"
+
+
+@dataclass
+class TorchAOFloat8Config(MethodConfig):
+    """torchao float8 (e4m3fn) weights, optionally with dynamic float8 activations.
+
+    Attributes:
+        activations: ``none`` (``Float8WeightOnlyConfig``) or ``float8``
+            (``Float8DynamicActivationFloat8WeightConfig``).
+        granularity: ``row`` or ``tensor`` for weights and activations; default: torchao's defaults,
+            ``row`` weight-only and ``tensor`` with float8 activations.
+        activation_value_lb / activation_value_ub: optional clamp of the activation amax before its
+            scale is taken (torchao's options of the same names).
+    """
+
+    activations: str = "none"
+    granularity: str | None = None
+    activation_value_lb: float | None = None
+    activation_value_ub: float | None = None
+
+    def validate(self) -> None:
+        check_choice("activations", self.activations, ("none", "float8"))
+        if self.granularity is None:
+            self.granularity = "row" if self.activations == "none" else "tensor"
+        check_choice("granularity", self.granularity, GRANULARITIES)
+        for f in ("activation_value_lb", "activation_value_ub"):
+            v = getattr(self, f)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0):
+                raise ValueError(f"{f} must be None or a non-negative number, got {v!r}")
+            if v is not None and self.activations == "none":
+                raise ValueError(f"{f} applies to float8 activations only (activations='none')")
+        lb, ub = self.activation_value_lb, self.activation_value_ub
+        if lb is not None and ub is not None and lb > ub:
+            raise ValueError(f"activation_value_lb {lb} is above activation_value_ub {ub}")
+
+    def describe(self) -> str:
+        a = "a8 dynamic" if self.activations == "float8" else "a16"
+        return f"torchao float8 w8{a} per-{self.granularity}"
+
+
+def _int4(weight, config: TorchAOInt4Config, stats=None) -> QuantizedWeight:
+    return torchao_int4_weight(weight, config.group_size)
+
+
+def _int8(weight, config, stats=None) -> QuantizedWeight:
+    return torchao_int8_weight(weight, config.granularity)
+
+
+def _float8(weight, config: TorchAOFloat8Config, stats=None) -> QuantizedWeight:
+    return torchao_float8_weight(weight, config.granularity)
+
+
+def _int8_dynamic_rule(config: TorchAOInt8DynamicConfig):
+    from polyquant.kernels.int8_dynamic import Int8DynamicActivation
+    return Int8DynamicActivation(config.granularity)
+
+
+def _float8_rule(config: TorchAOFloat8Config):
+    if config.activations != "float8":
+        return None
+    from polyquant.kernels.float8 import Float8DynamicActivation
+    return Float8DynamicActivation(config.granularity, config.activation_value_lb, config.activation_value_ub)
+
+
+_REF = "TorchAO (pytorch/ao 0.18, quantize_ v2 configs)"
+register_method(MethodSpec(
+    name="torchao-int4", config_cls=TorchAOInt4Config, quantize_weight=_int4, needs_calibration=False,
+    family="integer weight-only", bits=(4,), formats=("torchao",),
+    description="torchao int4 weight-only: asymmetric min/max groups, float zero (w = (u-8)*s + z)",
+    reference=_REF))
+register_method(MethodSpec(
+    name="torchao-int8", config_cls=TorchAOInt8Config, quantize_weight=_int8, needs_calibration=False,
+    family="integer weight-only", bits=(8,), formats=("torchao",),
+    description="torchao int8 weight-only: symmetric absmax/127.5 per row",
+    reference=_REF))
+register_method(MethodSpec(
+    name="torchao-int8-dynamic", config_cls=TorchAOInt8DynamicConfig, quantize_weight=_int8,
+    needs_calibration=False, family="integer weight-only", bits=(8,), formats=("torchao",),
+    activations="int8 dynamic per token (symmetric)",
+    description="torchao W8A8: int8 per-row weights, dynamic per-token int8 activations, int8 x int8 matmul",
+    reference=_REF, extra={"act_quant": _int8_dynamic_rule}))
+register_method(MethodSpec(
+    name="torchao-float8", config_cls=TorchAOFloat8Config, quantize_weight=_float8, needs_calibration=False,
+    family="float8", bits=(8,), formats=("torchao",),
+    activations="none, or float8 dynamic (per tensor / per token)",
+    description="torchao float8 e4m3fn weights (absmax/448 per row or tensor), optional dynamic float8 activations",
+    reference=_REF, extra={"act_quant": _float8_rule}))

@@ -1,0 +1,253 @@
+"""GPTQ: the config, the algorithm against an independent naive implementation, error vs RTN,
+act-order / g_idx consistency, static groups, dead columns, dampening retries, refusals."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from polyquant.methods import GPTQConfig, RTNConfig, config_from_dict, get_method
+from polyquant.methods.gptq import gptq_quantize
+from polyquant.methods.rtn import rtn_quantize
+from polyquant.qtypes import int_qtype
+from polyquant.tensor.affine import quantize_codes
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _problem(out=48, inp=96, n=1024, seed=0, uneven=True):
+    """A weight and correlated inputs (with uneven column scales unless ``uneven=False``);
+    stats = GPTQ's Hessian."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(inp, inp, generator=g) / inp ** 0.5
+    col_scale = torch.exp(torch.randn(inp, generator=g)) if uneven else torch.ones(inp)
+    X = (torch.randn(n, inp, generator=g) @ mix + 0.3 * torch.randn(n, inp, generator=g)) * col_scale
+    W = torch.randn(out, inp, generator=g)
+    return W, X, {"H": 2 * X.T @ X / n, "n": n}
+
+
+def _out_err(W, Q, X):
+    return float(((W - Q) @ X.T).pow(2).sum())
+
+
+def _naive_gptq(W, H, bits, gs, sym, damp=0.01):
+    """Straight from the paper: no lazy blocks, every column's error applied to all later columns
+    at once; a group's scale/zero from the current weights when the group starts."""
+    qt = int_qtype(bits, signed=sym)
+    W = W.clone().double()
+    H = H.double() + damp * torch.diagonal(H).double().mean() * torch.eye(H.shape[0], dtype=torch.float64)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    inp = W.shape[1]
+    Q = torch.zeros_like(W)
+    for c in range(inp):
+        if c % gs == 0:
+            grp = W[:, c:c + gs]
+            if sym:
+                s = grp.abs().amax(1) / (2 ** (bits - 1) - 0.5)
+                z = None
+            else:
+                lo, hi = grp.amin(1).clamp(max=0), grp.amax(1).clamp(min=0)
+                s = (hi - lo) / qt.qmax
+                z = torch.round(-lo / s)
+        w = W[:, c]
+        if sym:
+            Q[:, c] = torch.clamp(torch.round(w / s), qt.qmin, qt.qmax) * s
+        else:
+            Q[:, c] = (torch.clamp(torch.round(w / s) + z, 0, qt.qmax) - z) * s
+        err = (w - Q[:, c]) / U[c, c]
+        W[:, c + 1:] -= torch.outer(err, U[c, c + 1:])
+    return Q.float()
+
+
+def test_config_defaults_validation_and_round_trip():
+    c = GPTQConfig()
+    assert (c.bits, c.group_size, c.sym, c.act_order, c.static_groups, c.damp_percent, c.block_size,
+            c.true_sequential, c.mse) == (4, 128, True, False, False, 0.01, 128, True, False)
+    assert config_from_dict(GPTQConfig(bits=3, act_order=True).to_dict()) == GPTQConfig(bits=3, act_order=True)
+    spec = get_method("gptq")
+    assert spec.needs_calibration and spec.formats == ("gptq", "compressed-tensors") and spec.bits == (2, 3, 4, 8)
+    for kw, field in [({"bits": 5}, "bits"), ({"bits": True}, "bits"), ({"group_size": 0}, "group_size"),
+                      ({"damp_percent": 0}, "damp_percent"), ({"damp_percent": "x"}, "damp_percent"),
+                      ({"block_size": 0}, "block_size"), ({"act_order": 1}, "act_order"),
+                      ({"mse_max_shrink": 1.0}, "mse_max_shrink")]:
+        with pytest.raises(ValueError, match=field):
+            GPTQConfig(**kw)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("gs", [32, 40])
+def test_matches_a_naive_implementation(sym, gs):
+    # block_size 7 makes groups straddle lazy-update blocks
+    W, X, stats = _problem()
+    naive = _naive_gptq(W, stats["H"], 3, gs, sym)
+    for bs in (7, 128):
+        q = gptq_quantize(W, GPTQConfig(bits=3, group_size=gs, sym=sym, block_size=bs, scale_dtype="float32"),
+                         stats).dequantize()
+        mismatch = (q - naive).abs() > 1e-4 * naive.abs().amax()
+        assert mismatch.float().mean() < 0.002, float(mismatch.float().mean())  # float64 vs float32 ties
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("gs", [-1, 32])
+@pytest.mark.parametrize("sym", [True, False])
+def test_output_error_below_rtn(bits, gs, sym):
+    """Ratios GPTQ / RTN of ||WX - QX||^2 (measured): even input columns 0.56-0.71 with or without
+    act-order; uneven columns (log-normal scales) with act-order 0.39-0.52. Without act-order, 2-bit
+    groups on uneven columns are *worse* than RTN (1.0-1.15; an independent float64 implementation
+    agrees): the error feedback inflates the groups that follow outlier columns."""
+    W, X, stats = _problem(uneven=False)
+    rtn = _out_err(W, rtn_quantize(W, RTNConfig(bits=bits, group_size=gs, sym=sym)).dequantize(), X)
+    for act_order in (False, True):
+        q = gptq_quantize(W, GPTQConfig(bits=bits, group_size=gs, sym=sym, act_order=act_order), stats)
+        assert q.qtype == f"{'int' if sym else 'uint'}{bits}" and (q.zero is None) == sym
+        ratio = _out_err(W, q.dequantize(), X) / rtn
+        assert ratio < 0.75, (bits, gs, sym, act_order, ratio)
+    W, X, stats = _problem(uneven=True)
+    rtn = _out_err(W, rtn_quantize(W, RTNConfig(bits=bits, group_size=gs, sym=sym)).dequantize(), X)
+    q = gptq_quantize(W, GPTQConfig(bits=bits, group_size=gs, sym=sym, act_order=True), stats)
+    assert _out_err(W, q.dequantize(), X) / rtn < 0.6
+
+
+def test_symmetric_scale_is_gptq_convention():
+    # GPTQ sym: scale = 2*absmax/maxq with zero (maxq+1)/2; ours: absmax/(2**(b-1)-0.5), the same number
+    W, _, stats = _problem()
+    q = gptq_quantize(W, GPTQConfig(bits=4, group_size=32, scale_dtype="float32"), stats)
+    first = W[:, :32].abs().amax(1)  # the first group starts before any error feedback
+    torch.testing.assert_close(q.scale[:, 0], first / 7.5, rtol=0, atol=0)
+    torch.testing.assert_close(q.scale[:, 0], 2 * first / 15, rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_scales_are_chosen_on_the_stored_dtype_grid(dtype):
+    # codes are computed against the scale a checkpoint stores, so saving loses nothing
+    W, X, stats = _problem()
+    for kw in ({}, {"act_order": True, "sym": False}, {"group_size": -1, "mse": True}):
+        q = gptq_quantize(W, GPTQConfig(bits=4, **{"group_size": 32, **kw}, scale_dtype=dtype), stats)
+        dt = getattr(torch, dtype)
+        assert q.scale.dtype == torch.float32 and torch.equal(q.scale.to(dt).float(), q.scale)
+    assert GPTQConfig().scale_dtype == "float16"
+    with pytest.raises(ValueError, match="scale_dtype"):
+        GPTQConfig(scale_dtype="int8")
+
+
+def test_act_order_g_idx_is_consistent_with_dequantize():
+    W, X, stats = _problem()
+    gs = 32
+    q = gptq_quantize(W, GPTQConfig(bits=4, group_size=gs, act_order=True), stats)
+    assert q.g_idx is not None and q.g_idx.dtype == torch.int32 and q.g_idx.shape == (96,)
+    perm = torch.argsort(torch.diagonal(stats["H"]), descending=True)
+    expected = torch.empty(96, dtype=torch.int32)
+    expected[perm] = (torch.arange(96) // gs).to(torch.int32)  # g_idx[c] = position of c // gs
+    assert torch.equal(q.g_idx, expected)
+    assert not torch.equal(q.g_idx, torch.arange(96, dtype=torch.int32) // gs)  # non-trivial
+    assert torch.bincount(q.g_idx.long()).tolist() == [32, 32, 32]
+    # the stored codes are exactly what the scales + g_idx give back for the dequantized weight
+    deq = q.dequantize()
+    assert torch.equal(quantize_codes(deq, q.qt, q.block, q.scale, q.zero, q.g_idx), q.codes)
+    # and the g_idx matters: the block-contiguous reading is a different weight
+    plain = type(q)(q.qtype, q.shape, q.block, q.data, q.scale, q.zero, None)
+    assert not torch.allclose(plain.dequantize(), deq)
+
+
+def test_static_groups_with_act_order_keep_contiguous_groups():
+    W, X, stats = _problem()
+    q = gptq_quantize(W, GPTQConfig(bits=4, group_size=32, act_order=True, static_groups=True,
+                                    scale_dtype="float32"), stats)
+    assert q.g_idx is None  # g_idx = c // group_size: plain block layout
+    from polyquant.tensor.affine import choose_qparams
+    s, _ = choose_qparams(W, q.qt, (1, 32))  # all groups' scales from the original weights
+    torch.testing.assert_close(q.scale, s, rtol=0, atol=0)
+    rtn = _out_err(W, rtn_quantize(W, RTNConfig(bits=4, group_size=32)).dequantize(), X)
+    assert _out_err(W, q.dequantize(), X) < 0.8 * rtn
+
+
+def test_deterministic():
+    W, _, stats = _problem()
+    cfg = GPTQConfig(bits=3, group_size=32, act_order=True, mse=True)
+    a, b = gptq_quantize(W, cfg, stats), gptq_quantize(W, cfg, stats)
+    assert all(torch.equal(x, b.tensors()[k]) for k, x in a.tensors().items())
+
+
+def test_dead_columns_become_zero_and_stats_are_not_modified():
+    W, X, stats = _problem()
+    X[:, [3, 50]] = 0
+    H = 2 * X.T @ X / X.shape[0]
+    H_before = H.clone()
+    q = gptq_quantize(W, GPTQConfig(bits=4, group_size=32, sym=False, act_order=True), {"H": H, "n": 1024})
+    deq = q.dequantize()
+    assert torch.isfinite(deq).all()
+    assert torch.equal(deq[:, [3, 50]], torch.zeros(48, 2))
+    assert torch.equal(H, H_before)
+
+
+def test_mse_search_only_shrinks_and_helps_weight_error():
+    W, X, stats = _problem()
+    plain = gptq_quantize(W, GPTQConfig(bits=3, group_size=-1), stats)
+    mse = gptq_quantize(W, GPTQConfig(bits=3, group_size=-1, mse=True), stats)
+    assert (mse.scale <= plain.scale * (1 + 1e-6)).all() and (mse.scale < plain.scale * 0.99).any()
+    assert _out_err(W, mse.dequantize(), X) < _out_err(W, plain.dequantize(), X)
+
+
+def test_indefinite_hessian_raises_dampening_with_a_warning():
+    W, _, stats = _problem()
+    g = torch.Generator().manual_seed(1)
+    Qm, _ = torch.linalg.qr(torch.randn(96, 96, generator=g))
+    lam = torch.ones(96)
+    lam[-1] = -0.05  # damp 0.01 * mean diag (~1) is not enough, 0.1 is
+    H = Qm @ torch.diag(lam) @ Qm.T
+    with pytest.warns(RuntimeWarning, match="damp_percent=0.01; retrying with 0.1"):
+        q = gptq_quantize(W, GPTQConfig(bits=4, group_size=32), {"H": H, "n": 10})
+    assert torch.isfinite(q.dequantize()).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="not positive definite even with damp_percent"):
+            gptq_quantize(W, GPTQConfig(bits=4, group_size=32), {"H": -torch.eye(96), "n": 10})
+
+
+def test_refusals():
+    W, _, stats = _problem()
+    cfg = GPTQConfig(bits=4, group_size=32)
+    H = stats["H"].clone()
+    H[0, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        gptq_quantize(W, cfg, {"H": H, "n": 5})
+    with pytest.raises(ValueError, match="calibration"):
+        gptq_quantize(W, cfg, None)
+    with pytest.raises(ValueError, match="no calibration samples"):
+        gptq_quantize(W, cfg, {"H": torch.zeros(96, 96), "n": 0})
+    with pytest.raises(ValueError, match="Hessian shape"):
+        gptq_quantize(W, cfg, {"H": torch.eye(95), "n": 5})
+
+
+def test_per_channel_and_short_last_group():
+    W, X, stats = _problem(inp=100)
+    q = gptq_quantize(W, GPTQConfig(bits=4, group_size=-1), stats)
+    assert q.block == (1, 100) and q.scale.shape == (48, 1)
+    q = gptq_quantize(W, GPTQConfig(bits=4, group_size=32, sym=False), stats)
+    assert q.block == (1, 32) and q.scale.shape == (48, 4) and q.zero.shape == (48, 4)
+    assert (q.zero == q.zero.round()).all() and q.zero.min() >= 0 and q.zero.max() <= 15
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+def test_quantized_model_saves_and_loads_exactly(tmp_path, fmt):
+    import polyquant
+    from polyquant.nn import QuantLinear
+    from helpers import tiny_llama
+    model = tiny_llama(layers=1)
+    calib = [torch.randint(0, 250, (1, 24), generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    q = polyquant.quantize(model, GPTQConfig(bits=4, group_size=16, sym=False), calibration=calib,
+                           show_progress=False)
+    polyquant.save(q, tmp_path / "out", format=fmt)
+    q2, _ = polyquant.load(tmp_path / "out")
+    layers = [n for n, m in q.named_modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 7
+    for n in layers:  # fp16 scales are chosen during quantization: nothing changes on disk
+        assert torch.equal(q.get_submodule(n).quantized_weight.dequantize(),
+                           q2.get_submodule(n).quantized_weight.dequantize()), n
