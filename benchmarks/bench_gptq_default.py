@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import resource
 import time
 
@@ -35,6 +36,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--resume-dir", default=None)
+    ap.add_argument("--static-groups", action="store_true")
+    ap.add_argument("--gar", action="store_true", help="act_group_aware")
+    ap.add_argument("--autocast", action="store_true", help="bf16 autocast block forwards")
+    ap.add_argument("--damp", type=float, default=0.01)
+    ap.add_argument("--kernels", default="auto", help="comma-separated kernels to evaluate with")
+    ap.add_argument("--save", default=None, help="save the quantized model here (gptq format)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
@@ -47,21 +54,29 @@ def main() -> None:
         q = polyquant.quantize(model, RTNConfig(bits=a.bits, group_size=a.group_size, sym=not a.asym), inplace=True)
     else:
         cfg = GPTQConfig(bits=a.bits, group_size=a.group_size, sym=not a.asym, act_order=a.act_order, mse=a.mse,
-                         true_sequential=not a.no_true_sequential)
+                         true_sequential=not a.no_true_sequential, static_groups=a.static_groups,
+                         damp_percent=a.damp, act_group_aware=a.gar)
         calib = calibration_data(tok, n_samples=a.n_samples, seqlen=a.seqlen)
-        q = polyquant.quantize(model, cfg, calibration=Calibration(calib, resume_dir=a.resume_dir), inplace=True)
+        q = polyquant.quantize(model, cfg, calibration=Calibration(calib, resume_dir=a.resume_dir,
+                                                                 autocast=torch.bfloat16 if a.autocast else None), inplace=True)
     quant_s = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    ev = polyquant.evaluate(q, tok, seqlen=512, max_windows=a.windows, measure_speed=False, show_progress=False)
-    row = {"method": a.method, "bits": a.bits, "group_size": a.group_size, "sym": not a.asym,
-           "act_order": a.act_order, "mse": a.mse, "true_sequential": not a.no_true_sequential,
-           "n_samples": a.n_samples, "seqlen": a.seqlen, "threads": a.threads,
-           "quant_seconds": round(quant_s, 1), "peak_rss_during_quant_mb": round(rss / 2**20),
-           "ppl": ev.get("ppl", ev.get("perplexity")), "kernels": ev.get("kernels")}
-    print(json.dumps(row))
-    if a.out:
-        with open(a.out, "a") as f:
-            f.write(json.dumps(row) + "\n")
+    if a.save:
+        polyquant.save(q, a.save, tokenizer=tok, overwrite=True)
+    for kernel in a.kernels.split(","):
+        if a.method != "fp32":
+            polyquant.set_kernels(q, kernel)
+        ev = polyquant.evaluate(q, tok, seqlen=512, max_windows=a.windows, measure_speed=False, show_progress=False)
+        row = {"method": a.method, "bits": a.bits, "group_size": a.group_size, "sym": not a.asym,
+               "act_order": a.act_order, "gar": a.gar, "autocast": a.autocast, "static_groups": a.static_groups, "mse": a.mse, "damp": a.damp,
+               "true_sequential": not a.no_true_sequential, "n_samples": a.n_samples, "seqlen": a.seqlen,
+               "threads": a.threads, "quant_seconds": round(quant_s, 1), "peak_rss_during_quant_mb": round(rss / 2**20),
+               "ppl": ev.get("ppl"), "kernels": ev.get("kernels", kernel),
+               "load_avg_1min": round(os.getloadavg()[0], 1)}
+        print(json.dumps(row))
+        if a.out:
+            with open(a.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

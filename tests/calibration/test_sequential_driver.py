@@ -221,3 +221,19 @@ def test_source_model_is_untouched_and_training_mode_restored():
     polyquant.quantize(model, GPTQConfig(bits=4, group_size=16), calibration=_calib(2), show_progress=False)
     assert model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_bf16_autocast_calibration_is_close_to_float32(recorder):
+    rec, RecConfig = recorder
+    model = tiny_llama(layers=2)
+    calib = _calib()
+    polyquant.quantize(model, RecConfig(), calibration=calib, show_progress=False)
+    exact = [s["H"] for s in rec.stats]
+    rec.stats.clear()
+    polyquant.quantize(model, RecConfig(), calibration=Calibration(calib, autocast=torch.bfloat16),
+                       show_progress=False)
+    assert len(rec.stats) == len(exact)
+    first = rec.stats[0]["H"]
+    assert first.dtype == torch.float32 and torch.equal(first, exact[0])  # block 0's inputs: no matmul yet
+    later = [float((s["H"] - e).norm() / e.norm()) for s, e in zip(rec.stats[1:], exact[1:])]
+    assert 0 < max(later) < 0.05, later  # bf16 matmuls upstream: close, not identical

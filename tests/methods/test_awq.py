@@ -50,7 +50,12 @@ def _mha_qwen2(seed=0):
     torch.manual_seed(seed)
     cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=4, vocab_size=256, max_position_embeddings=256)
-    return Qwen2ForCausalLM(cfg).eval()
+    model = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():  # biases start at zero: make them matter
+        for n, p in model.named_parameters():
+            if n.endswith(".bias"):
+                p.copy_(torch.randn_like(p) * 0.5)
+    return model
 
 
 def _logits(model, x):

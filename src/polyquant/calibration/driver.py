@@ -65,11 +65,16 @@ class Calibration:
         samples: token windows (see :func:`polyquant.calibration_data`).
         device: where each block is calibrated (default: where the block is).
         resume_dir: folder for per-block checkpoints; a restarted run resumes from it.
+        autocast: run the block forwards under ``torch.autocast`` with this dtype (e.g.
+            ``torch.bfloat16``: about 3x faster matmuls on a CPU with AMX/AVX-512-BF16, at the cost
+            of bf16 rounding in the activations); statistics and the quantization itself stay
+            float32. None (default): the model's own dtype, exactly its forward.
     """
 
     samples: Any
     device: str | torch.device | None = None
     resume_dir: str | os.PathLike | None = None
+    autocast: torch.dtype | None = None
 
 
 @dataclass
@@ -236,13 +241,16 @@ def _capture(model: nn.Module, blocks, samples: list[dict], device: torch.device
 
 
 # -- per block -----------------------------------------------------------------------------
-def _run_block(blk: nn.Module, h: torch.Tensor, rec: tuple) -> torch.Tensor:
+def _run_block(blk: nn.Module, h: torch.Tensor, rec: tuple, autocast: torch.dtype | None = None) -> torch.Tensor:
     mode, rest, kw = rec
-    out = blk(h, *rest, **kw) if mode == "arg" else blk(*rest, hidden_states=h, **kw)
-    return out if isinstance(out, torch.Tensor) else out[0]
+    with torch.autocast(h.device.type, dtype=autocast, enabled=autocast is not None):
+        out = blk(h, *rest, **kw) if mode == "arg" else blk(*rest, hidden_states=h, **kw)
+    out = out if isinstance(out, torch.Tensor) else out[0]
+    return out.to(h.dtype) if autocast is not None else out
 
 
-def _collect(blk: nn.Module, lins: dict[str, nn.Module], factory, inps: list[torch.Tensor], recs: list) -> dict:
+def _collect(blk: nn.Module, lins: dict[str, nn.Module], factory, inps: list[torch.Tensor], recs: list,
+             autocast: torch.dtype | None = None) -> dict:
     """Run the block on every input with hooks on ``lins``; returns ``{name: collector}``.
     A forward stops once all of ``lins`` have seen their input."""
     collectors: dict[str, Any] = {}
@@ -272,7 +280,7 @@ def _collect(blk: nn.Module, lins: dict[str, nn.Module], factory, inps: list[tor
         for h, rec in zip(inps, recs):
             state.update(alive={}, fed=set(), seen=set())
             try:
-                _run_block(blk, h, rec)
+                _run_block(blk, h, rec, autocast)
             except _Stop:
                 pass
     finally:
@@ -324,7 +332,8 @@ def _set_kernels(blk: nn.Module) -> None:
 # -- the driver ----------------------------------------------------------------------------
 def run_sequential(model: nn.Module, spec, config, targets: list[tuple[str, nn.Module]], calibration: Any,
                    show_progress: bool = True, *, device: str | torch.device | None = None,
-                   resume_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+                   resume_dir: str | os.PathLike | None = None, autocast: torch.dtype | None = None
+                   ) -> dict[str, Any]:
     """Quantize ``targets`` (``(name, Linear)`` pairs of ``model``) block by block with calibration
     data; swaps in ``QuantLinear`` modules in place. Returns a summary: ``errors`` (per Linear,
     the Hessian-weighted relative output error), ``blocks``, ``resumed_blocks``, ``seconds``.
@@ -336,6 +345,7 @@ def run_sequential(model: nn.Module, spec, config, targets: list[tuple[str, nn.M
     if isinstance(calibration, Calibration):
         device = device if device is not None else calibration.device
         resume_dir = resume_dir if resume_dir is not None else calibration.resume_dir
+        autocast = autocast if autocast is not None else calibration.autocast
         calibration = calibration.samples
     samples = as_samples(calibration)
     prefix, blocks = find_blocks(model)
@@ -353,7 +363,8 @@ def run_sequential(model: nn.Module, spec, config, targets: list[tuple[str, nn.M
     dev = torch.device(device) if device is not None else None
     resume = None
     if resume_dir is not None:
-        resume = ResumeState(resume_dir, run_key(model, spec.name, config.to_dict(), targets, samples), n_blocks)
+        key_cfg = {**config.to_dict(), "_autocast": str(autocast)}  # autocast changes the result too
+        resume = ResumeState(resume_dir, run_key(model, spec.name, key_cfg, targets, samples), n_blocks)
         if resume.blocks_done:
             log.info("resuming from %s: %d of %d blocks done", resume.folder, resume.blocks_done, n_blocks)
 
@@ -369,7 +380,7 @@ def run_sequential(model: nn.Module, spec, config, targets: list[tuple[str, nn.M
             for i in bar:
                 blk = blocks[i]
                 errs = _process_block(model, blk, i, per_block[i], spec, config, factory, true_seq, inps,
-                                      [r[i] for r in recs], dev, resume)
+                                      [r[i] for r in recs], dev, resume, autocast)
                 errors.update({f"{prefix}.{i}.{k}": v for k, v in errs.items()})
                 if errs:
                     bar.set_postfix_str(f"err={sum(errs.values()) / len(errs):.2e} max={max(errs.values()):.2e}")
@@ -383,7 +394,8 @@ def run_sequential(model: nn.Module, spec, config, targets: list[tuple[str, nn.M
             "seconds": time.perf_counter() - t0}
 
 
-def _process_block(model, blk, i, lins, spec, config, factory, true_seq, inps, recs, dev, resume) -> dict[str, float]:
+def _process_block(model, blk, i, lins, spec, config, factory, true_seq, inps, recs, dev, resume,
+                   autocast=None) -> dict[str, float]:
     """Quantize one block's Linears (or load them from the resume folder); replaces ``inps`` by the
     block's outputs."""
     orig_dev = _device_of(blk)
@@ -414,8 +426,8 @@ def _process_block(model, blk, i, lins, spec, config, factory, true_seq, inps, r
         elif callable(block_fn):
             names = [n for n, _ in blk.named_modules() if n in lins]  # module order
             job = BlockJob(model, blk, i, {n: lins[n] for n in names}, config,
-                           lambda group_lins: _collect(blk, group_lins, factory, inps, recs),
-                           lambda j: _run_block(blk, inps[j], recs[j]))
+                           lambda group_lins: _collect(blk, group_lins, factory, inps, recs, autocast),
+                           lambda j: _run_block(blk, inps[j], recs[j], autocast))
             results = block_fn(job)
             if set(results) != set(lins):
                 raise ValueError(f"{spec.name}: block {i} quantized {sorted(results)}, expected {sorted(lins)}")
@@ -431,7 +443,7 @@ def _process_block(model, blk, i, lins, spec, config, factory, true_seq, inps, r
             names = [n for n, _ in blk.named_modules() if n in lins]  # module order
             for group in block_groups(model, names, true_seq):
                 group_lins = {n: blk.get_submodule(n) for n in group.names}
-                collectors = _collect(blk, group_lins, factory, inps, recs)
+                collectors = _collect(blk, group_lins, factory, inps, recs, autocast)
                 for name in group.names:
                     if name not in collectors:
                         raise ValueError(f"block {i}: {name} received no calibration input")
@@ -443,7 +455,7 @@ def _process_block(model, blk, i, lins, spec, config, factory, true_seq, inps, r
                     _swap_in_fake(blk, name, qw, lin)
                 del collectors
         for j in range(len(inps)):
-            inps[j] = _run_block(blk, inps[j], recs[j])
+            inps[j] = _run_block(blk, inps[j], recs[j], autocast)
     except BaseException:
         for name, lin in originals.items():  # leave the block as it was
             replace_module(blk, name, lin)

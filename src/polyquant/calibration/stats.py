@@ -39,8 +39,9 @@ class HessianCollector:
         if m == 0:
             return
         total = self.n + m
-        # H <- n/(n+m) H + 2/(n+m) x^T x : one fused BLAS call
-        self.H.addmm_(x.t(), x, beta=self.n / total, alpha=2.0 / total)
+        # H <- n/(n+m) H + 2/(n+m) x^T x : one fused BLAS call, float32 even under autocast
+        with torch.autocast(self.H.device.type, enabled=False):
+            self.H.addmm_(x.t(), x, beta=self.n / total, alpha=2.0 / total)
         self.n = total
 
     def result(self) -> dict:

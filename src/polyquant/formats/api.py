@@ -207,7 +207,11 @@ def _find_format(qcfg: dict[str, Any]) -> Format | None:
 
 def _qcfg(config: dict[str, Any], folder: Path) -> dict[str, Any] | None:
     qcfg = config.get("quantization_config")
-    if qcfg is None:
+    if qcfg is None:  # some tools mark quantized folders by a side file instead (quanto_qmap.json)
+        for fmt in list_formats():
+            implied = fmt.implied_config(folder)
+            if implied is not None:
+                return implied
         return None
     if not isinstance(qcfg, dict):
         raise CheckpointError(f"{folder}/config.json: quantization_config must be an object")

@@ -83,6 +83,11 @@ class Format:
         return {}
 
     # -- loading --------------------------------------------------------------------------
+    def implied_config(self, folder: Any) -> dict[str, Any] | None:
+        """For a folder whose config.json has no ``quantization_config``: the config this format
+        reads it with when a file of its own marks the folder as quantized (default: None)."""
+        return None
+
     def quantized_layers(self, qcfg: dict[str, Any], model: nn.Module, keys: set[str]) -> list[str]:
         """Names of the Linear modules stored quantized in a checkpoint with these tensor keys.
         Default: every module that has a ``<name>.<marker>`` key for the marker tensor."""

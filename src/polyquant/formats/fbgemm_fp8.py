@@ -159,7 +159,8 @@ class FbgemmFp8Format(Format):
     def quantization_config(self, model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, Any]:
         ubs = {m.act_quant.scale_ub if m.act_quant.scale_ub is not None else math.inf for m in layers.values()}
         if len(ubs) != 1 or not math.isfinite(next(iter(ubs))):
-            raise ValueError(f"fbgemm_fp8 has one activation_scale_ub for the whole model; the layers use {sorted(ubs)}")
+            raise ValueError("fbgemm_fp8 has one activation_scale_ub for the whole model; the layers use "
+                             f"{sorted(ubs)}")
         return {"quant_method": self.quant_method, "activation_scale_ub": ubs.pop(),
                 "modules_to_not_convert": float_linears(model)}
 

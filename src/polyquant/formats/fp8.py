@@ -19,8 +19,9 @@ tensor                dtype          shape                               content
 ====================  =============  ==================================  ===============================
 
 Despite its name ``weight_scale_inv`` is the dequantization scale (the inverse of the quantization
-multiplier ``448 / amax``). Edge blocks may be partial (transformers' ``FP8Linear`` allocates the
-``ceil`` grid, and with ``dequantize`` -- its CPU path -- reads such a checkpoint exactly).
+multiplier ``448 / amax``). Edge blocks may be partial: transformers' ``FP8Linear`` (GPU) allocates
+the ``ceil`` grid; its CPU path (``dequantize``, 5.24) derives the block as ``shape // grid`` and fails
+on a layer with a partial edge block (576 with 128 blocks) -- ``polyquant convert`` serves CPU users.
 ``weight_block_size: null`` means one scale per tensor (shape ``[]``): read, never written (polyquant
 writes one ``weight_block_size`` shared by every quantized layer, or refuses).
 
@@ -159,7 +160,8 @@ class FineGrainedFp8Format(Format):
         qw = QuantizedWeight.from_codes(tensors["weight"], "float8_e4m3fn", qblock, scale)
         if scheme == "static":
             a = tensors["activation_scale"]
-            if a.numel() != 1 or not a.is_floating_point() or not bool(torch.isfinite(a).all()) or float(a.reshape(-1)[0]) <= 0:
+            bad = a.numel() != 1 or not a.is_floating_point() or not bool(torch.isfinite(a).all())
+            if bad or float(a.reshape(-1)[0]) <= 0:
                 raise fail(f"activation_scale must be one positive finite float, got {a.dtype} {list(a.shape)}")
             act = Fp8ActQuant("deepseek", scale=a.float())
         else:

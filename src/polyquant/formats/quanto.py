@@ -45,7 +45,8 @@ __all__ = ["QuantoFormat", "pack_weights", "unpack_weights", "QMAP_FILE"]
 
 QMAP_FILE = "quanto_qmap.json"
 _TO_HF_WEIGHTS = {"qint2": "int2", "qint4": "int4", "qint8": "int8", "qfloat8_e4m3fn": "float8"}
-_TO_HF_ACT = {"none": None, "qint8": "int8", "qfloat8": "float8"}
+_TO_HF_ACT = {"none": None, "qint8": "int8", "qfloat8_e4m3fn": "float8"}
+_QMAP_ACT = {"none": "none", "qint8": "qint8", "qfloat8": "qfloat8_e4m3fn"}  # our rule's name -> quanto's
 _FROM_HF_ACT = {None: None, "int8": "qint8", "float8": "qfloat8"}
 
 
@@ -105,7 +106,8 @@ def _plan(qw: QuantizedWeight, module: nn.Module) -> tuple[str, str]:
     else:
         want = _quanto_group(k) or k
         if r != 1 or min(c, k) != want:
-            raise _Refuse(f"quanto derives the group size from in_features ({k} -> {want}) when it loads; this "
+            what = f"groups of {want}" if want < k else "one group per row"
+            raise _Refuse(f"quanto derives the group size from in_features when it loads ({k} -> {what}); this "
                           f"layer has block {qw.block}")
     act = getattr(module, "act_quant", None)
     if act is None:
@@ -169,7 +171,7 @@ class QuantoFormat(Format):
         out = {}
         for name, m in layers.items():
             w, a = _plan(m.quantized_weight, m)
-            out[name] = {"weights": w, "activations": a}
+            out[name] = {"weights": w, "activations": _QMAP_ACT[a]}
         return out
 
     def quantization_config(self, model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, Any]:
@@ -185,6 +187,27 @@ class QuantoFormat(Format):
         return {QMAP_FILE: self._qmap(layers)}
 
     # -- loading ------------------------------------------------------------------------------
+    def implied_config(self, folder: Any) -> dict[str, Any] | None:
+        """quanto's own ``save_pretrained`` writes no quantization_config, only ``quanto_qmap.json``."""
+        from pathlib import Path
+        from polyquant.formats.io import read_json
+        path = Path(folder) / QMAP_FILE
+        if not path.is_file():
+            return None
+        qmap = read_json(path, "quanto quantization map")
+        entries = [v for v in qmap.values() if isinstance(v, dict)]
+        if not entries or len(entries) != len(qmap):
+            raise CheckpointError(f"{path}: expected {{module: {{'weights': ..., 'activations': ...}}}}")
+        w = Counter(str(v.get("weights")) for v in entries).most_common(1)[0][0]
+        a = Counter(str(v.get("activations", "none")) for v in entries).most_common(1)[0][0]
+        if w not in _TO_HF_WEIGHTS:
+            raise CheckpointError(f"{path}: weights {w!r} are not supported ({', '.join(_TO_HF_WEIGHTS)})")
+        acts = {"none": None, "qint8": "int8", "qfloat8": "float8", "qfloat8_e4m3fn": "float8"}
+        if a not in acts:
+            raise CheckpointError(f"{path}: activations {a!r} are not supported")
+        return {"quant_method": "quanto", "weights": _TO_HF_WEIGHTS[w], "activations": acts[a],
+                "modules_to_not_convert": None}
+
     def quantized_layers(self, qcfg: dict[str, Any], model: nn.Module, keys: set[str]) -> list[str]:
         names = []
         for name, module in model.named_modules():

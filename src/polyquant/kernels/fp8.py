@@ -137,13 +137,15 @@ class Fp8ActQuant(nn.Module):
             amax = amax.clamp(min=floor)
         if self.scale_ub is not None:
             amax = amax.clamp(max=self.scale_ub)
+        # every division is tensor / tensor of the same shape: IEEE-rounded on every device (torch
+        # evaluates `python float / tensor` as float * reciprocal(tensor), and CUDA divides by a
+        # scalar through its reciprocal: both round twice)
         if rounding == "mul":
-            inv = torch.full_like(amax, 448.0) / amax  # true division (a python scalar / tensor is
-            # computed as scalar * reciprocal(tensor) by torch: rounded twice)
+            inv = torch.full_like(amax, 448.0) / amax
             q = fp8_saturate(xg * inv)
-            s = 1.0 / inv
+            s = torch.reciprocal(inv)
         else:
-            s = amax / 448.0
+            s = amax / torch.full_like(amax, 448.0)
             if floor == 0:
                 s = torch.where(s == 0, torch.full_like(s, _EPS32), s)
             q = fp8_saturate(xg / s)

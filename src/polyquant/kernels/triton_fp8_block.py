@@ -172,8 +172,9 @@ class TritonFp8BlockKernel(Kernel):
                                                  or tile_k(K, m["block"][1], act.group_size) is not None)
         if fits:
             xq, xs = act.quantize(x2)
+            odt = x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
             y = fp8_block_matmul(xq, xs, module.qw_data, module.qw_scale, m["block"],
-                                 None if act.static else act.group_size)
+                                 None if act.static else act.group_size, odt)
         else:  # weight-only or another activation rule: dequantize per call
             xf = act(x2) if act is not None else x2
             y = F.linear(xf.float(), module.quantized_weight.dequantize(torch.float32))

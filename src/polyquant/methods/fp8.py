@@ -15,8 +15,9 @@ own arithmetic so that our codes are the ones its tool writes:
 
 * ``fbgemm-fp8`` (FBGEMM ``quantize_fp8_per_row``): ``inv = 448 / max(amax, 1e-12)``,
   ``q = sat(w * inv)``, ``scale = 1 / inv``;
-* ``fp8-block`` (transformers ``Fp8Quantize``): ``inv = 448 / amax`` (1 for an all-zero block),
-  ``q = sat(w * inv)``, ``scale = 1 / inv``;
+* ``fp8-block`` (transformers ``Fp8Quantize``): ``inv = 448 / amax`` (1 for an all-zero block; as
+  torch evaluates transformers' ``float / tensor``: ``448 * reciprocal(amax)``), ``q = sat(w * inv)``,
+  ``scale = 1 / inv``;
 * ``fp8`` / ``fp8-static`` (compressed-tensors ``calculate_qparams``): ``scale = amax / 448`` (fp32
   eps for an all-zero block), ``q = sat(w / scale)``.
 
@@ -191,17 +192,17 @@ def fp8_quantize(weight: torch.Tensor, block: tuple[int, int], recipe: str = "ct
     shape = (int(w.shape[0]), int(w.shape[1]))
     amax = block_amax(w, (r, c))
     if recipe == "ct":
-        scale = amax / 448.0
+        scale = amax / torch.full_like(amax, 448.0)
         scale = torch.where(scale == 0, torch.full_like(scale, _EPS32), scale)
         q = fp8_saturate(w / expand_blocks(scale, (r, c), shape))
     elif recipe in ("fbgemm", "transformers"):
         if recipe == "fbgemm":
-            inv = torch.full_like(amax, 448.0) / amax.clamp(min=1e-12)  # tensor / tensor: one rounding
-        else:
-            inv = torch.where(amax > 0, torch.full_like(amax, 448.0) / torch.where(amax > 0, amax, torch.ones_like(amax)),
-                              torch.ones_like(amax))
+            inv = torch.full_like(amax, 448.0) / amax.clamp(min=1e-12)  # IEEE division (tensor / tensor)
+        else:  # transformers' Fp8Quantize literally: `python float / tensor` is reciprocal(t) * 448 in torch
+            safe = torch.where(amax > 0, amax, torch.ones_like(amax))
+            inv = torch.where(amax > 0, 448.0 / safe, torch.ones_like(amax))
         q = fp8_saturate(w * expand_blocks(inv, (r, c), shape))
-        scale = 1.0 / inv
+        scale = torch.reciprocal(inv)
     else:
         raise ValueError(f"recipe must be 'fbgemm', 'transformers' or 'ct', got {recipe!r}")
     return QuantizedWeight.from_codes(q, FP8_QTYPE, (r, c), scale.contiguous())

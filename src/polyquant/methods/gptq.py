@@ -58,6 +58,8 @@ class GPTQConfig(MethodConfig):
         scale_dtype: scales are rounded to this dtype's values as they are chosen, so the codes
             are computed against the scale a checkpoint stores (GPTQ checkpoints store float16;
             ``float32`` keeps them unrounded).
+        act_group_aware: group-aware reordering (GAR, GPTQModel's default): whole groups in order of
+            importance, columns by decreasing ``diag(H)`` inside each; no ``g_idx`` is needed.
     """
 
     bits: int = 4
@@ -73,12 +75,13 @@ class GPTQConfig(MethodConfig):
     mse_max_shrink: float = 0.8
     mse_norm: float = 2.4
     scale_dtype: str = "float16"
+    act_group_aware: bool = False
 
     def validate(self) -> None:
         if self.bits not in GPTQ_BITS or isinstance(self.bits, bool):
             raise ValueError(f"bits must be one of {list(GPTQ_BITS)}, got {self.bits!r}")
         validate_group_size(self.group_size)
-        for name in ("sym", "act_order", "static_groups", "true_sequential", "mse"):
+        for name in ("sym", "act_order", "static_groups", "true_sequential", "mse", "act_group_aware"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if isinstance(self.damp_percent, bool) or not isinstance(self.damp_percent, (int, float)) \
@@ -91,10 +94,14 @@ class GPTQConfig(MethodConfig):
         if not float(self.mse_norm) > 0:
             raise ValueError(f"mse_norm must be positive, got {self.mse_norm}")
         check_choice("scale_dtype", self.scale_dtype, tuple(_SCALE_DTYPES))
+        if self.act_group_aware and (self.act_order or self.static_groups):
+            raise ValueError("act_group_aware reorders columns inside whole groups; it excludes act_order "
+                             "and static_groups")
 
     def describe(self) -> str:
         g = "pc" if self.group_size == -1 else f"g{self.group_size}"
         extra = "".join([" act-order" if self.act_order else "", " static" if self.static_groups else "",
+                         " gar" if self.act_group_aware else "",
                          " mse" if self.mse else ""])
         return f"gptq w{self.bits} {g} {'sym' if self.sym else 'asym'}{extra}"
 
@@ -151,10 +158,28 @@ def _inverse_hessian_upper(H: torch.Tensor, damp_percent: float) -> torch.Tensor
                      "(degenerate calibration inputs?); check the calibration data or raise damp_percent")
 
 
+def _group_aware_order(diag: torch.Tensor, gs: int) -> tuple[torch.Tensor, dict[int, tuple[int, int]]]:
+    """Group-aware reordering (GAR, Gafni et al. 2025; GPTQModel's ``act_group_aware``): groups stay
+    whole, most important group first (by its largest ``diag(H)``), columns inside a group by
+    decreasing ``diag(H)``. Returns the permutation and where each group starts in it."""
+    inp = diag.numel()
+    groups = [torch.arange(g, min(g + gs, inp), device=diag.device) for g in range(0, inp, gs)]
+    order = sorted(range(len(groups)), key=lambda k: -float(diag[groups[k]].max()))
+    parts, starts, pos = [], {}, 0
+    for k in order:
+        cols = groups[k][torch.argsort(diag[groups[k]], descending=True)]
+        parts.append(cols)
+        starts[pos] = (k, pos + cols.numel())
+        pos += cols.numel()
+    return torch.cat(parts), starts
+
+
 # -- the algorithm -----------------------------------------------------------------------------
-def _column_loop(W, Hinv, vals, scales, zeros, static, col_group, qt: QType, gs: int, config: GPTQConfig) -> None:
-    """The blocked column loop (lazy batch updates); fills ``vals`` (integer values), ``scales`` and
-    ``zeros`` of dynamic groups, in processing order."""
+def _column_loop(W, Hinv, vals, scales, zeros, static, col_group, starts, qt: QType, gs: int,
+                 config: GPTQConfig) -> None:
+    """The blocked column loop (lazy batch updates); fills ``vals`` (integer values, processing
+    order) and, for dynamic groups, ``scales`` / ``zeros`` (``starts``: processing position where a
+    group starts -> (its scale column, the position after its last column))."""
     inp = W.shape[1]
     s = z = None
     B = int(config.block_size)
@@ -167,16 +192,16 @@ def _column_loop(W, Hinv, vals, scales, zeros, static, col_group, qt: QType, gs:
             col = i1 + i
             if static is not None:
                 s, z = static[0] if gs == inp else static[col_group[col]]
-            elif col % gs == 0:  # a group starts: parameters from the current, error-updated weights
-                end = min(col + gs, inp)
+            elif col in starts:  # a group starts: parameters from the current, error-updated weights
+                g, end = starts[col]
                 cur = W1[:, i:min(end - i1, i2 - i1)]
                 if end > i2:  # the group runs past this block: bring in this block's pending updates
                     rest = W[:, i2:end] - Err1[:, :i] @ Hinv[i1:col, i2:end]
                     cur = torch.cat([cur, rest], 1)
                 s, z = _group_params(cur, qt, config)
-                scales[:, col // gs] = s
+                scales[:, g] = s
                 if zeros is not None:
-                    zeros[:, col // gs] = z
+                    zeros[:, g] = z
             w = W1[:, i]
             if z is None:
                 v = torch.clamp(torch.round(w / s), qt.qmin, qt.qmax)
@@ -243,8 +268,13 @@ def gptq_quantize(weight: torch.Tensor, config: GPTQConfig, stats: dict | None) 
         static = [_group_params(W[:, g * gs:(g + 1) * gs], qt, config) for g in range(n_groups)]
 
     perm = None
-    if config.act_order:
+    # dynamic groups: processing position where each starts -> (scale column, end position)
+    starts = {k * gs: (k, min((k + 1) * gs, inp)) for k in range(n_groups)}
+    if config.act_order or (config.act_group_aware and gs == inp):  # (per channel: one group)
         perm = torch.argsort(torch.diagonal(H), descending=True)
+    elif config.act_group_aware:
+        perm, starts = _group_aware_order(torch.diagonal(H), gs)
+    if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
     Hinv = _inverse_hessian_upper(H, config.damp_percent)
     del H
@@ -255,7 +285,7 @@ def gptq_quantize(weight: torch.Tensor, config: GPTQConfig, stats: dict | None) 
     col_group = (perm if perm is not None else torch.arange(inp, device=W.device)) // gs  # static groups
     col_group = col_group.tolist()
     with _one_thread(W.device):
-        _column_loop(W, Hinv, vals, scales, zeros, static, col_group, qt, gs, config)
+        _column_loop(W, Hinv, vals, scales, zeros, static, col_group, starts, qt, gs, config)
 
     if static is not None:
         for g, (sg, zg) in enumerate(static):
@@ -266,7 +296,7 @@ def gptq_quantize(weight: torch.Tensor, config: GPTQConfig, stats: dict | None) 
     if perm is not None:
         invperm = torch.argsort(perm)
         vals = vals[:, invperm]
-        if static is None:  # groups follow the processing order: record each column's group
+        if static is None and config.act_order:  # groups follow the processing order: record each column's group
             g_idx = (torch.arange(inp, device=W.device) // gs)[invperm].to(torch.int32)
     codes = (vals + qt.code_offset).to(torch.uint8)
     return QuantizedWeight.from_codes(codes, qt.name, (1, gs), scales, zeros, g_idx=g_idx)
