@@ -63,3 +63,10 @@ def test_tiny_llama():
     assert kernel_summary(q) == {"cpu-int8": 14}
     with torch.no_grad():
         assert sqnr_db(m(x).logits, q(x).logits) > 25
+
+
+def test_non_finite_weights_are_refused():
+    w = torch.randn(8, 64)
+    w[1, 1] = float("-inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        eetq_quantize(w, EETQConfig())

@@ -230,15 +230,19 @@ def test_lm_head_and_exclude(llama):
 
 @pytest.mark.slow
 def test_default_model_partial_blocks_and_perplexity():
-    """SmolLM2-135M (hidden 576: 128-blocks are partial): 5 x 5 scale grids; perplexity of every fp8
-    method within 1% of fp32 on the first 4 windows of 512 tokens."""
+    """SmolLM2-135M (hidden 576: 128-blocks are partial): 5 x 5 scale grids; perplexity on the first
+    4 windows of 512 tokens. Bounds from the 40-window benchmark (fp32 14.01): fbgemm-fp8 +3.1%,
+    FP8_DYNAMIC +3.2% (llm-compressor's FP8 dynamic: 14.46, the same), fp8-block +1.5%."""
     from polyquant.eval import evaluate
     model, tok = polyquant.load_model("default")
     base = evaluate(model, tok, seqlen=512, max_windows=4, measure_speed=False, show_progress=False)["ppl"]
+    rel = {}
     for cfg in (FbgemmFp8Config(), Fp8BlockConfig(), fp8_preset("FP8_DYNAMIC")):
         q = polyquant.quantize(model, cfg, show_progress=False)
         if isinstance(cfg, Fp8BlockConfig):
             assert tuple(q.model.layers[0].self_attn.q_proj.quantized_weight.scale.shape) == (5, 5)
             assert tuple(q.model.layers[0].mlp.down_proj.quantized_weight.scale.shape) == (5, 12)
         ppl = evaluate(q, tok, seqlen=512, max_windows=4, measure_speed=False, show_progress=False)["ppl"]
-        assert ppl / base - 1 < 0.01, (cfg.describe(), ppl, base)
+        rel[cfg.method] = ppl / base - 1
+    assert 0 < rel["fp8-block"] < 0.025 and 0 < rel["fbgemm-fp8"] < 0.045 and 0 < rel["fp8"] < 0.045, rel
+    assert rel["fp8-block"] < rel["fbgemm-fp8"], rel

@@ -200,3 +200,11 @@ def test_qint4_forward_matches_quanto():
         q.freeze(theirs)
     with torch.no_grad():
         assert torch.allclose(ours(X).logits, theirs(X).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_non_finite_weights_are_refused(bits):
+    w = torch.randn(8, 64)
+    w[2, 7] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        quanto_quantize(w, QuantoConfig(bits=bits))

@@ -176,3 +176,13 @@ def test_int8_dynamic_linear_equals_torchao():
     x = torch.randn(5, 128)
     with torch.no_grad():
         assert torch.equal(ours(x), theirs(x))
+
+
+@pytest.mark.parametrize("fn", [lambda w: torchao_int4_weight(w, 32), torchao_int8_weight, torchao_float8_weight],
+                         ids=["int4", "int8", "fp8"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused(fn, bad):
+    w = torch.randn(8, 64)
+    w[3, 5] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        fn(w)

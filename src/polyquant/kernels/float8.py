@@ -9,7 +9,8 @@ product is ``torch._scaled_mm(q_x, q_w^T, scale_x, scale_w)``.
 
 Here the rule is applied as fake quantization (``q.float() * scale``) in front of any kernel, so
 the product is the same sum in float (``torch._scaled_mm`` runs on CPU in torch 2.13, but measured
-no faster than dequantize-and-matmul: ~25 ms for a 1x576 @ 576x1536 product). Difference from
+no faster than dequantizing the weight: ~25 ms for a 1x576 @ 576x1536 product on the shared 2-core
+development machine; float8 weights run on whichever float8 kernel is registered). Difference from
 torchao: an all-zero token gets scale 0 there (0/0 = NaN codes); here it stays 0.
 """
 from __future__ import annotations

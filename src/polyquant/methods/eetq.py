@@ -55,10 +55,10 @@ def eetq_quantize(weight: torch.Tensor, config: EETQConfig, stats: dict | None =
     w = weight.detach()
     if w.dim() != 2:
         raise ValueError(f"EETQ quantizes 2-D weights, got shape {tuple(w.shape)}")
-    if not torch.isfinite(w).all():
-        raise ValueError("weight contains NaN or Inf values")
     x = w.to(torch.float32)
     scale = x.abs().amax(dim=1, keepdim=True) * (1.0 / 128.0)  # [out, 1], exact (power of two)
+    if not bool(torch.isfinite(scale).all()):  # NaN / Inf anywhere in a row shows in its absmax
+        raise ValueError("weight contains NaN or Inf values")
     with torch.no_grad():
         r = round_half_away(x / scale)
     q = torch.where(torch.isnan(r), torch.full_like(r, 127.0), r.clamp(-128, 127))

@@ -13,6 +13,10 @@ column's group in ``g_idx`` (``g_idx[c] = position of c in that order // group_s
 Scales follow ``tensor/affine.py``: symmetric ``absmax / (2**(b-1) - 0.5)`` (= GPTQ's
 ``2 * absmax / maxq`` with zero ``(maxq+1)/2``), asymmetric min/max with an integer zero.
 ``mse`` searches a shrink factor per row (group) minimising ``sum |w - q|^2.4`` (GPTQ's ``mse``).
+By default columns go in group-aware order (GAR, as GPTQModel and transformers do): whole groups,
+most important first, columns by decreasing ``diag(H)`` inside; this needs no ``g_idx``. On the
+default model (W4 g64 sym, 32 x 512 calibration, 40 x 512 pydoc windows) the reference order gives
+ppl 18.40, GAR 16.24, act-order 16.11 (fp32 14.01, RTN 20.25).
 """
 from __future__ import annotations
 
@@ -58,8 +62,10 @@ class GPTQConfig(MethodConfig):
         scale_dtype: scales are rounded to this dtype's values as they are chosen, so the codes
             are computed against the scale a checkpoint stores (GPTQ checkpoints store float16;
             ``float32`` keeps them unrounded).
-        act_group_aware: group-aware reordering (GAR, GPTQModel's default): whole groups in order of
-            importance, columns by decreasing ``diag(H)`` inside each; no ``g_idx`` is needed.
+        act_group_aware: group-aware reordering (GAR; the default of GPTQModel and transformers):
+            whole groups in order of importance, columns by decreasing ``diag(H)`` inside each; no
+            ``g_idx`` is needed, so the fast contiguous-group kernels apply. None (default): on unless
+            ``act_order`` or ``static_groups`` is set; False: the reference column order.
     """
 
     bits: int = 4
@@ -75,15 +81,17 @@ class GPTQConfig(MethodConfig):
     mse_max_shrink: float = 0.8
     mse_norm: float = 2.4
     scale_dtype: str = "float16"
-    act_group_aware: bool = False
+    act_group_aware: bool | None = None
 
     def validate(self) -> None:
         if self.bits not in GPTQ_BITS or isinstance(self.bits, bool):
             raise ValueError(f"bits must be one of {list(GPTQ_BITS)}, got {self.bits!r}")
         validate_group_size(self.group_size)
-        for name in ("sym", "act_order", "static_groups", "true_sequential", "mse", "act_group_aware"):
+        for name in ("sym", "act_order", "static_groups", "true_sequential", "mse"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.act_group_aware is not None and not isinstance(self.act_group_aware, bool):
+            raise ValueError(f"act_group_aware must be None (auto), True or False, got {self.act_group_aware!r}")
         if isinstance(self.damp_percent, bool) or not isinstance(self.damp_percent, (int, float)) \
                 or not 0 < self.damp_percent < 1e3 or not math.isfinite(self.damp_percent):
             raise ValueError(f"damp_percent must be a positive number, got {self.damp_percent!r}")
@@ -98,10 +106,17 @@ class GPTQConfig(MethodConfig):
             raise ValueError("act_group_aware reorders columns inside whole groups; it excludes act_order "
                              "and static_groups")
 
+    @property
+    def group_aware(self) -> bool:
+        """Whether group-aware reordering applies (``act_group_aware`` resolved)."""
+        if self.act_group_aware is None:
+            return not (self.act_order or self.static_groups)
+        return self.act_group_aware
+
     def describe(self) -> str:
         g = "pc" if self.group_size == -1 else f"g{self.group_size}"
         extra = "".join([" act-order" if self.act_order else "", " static" if self.static_groups else "",
-                         " gar" if self.act_group_aware else "",
+                         " gar" if self.group_aware else "",
                          " mse" if self.mse else ""])
         return f"gptq w{self.bits} {g} {'sym' if self.sym else 'asym'}{extra}"
 
@@ -270,9 +285,9 @@ def gptq_quantize(weight: torch.Tensor, config: GPTQConfig, stats: dict | None) 
     perm = None
     # dynamic groups: processing position where each starts -> (scale column, end position)
     starts = {k * gs: (k, min((k + 1) * gs, inp)) for k in range(n_groups)}
-    if config.act_order or (config.act_group_aware and gs == inp):  # (per channel: one group)
+    if config.act_order or (config.group_aware and gs == inp):  # (per channel: one group)
         perm = torch.argsort(torch.diagonal(H), descending=True)
-    elif config.act_group_aware:
+    elif config.group_aware:
         perm, starts = _group_aware_order(torch.diagonal(H), gs)
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]

@@ -102,7 +102,11 @@ def _check(w: torch.Tensor) -> None:
         raise ValueError(f"quanto quantizes 2-D weights here, got shape {tuple(w.shape)}")
     if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"quanto needs a float32/float16/bfloat16 weight, got {w.dtype}")
-    if not torch.isfinite(w).all():
+
+
+def _finite(*stats: torch.Tensor) -> None:
+    # NaN / Inf anywhere in the weight shows in its per-group min / max
+    if not all(bool(torch.isfinite(t).all()) for t in stats):
         raise ValueError("weight contains NaN or Inf values")
 
 
@@ -113,6 +117,7 @@ def quanto_quantize(weight: torch.Tensor, config: QuantoConfig, stats: dict | No
     if config.weights in ("qint8", "qfloat8"):
         qmax = 127.0 if config.weights == "qint8" else FP8_MAX
         scale = torch.amax(torch.abs(w), dim=1, keepdim=True) / qmax   # in w's dtype
+        _finite(scale)
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         x = w / safe
         if config.weights == "qint8":
@@ -125,6 +130,7 @@ def quanto_quantize(weight: torch.Tensor, config: QuantoConfig, stats: dict | No
     x = w.reshape(out, inp // g, g)
     rmin = torch.amin(x, dim=-1, keepdim=True)
     rmax = torch.amax(x, dim=-1, keepdim=True)
+    _finite(rmin, rmax)
     scale = (rmax - rmin) / ((1 << (bits - 1)) - 1 + (1 << (bits - 1)))
     shift = -rmin
     flat = scale == 0

@@ -46,7 +46,11 @@ def _check_weight(w: torch.Tensor, who: str) -> None:
         raise ValueError(f"{who} quantizes 2-D weights, got shape {tuple(w.shape)}")
     if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"{who} needs a float32/float16/bfloat16 weight, got {w.dtype}")
-    if not torch.isfinite(w).all():
+
+
+def _check_finite(*stats: torch.Tensor) -> None:
+    """NaN / Inf anywhere in the weight shows in its per-block min / max (cheaper than scanning it)."""
+    if not all(bool(torch.isfinite(t).all()) for t in stats):
         raise ValueError("weight contains NaN or Inf values")
 
 
@@ -63,6 +67,7 @@ def torchao_int4_weight(weight: torch.Tensor, group_size: int) -> QuantizedWeigh
     x = w.to(torch.float32).reshape(n, k // group_size, group_size)
     mx = x.amax(dim=-1, keepdim=True)
     mn = x.amin(dim=-1, keepdim=True)
+    _check_finite(mx, mn)
     scale = (mx - mn).clamp(min=1e-6) / 15
     zero = mn + scale * 8
     u = x.sub(mn).div(scale).round().clamp_(0, 15).to(torch.uint8).reshape(n, k)
@@ -82,6 +87,7 @@ def torchao_int8_weight(weight: torch.Tensor, granularity: str = "row") -> Quant
     w = weight.detach()
     _check_weight(w, "torchao-int8")
     scale = _int8_scale(w, granularity)  # [N, 1] or [1, 1] float32
+    _check_finite(scale)
     q = torch.clamp(torch.round(w * (1.0 / scale)), -128, 127)
     codes = (q + 128).to(torch.uint8)
     block = (1, w.shape[1]) if granularity == "row" else tuple(w.shape)
@@ -94,6 +100,7 @@ def torchao_float8_weight(weight: torch.Tensor, granularity: str = "row") -> Qua
     w = weight.detach()
     _check_weight(w, "torchao-float8")
     scale = float8_scale(w, (-1,) if granularity == "row" else None)
+    _check_finite(scale)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = (w.to(torch.float32) / safe).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     block = (1, w.shape[1]) if granularity == "row" else tuple(w.shape)

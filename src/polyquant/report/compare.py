@@ -288,7 +288,7 @@ def run_compare(model: str | os.PathLike = "default", out_dir: str | os.PathLike
                                    "model": str(model), "settings": settings, "seed": seed, "device": device,
                                    "versions": env, "started": _now()}
             t0 = time.perf_counter()
-            q = hook = None
+            q = hook = target = ref = None
             try:
                 torch.manual_seed(seed)
                 if run.config is None:
@@ -328,7 +328,7 @@ def run_compare(model: str | os.PathLike = "default", out_dir: str | os.PathLike
                 if hook is not None:
                     hook.remove()
                     hook = None
-                del q
+                q = target = ref = None  # free this run's model before the next copy is made
                 gc.collect()
             rec["timings"] = {**rec.get("timings", {}), "total_s": time.perf_counter() - t0}
             rec["finished"] = _now()
