@@ -160,9 +160,10 @@ def _decode_once(model, prompt: torch.Tensor, n: int, ctx) -> tuple[float, float
     return w, c, torch.cat(new, 1).reshape(-1)
 
 
-def measure_decode(model, prompt: torch.Tensor, n: int, runs: int, grad: str) -> dict[str, Any]:
+def measure_decode(model, prompt: torch.Tensor, n: int, runs: int, grad: str, warmup: bool = True) -> dict[str, Any]:
     ctx = grad_context(grad)
-    _decode_once(model, prompt, min(8, n), ctx)  # warm-up
+    if warmup:
+        _decode_once(model, prompt, min(8, n), ctx)
     load0 = os.getloadavg()[0]
     walls, cpus = [], []
     tokens = None
@@ -214,6 +215,24 @@ def generic_weight_bytes(model: torch.nn.Module) -> int:
             seen.add(key)
             total += t.numel() * t.element_size()
     return total
+
+
+def current_rss_bytes(trim: bool = False) -> int:
+    """Resident set now (Linux ``/proc``); ``trim`` first runs ``gc`` and glibc's ``malloc_trim`` so
+    that memory freed during quantization is not counted. 0 where unavailable."""
+    import gc
+    gc.collect()
+    if trim:
+        try:
+            import ctypes
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
 
 
 def peak_rss_bytes() -> int:

@@ -231,8 +231,9 @@ def test_lm_head_and_exclude(llama):
 @pytest.mark.slow
 def test_default_model_partial_blocks_and_perplexity():
     """SmolLM2-135M (hidden 576: 128-blocks are partial): 5 x 5 scale grids; perplexity on the first
-    4 windows of 512 tokens. Bounds from the 40-window benchmark (fp32 14.01): fbgemm-fp8 +3.1%,
-    FP8_DYNAMIC +3.2% (llm-compressor's FP8 dynamic: 14.46, the same), fp8-block +1.5%."""
+    4 windows of 512 tokens (measured: fbgemm-fp8 +1.3%, fp8-block +1.4%, FP8_DYNAMIC +2.7%). On 40
+    windows (benchmarks/bench_fp8.py, fp32 14.01): +3.1%, +1.5%, +3.2% (llm-compressor's FP8 dynamic:
+    14.46, the same as ours)."""
     from polyquant.eval import evaluate
     model, tok = polyquant.load_model("default")
     base = evaluate(model, tok, seqlen=512, max_windows=4, measure_speed=False, show_progress=False)["ppl"]
@@ -245,4 +246,3 @@ def test_default_model_partial_blocks_and_perplexity():
         ppl = evaluate(q, tok, seqlen=512, max_windows=4, measure_speed=False, show_progress=False)["ppl"]
         rel[cfg.method] = ppl / base - 1
     assert 0 < rel["fp8-block"] < 0.025 and 0 < rel["fbgemm-fp8"] < 0.045 and 0 < rel["fp8"] < 0.045, rel
-    assert rel["fp8-block"] < rel["fbgemm-fp8"], rel
