@@ -94,6 +94,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--out", default=str(ROOT / "bench-results" / "awq.json"))
+    ap.add_argument("--previous", default=None,
+                    help="an earlier awq.json: its rows not listed in --rows are kept (marked 'reused')")
     a = ap.parse_args()
     if a.worker:
         logging.basicConfig(level=logging.WARNING)
@@ -106,6 +108,9 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
     results = []
+    if a.previous:
+        old = json.loads(Path(a.previous).read_text())
+        results = [dict(r, reused=a.previous) for r in old.get("rows", []) if r.get("row") not in rows]
     common = ["--group-size", str(a.group_size), "--n-samples", str(a.n_samples), "--seqlen", str(a.seqlen),
               "--windows", str(a.windows), "--threads", str(a.threads)]
     for r in rows:

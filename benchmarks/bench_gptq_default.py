@@ -37,7 +37,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--resume-dir", default=None)
     ap.add_argument("--static-groups", action="store_true")
-    ap.add_argument("--gar", action="store_true", help="act_group_aware")
+    ap.add_argument("--gar", action="store_true", help="act_group_aware=True (default: auto, on unless act-order)")
+    ap.add_argument("--no-gar", action="store_true", help="reference column order")
     ap.add_argument("--autocast", action="store_true", help="bf16 autocast block forwards")
     ap.add_argument("--damp", type=float, default=0.01)
     ap.add_argument("--kernels", default="auto", help="comma-separated kernels to evaluate with")
@@ -47,7 +48,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO)
     torch.set_num_threads(a.threads)
     model, tok = polyquant.load_model("default")
+    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t0 = time.perf_counter()
+    cfg = None
     if a.method == "fp32":
         q = model
     elif a.method == "rtn":
@@ -55,10 +58,10 @@ def main() -> None:
     else:
         cfg = GPTQConfig(bits=a.bits, group_size=a.group_size, sym=not a.asym, act_order=a.act_order, mse=a.mse,
                          true_sequential=not a.no_true_sequential, static_groups=a.static_groups,
-                         damp_percent=a.damp, act_group_aware=a.gar)
+                         damp_percent=a.damp, act_group_aware=True if a.gar else (False if a.no_gar else None))
         calib = calibration_data(tok, n_samples=a.n_samples, seqlen=a.seqlen)
-        q = polyquant.quantize(model, cfg, calibration=Calibration(calib, resume_dir=a.resume_dir,
-                                                                 autocast=torch.bfloat16 if a.autocast else None), inplace=True)
+        run = Calibration(calib, resume_dir=a.resume_dir, autocast=torch.bfloat16 if a.autocast else None)
+        q = polyquant.quantize(model, cfg, calibration=run, inplace=True)
     quant_s = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if a.save:
@@ -68,9 +71,12 @@ def main() -> None:
             polyquant.set_kernels(q, kernel)
         ev = polyquant.evaluate(q, tok, seqlen=512, max_windows=a.windows, measure_speed=False, show_progress=False)
         row = {"method": a.method, "bits": a.bits, "group_size": a.group_size, "sym": not a.asym,
-               "act_order": a.act_order, "gar": a.gar, "autocast": a.autocast, "static_groups": a.static_groups, "mse": a.mse, "damp": a.damp,
+               "act_order": a.act_order, "gar": bool(cfg is not None and cfg.group_aware), "autocast": a.autocast,
+               "static_groups": a.static_groups, "mse": a.mse, "damp": a.damp,
                "true_sequential": not a.no_true_sequential, "n_samples": a.n_samples, "seqlen": a.seqlen,
-               "threads": a.threads, "quant_seconds": round(quant_s, 1), "peak_rss_during_quant_mb": round(rss / 2**20),
+               "threads": a.threads, "quant_seconds": round(quant_s, 1),
+               "peak_rss_loaded_mb": round(rss_loaded / 2**20),
+               "peak_rss_during_quant_mb": round(rss / 2**20),
                "ppl": ev.get("ppl"), "kernels": ev.get("kernels", kernel),
                "load_avg_1min": round(os.getloadavg()[0], 1)}
         print(json.dumps(row))
