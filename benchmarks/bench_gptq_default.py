@@ -22,6 +22,13 @@ from polyquant.calibration import Calibration, calibration_data
 from polyquant.methods import GPTQConfig, RTNConfig
 
 
+def _cpu() -> float:
+    """CPU seconds of this process (user + system): on a shared machine a better measure of the
+    work than wall time."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--method", default="gptq", choices=["gptq", "rtn", "fp32"])
@@ -33,6 +40,7 @@ def main() -> None:
     ap.add_argument("--no-true-sequential", action="store_true")
     ap.add_argument("--n-samples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--resume-dir", default=None)
@@ -49,7 +57,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     model, tok = polyquant.load_model("default")
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu()
     cfg = None
     if a.method == "fp32":
         q = model
@@ -59,10 +67,10 @@ def main() -> None:
         cfg = GPTQConfig(bits=a.bits, group_size=a.group_size, sym=not a.asym, act_order=a.act_order, mse=a.mse,
                          true_sequential=not a.no_true_sequential, static_groups=a.static_groups,
                          damp_percent=a.damp, act_group_aware=True if a.gar else (False if a.no_gar else None))
-        calib = calibration_data(tok, n_samples=a.n_samples, seqlen=a.seqlen)
+        calib = calibration_data(tok, n_samples=a.n_samples, seqlen=a.seqlen, seed=a.seed)
         run = Calibration(calib, resume_dir=a.resume_dir, autocast=torch.bfloat16 if a.autocast else None)
         q = polyquant.quantize(model, cfg, calibration=run, inplace=True)
-    quant_s = time.perf_counter() - t0
+    quant_s, quant_cpu = time.perf_counter() - t0, _cpu() - c0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if a.save:
         polyquant.save(q, a.save, tokenizer=tok, overwrite=True)
@@ -73,8 +81,9 @@ def main() -> None:
         row = {"method": a.method, "bits": a.bits, "group_size": a.group_size, "sym": not a.asym,
                "act_order": a.act_order, "gar": bool(cfg is not None and cfg.group_aware), "autocast": a.autocast,
                "static_groups": a.static_groups, "mse": a.mse, "damp": a.damp,
-               "true_sequential": not a.no_true_sequential, "n_samples": a.n_samples, "seqlen": a.seqlen,
+               "true_sequential": not a.no_true_sequential, "n_samples": a.n_samples, "seqlen": a.seqlen, "seed": a.seed,
                "threads": a.threads, "quant_seconds": round(quant_s, 1),
+               "quant_cpu_seconds": round(quant_cpu, 1),
                "peak_rss_loaded_mb": round(rss_loaded / 2**20),
                "peak_rss_during_quant_mb": round(rss / 2**20),
                "ppl": ev.get("ppl"), "kernels": ev.get("kernels", kernel),
