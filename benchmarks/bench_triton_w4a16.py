@@ -1,6 +1,8 @@
 """Benchmark triton-w4a16 on a CUDA GPU: the kernel vs a bf16/fp16 matmul and vs the memory
 bandwidth bound, for decode (M = 1, 16) and prefill (M = 512, 2048) shapes of SmolLM2-135M and
-a 7B-class model (Llama-2-7B), symmetric 4-bit, with and without act-order. Prints JSON.
+a 7B-class model (Llama-2-7B), symmetric 4-bit, with and without act-order, and against
+PyTorch's own CUDA int4 GEMM (``torch._weight_int4pack_mm``, what torchao's int4 layout runs on)
+where it applies (bf16, no act-order). Prints JSON.
 
     python benchmarks/bench_triton_w4a16.py [--dtype bf16|fp16] [--out results.json] [--quick]
 
@@ -53,6 +55,16 @@ def _weight(N: int, K: int, gs: int, act_order: bool, device):
     return QuantizedWeight.from_codes(codes, "int4", (1, gs), scale, None, g_idx).to(device)
 
 
+def _tinygemm(N: int, K: int, gs: int, device):
+    """PyTorch's own CUDA int4 GEMM (``_weight_int4pack_mm``, the "tinygemm" kernel torchao's
+    int4 weight-only layout runs on): packed weight and bf16 scales+zeros, random codes (timing only)."""
+    codes = torch.randint(0, 16, (N, K), dtype=torch.uint8, device=device)
+    packed = (codes[:, ::2] << 4 | codes[:, 1::2]).contiguous()
+    w = torch._convert_weight_to_int4pack(packed, 8)
+    sz = torch.rand(K // gs, N, 2, device=device, dtype=torch.bfloat16)
+    return w, sz
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
@@ -91,6 +103,13 @@ def main(argv: list[str] | None = None) -> int:
                 err = float((y.float() - ref).abs().max() / ref.abs().max())
                 t_q = do_bench(run, warmup=25, rep=200)
                 t_d = do_bench(lambda: torch.nn.functional.linear(x, w_dense), warmup=25, rep=200)
+                t_tg = tg_err = None
+                if not act_order and dtype == torch.bfloat16 and K % gs == 0:
+                    try:
+                        tw, tsz = _tinygemm(N, K, gs, device)
+                        t_tg = do_bench(lambda: torch._weight_int4pack_mm(x, tw, gs, tsz), warmup=25, rep=200)
+                    except Exception as e:  # noqa: BLE001 - reported, not fatal
+                        tg_err = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
                 moved = wbytes + M * K * x.element_size() + M * N * x.element_size()
                 t_bound = moved / bw * 1e3
                 results["rows"].append({
@@ -101,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
                     "bandwidth_bound_ms": round(t_bound, 5), "fraction_of_bound": round(t_bound / t_q, 3),
                     "w4a16_TFLOPs": round(2 * M * N * K / (t_q * 1e-3) / 1e12, 2),
                     "max_rel_err": float(f"{err:.3g}"),
+                    "torch_int4pack_ms": None if t_tg is None else round(t_tg, 5),
+                    "speedup_vs_torch_int4pack": None if t_tg is None else round(t_tg / t_q, 3),
+                    **({"torch_int4pack_error": tg_err} if tg_err else {}),
                 })
                 print(json.dumps(results["rows"][-1]), file=sys.stderr, flush=True)
     text = json.dumps(results, indent=2)

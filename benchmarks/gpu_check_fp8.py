@@ -3,12 +3,11 @@
 1. the activation rule on CUDA is bit-identical to the CPU definition (every recipe, fixed input);
 2. ``fp8-scaled-mm`` and ``triton-fp8-block`` agree with the CPU emulation (relative max error,
    bf16 output) on DeepSeek-like and default-model shapes, including partial 128-blocks (576);
-3. the default model: which kernels ``auto`` picks, perplexity on 8 windows of 512 (GPU vs the
-   CPU numbers of ``bench_fp8.py``), and decode / prefill tokens per second against bf16.
+3. the block FP8 Triton GEMM against ``torch._scaled_mm`` (row-wise) and a bf16 matmul at decode
+   and prefill shapes (whole-model speed: ``bench_gpu_model.py``).
 
     python benchmarks/gpu_check_fp8.py            # prints one JSON line per check, exits 1 on a failure
 
-Not run yet: no GPU was available when this was written.
 """
 from __future__ import annotations
 
@@ -71,24 +70,45 @@ def check_kernels() -> bool:
     return ok
 
 
-def check_model() -> bool:
-    import polyquant
-    from polyquant.eval import evaluate
-    from polyquant.methods.fp8 import FbgemmFp8Config, Fp8BlockConfig, fp8_preset
-    from polyquant.nn.quantize import kernel_summary, set_kernels
-    model, tok = polyquant.load_model("default")
+def bench_layers() -> bool:
+    """The fine-grained FP8 Triton kernel against ``torch._scaled_mm`` (row-wise scales, the
+    fastest FP8 GEMM PyTorch ships) and a bf16 matmul, at decode and prefill shapes: the GEMM
+    alone (activations already quantized) and the whole layer (activation quantization included)."""
+    from triton.testing import do_bench
+    from polyquant.kernels.fp8 import Fp8ActQuant, fp8_scaled_mm
+    from polyquant.kernels.triton_fp8_block import fp8_block_matmul
+    from polyquant.methods.fp8 import fp8_quantize
+    from polyquant.nn import QuantLinear
     ok = True
-    base = evaluate(model.cuda().bfloat16(), tok, seqlen=512, max_windows=8, decode_tokens=64, show_progress=False)
-    _out(check="model", name="bf16", ppl=base["ppl"], decode_tok_s=base["decode_tok_s"], prefill_tok_s=base["prefill_tok_s"])
-    for cfg in (FbgemmFp8Config(), Fp8BlockConfig(), fp8_preset("FP8_DYNAMIC")):
-        m, _ = polyquant.load_model("default")
-        q = polyquant.quantize(m, cfg, inplace=True, show_progress=False).cuda().bfloat16()
-        set_kernels(q)
-        r = evaluate(q, tok, seqlen=512, max_windows=8, decode_tokens=64, show_progress=False)
-        good = r["ppl"] / base["ppl"] - 1 < 0.02
-        ok &= good
-        _out(check="model", name=cfg.describe(), kernels=kernel_summary(q), ppl=r["ppl"],
-             decode_tok_s=r["decode_tok_s"], prefill_tok_s=r["prefill_tok_s"], ok=good)
+    for (n, k) in [(1536, 576), (4096, 4096), (11008, 4096), (7168, 2048), (2048, 7168)]:
+        w = torch.randn(n, k, device="cuda")
+        wb = w.bfloat16()
+        qb = fp8_quantize(w, (128, 128), "transformers")
+        qc = fp8_quantize(w, (1, k), "fbgemm")
+        wq_b, ws_b = qb.data.contiguous(), qb.scale.float().contiguous()
+        blk = QuantLinear(qb, act_quant=Fp8ActQuant("deepseek", 128)).cuda()
+        blk.set_kernel("triton-fp8-block")
+        for m in (1, 16, 512, 2048):
+            x = torch.randn(m, k, device="cuda").bfloat16()
+            xq_b, xs_b = Fp8ActQuant("deepseek", 128).to("cuda").quantize(x)
+            xq_r, xs_r = Fp8ActQuant("ct").to("cuda").quantize(x)
+            wq_c, ws_c = qc.data, qc.scale.reshape(1, -1).float()
+            t_bf16 = do_bench(lambda: torch.nn.functional.linear(x, wb), warmup=25, rep=100)
+            t_blk = do_bench(lambda: fp8_block_matmul(xq_b, xs_b, wq_b, ws_b, (128, 128), 128),
+                             warmup=25, rep=100)
+            try:
+                t_smm = do_bench(lambda: fp8_scaled_mm(xq_r, xs_r, wq_c, ws_c), warmup=25, rep=100)
+            except Exception as e:  # noqa: BLE001
+                t_smm = None
+                _out(check="scaled_mm", error=str(e)[:200])
+            t_layer = do_bench(lambda: blk(x), warmup=25, rep=100)
+            _out(check="fp8_gemm_bench", shape=[m, n, k], bf16_us=round(t_bf16 * 1e3, 2),
+                 triton_block_gemm_us=round(t_blk * 1e3, 2),
+                 scaled_mm_rowwise_us=None if t_smm is None else round(t_smm * 1e3, 2),
+                 triton_block_layer_us=round(t_layer * 1e3, 2),
+                 block_vs_bf16=round(t_bf16 / t_blk, 3),
+                 block_vs_scaled_mm=None if t_smm is None else round(t_smm / t_blk, 3),
+                 tflops_block=round(2 * m * n * k / (t_blk * 1e-3) / 1e12, 1))
     return ok
 
 
@@ -98,7 +118,7 @@ def main() -> int:
         return 1
     cap = torch.cuda.get_device_capability()
     _out(check="device", name=torch.cuda.get_device_name(), capability=list(cap), torch=torch.__version__)
-    ok = check_act_rule() & check_kernels() & check_model()
+    ok = check_act_rule() & check_kernels() & bench_layers()
     return 0 if ok else 1
 
 

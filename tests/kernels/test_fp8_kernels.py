@@ -165,7 +165,12 @@ def test_scaled_mm_glue_matches_emulation():
     m = _layer(out=64, inp=96, block=(1, 96), act=Fp8ActQuant("ct"))
     x = torch.randn(5, 96)
     xq, xs = m.act_quant.quantize(x)
-    y = fp8_scaled_mm(xq, xs, m.qw_data, m.qw_scale.reshape(1, -1))  # torch._scaled_mm also runs on CPU
+    try:
+        y = fp8_scaled_mm(xq, xs, m.qw_data, m.qw_scale.reshape(1, -1))  # torch._scaled_mm also runs on CPU
+    except RuntimeError as e:  # torch < 2.13 on CPU: per-tensor scales only
+        if "per-tensor" not in str(e):
+            raise
+        pytest.skip(f"this torch's CPU _scaled_mm has no row-wise scales ({torch.__version__})")
     assert y.dtype == torch.bfloat16
     exact = (xq.double() * xs.double()) @ (m.qw_data.double() * m.qw_scale.double()).T
     assert float((y.double() - exact).abs().max() / exact.abs().max()) < 2 ** -8  # bf16 output rounding

@@ -74,6 +74,27 @@ def test_split_k_and_unaligned_k_tiles():
     _check(qw, x, block_k=64)  # a 64-wide tile spans two groups: per-row scale gather
 
 
+@pytest.mark.parametrize("sym,gs,act_order,bits", [(True, 32, False, 4), (False, 32, False, 4), (True, 32, True, 4),
+                                                   (False, 48, True, 4), (True, -1, False, 4), (False, 32, False, 2),
+                                                   (True, 32, False, 8)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_prefill_dequantize_then_matmul_path(sym, gs, act_order, bits, dtype):
+    from polyquant.kernels.triton_w4a16 import dequantize_w4a16
+    qw = _weight(40, 96, bits=bits, gs=gs, sym=sym, act_order=act_order, seed=7)
+    buf = prepare_w4a16(qw)
+    gsz = 96 if gs == -1 else gs
+    wt = dequantize_w4a16(buf, bits, gsz, qw.qt.code_offset, 40, 96, dtype)
+    ref_w = qw.dequantize(torch.float32).T  # [K, N], original column order
+    if "perm" in buf:
+        ref_w = ref_w[buf["perm"].long()]
+    assert wt.dtype == dtype
+    if dtype == torch.float16:
+        assert torch.equal(wt, ref_w.to(dtype))  # one rounding of the exact product
+    else:  # Triton's interpreter truncates to bf16 where the GPU rounds to nearest: within one bf16 ulp
+        assert bool(((wt.float() - ref_w).abs() <= ref_w.abs() * 2.0 ** -7).all())
+    _check(qw, torch.randn(5, 96).to(dtype), dequant_min_m=1)
+
+
 def test_irregular_gidx_uses_row_gather():
     qw = _weight(32, 64, gs=16, sym=True, act_order=True, seed=5)
     g = qw.g_idx.clone()
@@ -81,6 +102,7 @@ def test_irregular_gidx_uses_row_gather():
     qw = QuantizedWeight(qw.qtype, qw.shape, qw.block, qw.data, qw.scale, None, g)
     buf = _check(qw, torch.randn(4, 64, dtype=torch.float16))
     assert "g_idx" in buf and "perm" not in buf
+    _check(qw, torch.randn(4, 64, dtype=torch.float16), dequant_min_m=1)
 
 
 def test_forward_through_quantlinear_glue():
@@ -134,3 +156,24 @@ def test_compiles_for_nvidia_targets_without_a_gpu(cap, xdt, variant):
     src = ASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in consts.items()})
     k = triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": 4, "num_stages": 3})
     assert k.asm.get("cubin") and ("mma" in k.asm["ptx"])
+
+
+@pytest.mark.parametrize("cap,wdt,zero", [(90, "bf16", False), (80, "fp16", True)])
+def test_dequant_kernel_compiles_for_nvidia_targets(cap, wdt, zero):
+    import triton
+    from triton.compiler import ASTSource
+    try:
+        from triton.backends.compiler import GPUTarget
+    except ImportError:
+        pytest.skip("this triton has no GPUTarget")
+    from triton.runtime.jit import JITFunction
+    from polyquant.kernels import triton_w4a16 as tw
+    tw._import_triton()
+    fn = JITFunction(tw._dequant_kernel)
+    consts = dict(BITS=4, OFFSET=8, HAS_ZERO=zero, HAS_GIDX=zero, BLOCK_K=32, BLOCK_N=128)
+    sig = {"q_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp32", "gidx_ptr": "*i32", "w_ptr": f"*{wdt}"}
+    sig.update({n: "i32" for n in fn.arg_names if n not in sig and n not in consts})
+    sig.update({n: "constexpr" for n in consts})
+    src = ASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in consts.items()})
+    k = triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": 4})
+    assert k.asm.get("cubin")

@@ -14,7 +14,9 @@ Layout prepared once per layer (``prepare``):
 
 The kernel computes ``y[m, n] = sum_k x[m, k] * ((q[k, n] - z[g(k), n]) * s[g(k), n])`` with an
 fp32 accumulator: decode shapes (M <= 16) use 16-row tiles and split K across programs to fill
-the GPU (partial sums reduced in fp32); prefill shapes use 64x128 tiles.
+the GPU (partial sums reduced in fp32). Prefill shapes (M >= ``DEQUANT_MIN_M``, fp16/bf16) take
+ExLlama's route instead: one Triton pass dequantizes the layer to a dense ``[K, N]`` tile, and
+cuBLAS multiplies (act-order: the input's columns are gathered by ``perm``).
 
 ``triton`` is imported lazily (polyquant imports without it) and the kernel is JIT-wrapped on
 first use, so ``TRITON_INTERPRET=1`` (or CPU tensors, which always use Triton's interpreter) runs
@@ -37,7 +39,12 @@ __all__ = ["TritonW4A16Kernel", "triton_available", "prepare_w4a16", "w4a16_matm
 _BITS = (2, 4, 8)
 triton = None  # filled by _import_triton(); the JIT kernel reads ``tl`` from this module's globals
 tl = None
-_JIT: dict[bool, object] = {}
+_JIT: dict[tuple[bool, str], object] = {}
+#: From this many rows of activations on, the layer is dequantized to a dense ``[K, N]`` tile of
+#: the activation dtype by one Triton pass and multiplied by cuBLAS (ExLlama's reconstruct-then-GEMM
+#: for prefill): at M >= 64 the weight is read once either way and cuBLAS's GEMM is the faster one
+#: (measured on an H100: the fused kernel ran at 17-25% of a bf16 matmul at M = 512-2048).
+DEQUANT_MIN_M = 64
 
 
 def triton_available() -> bool:
@@ -109,16 +116,67 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, gidx_ptr, y_ptr,
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _jit(interpret: bool):
-    """The kernel, JIT-compiled (GPU) or interpreted (CPU tensors / TRITON_INTERPRET=1)."""
-    if interpret not in _JIT:
+def _dequant_kernel(q_ptr, s_ptr, z_ptr, gidx_ptr, w_ptr, N, K, stride_qk, stride_sg, stride_zg, stride_wk,
+                    group_size,
+                    BITS: tl.constexpr, OFFSET: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_GIDX: tl.constexpr,
+                    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``w [K, N] = (q - z) * s`` in ``w``'s dtype: the prefill path's one pass over the codes."""
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    PER: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_k < K)[:, None] & (offs_n < N)[None, :]
+    q = tl.load(q_ptr + (offs_k // PER)[:, None] * stride_qk + offs_n[None, :], mask=mask, other=0)
+    q = (q >> ((offs_k % PER) * BITS)[:, None]) & MASK
+    if HAS_GIDX:
+        g = tl.load(gidx_ptr + offs_k, mask=offs_k < K, other=0)
+    else:
+        g = offs_k // group_size
+    s = tl.load(s_ptr + g[:, None] * stride_sg + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_ZERO:
+        z = tl.load(z_ptr + g[:, None] * stride_zg + offs_n[None, :], mask=mask, other=0.0)
+        w = (q.to(tl.float32) - z) * s
+    else:
+        w = (q.to(tl.float32) - OFFSET) * s
+    tl.store(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+
+
+def _jit(interpret: bool, fn=None):
+    """A kernel (default: the fused matmul), JIT-compiled (GPU) or interpreted (CPU tensors /
+    TRITON_INTERPRET=1)."""
+    fn = fn or _w4a16_kernel
+    key = (interpret, fn.__name__)
+    if key not in _JIT:
         _import_triton()
         if interpret:
             from triton.runtime.interpreter import InterpretedFunction
-            _JIT[interpret] = InterpretedFunction(_w4a16_kernel)
+            _JIT[key] = InterpretedFunction(fn)
         else:
-            _JIT[interpret] = triton.jit(_w4a16_kernel)
-    return _JIT[interpret]
+            _JIT[key] = triton.jit(fn)
+    return _JIT[key]
+
+
+def dequantize_w4a16(buf: dict[str, torch.Tensor], bits: int, group_size: int, offset: int, N: int, K: int,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """``W.T [K, N]`` in ``dtype`` from the prepared buffers, rows in the buffers' K order (the
+    sorted order when ``buf`` has ``perm``)."""
+    qweight, scales = buf["qweight"], buf["scales"]
+    zeros, gidx = buf.get("zeros"), buf.get("g_idx")
+    n_groups = scales.shape[0]
+    gs = group_size if n_groups > 1 else max(K, 1)
+    w = torch.empty((K, N), device=qweight.device, dtype=dtype)
+    interpret = qweight.device.type != "cuda"
+    bk, bn = 32, 128
+    grid = (math.ceil(K / bk), math.ceil(N / bn))
+    extra = {} if interpret else {"num_warps": 4}
+    _jit(interpret, _dequant_kernel)[grid](
+        qweight, scales, zeros if zeros is not None else scales, gidx if gidx is not None else qweight, w,
+        N, K, qweight.stride(0), scales.stride(0), zeros.stride(0) if zeros is not None else 0, w.stride(0), gs,
+        BITS=bits, OFFSET=offset, HAS_ZERO=zeros is not None, HAS_GIDX=gidx is not None,
+        BLOCK_K=bk, BLOCK_N=bn, **extra)
+    return w
 
 
 def _group_size(qw: QuantizedWeight) -> int:
@@ -147,12 +205,17 @@ def prepare_w4a16(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
 
 def _config(M: int, N: int, K: int, group_size: int, n_groups: int, device: torch.device,
             block_m: int | None, block_n: int | None, block_k: int | None, split_k: int | None):
+    """Launch parameters. Decode (M <= 16) values come from ``benchmarks/tune_triton_w4a16.py`` on
+    an H100 (135 configurations per shape, timed inside CUDA graphs): 32-column tiles, K tiles of
+    128 (64 when the group is 64), split-K only when K >= 1024 and the N tiles alone fill less than
+    half the GPU (SmolLM2's down_proj: 16-way), else none (split-K's extra reduction costs more than
+    it gains at these sizes)."""
     if M <= 16:
-        bm, bn, warps = 16, 64, 4
+        bm, bn, warps, stages = 16, 32, 4, 4
     elif M <= 64:
-        bm, bn, warps = 64, 64, 4
+        bm, bn, warps, stages = 64, 64, 4, 3
     else:
-        bm, bn, warps = 64, 128, 4
+        bm, bn, warps, stages = 64, 128, 4, 3
     bm, bn = block_m or bm, block_n or bn
     if block_k is None:
         block_k = next((b for b in (128, 64, 32, 16) if group_size % b == 0), 32)
@@ -160,33 +223,43 @@ def _config(M: int, N: int, K: int, group_size: int, n_groups: int, device: torc
     n_tiles_k = math.ceil(K / block_k)
     if split_k is None:
         split_k = 1
-        if M <= 16 and device.type == "cuda":
+        if M <= 16 and device.type == "cuda" and K >= 1024:
             sms = torch.cuda.get_device_properties(device).multi_processor_count
             programs = math.ceil(M / bm) * math.ceil(N / bn)
-            split_k = max(1, min(16, n_tiles_k, math.ceil(2 * sms / programs)))
+            if 2 * programs < sms:
+                split_k = max(1, min(16, n_tiles_k, math.ceil(2 * sms / programs)))
     split_k = max(1, min(int(split_k), n_tiles_k))
     k_per_split = math.ceil(n_tiles_k / split_k) * block_k
     split_k = math.ceil(K / k_per_split)
-    return bm, bn, block_k, aligned, split_k, k_per_split, warps
+    return bm, bn, block_k, aligned, split_k, k_per_split, warps, stages
 
 
 def w4a16_matmul(x: torch.Tensor, buf: dict[str, torch.Tensor], bits: int, group_size: int, offset: int,
                  N: int, K: int, *, block_m: int | None = None, block_n: int | None = None,
-                 block_k: int | None = None, split_k: int | None = None) -> torch.Tensor:
+                 block_k: int | None = None, split_k: int | None = None, num_warps: int | None = None,
+                 num_stages: int | None = None, dequant_min_m: int | None = None) -> torch.Tensor:
     """``x [M, K] @ W.T`` for the prepared buffers ``buf`` (see :func:`prepare_w4a16`); returns
-    ``[M, N]`` in ``x.dtype``. CPU tensors run in Triton's interpreter (slow; tests only)."""
+    ``[M, N]`` in ``x.dtype``. From ``dequant_min_m`` rows (default :data:`DEQUANT_MIN_M`) the
+    weight is dequantized once and multiplied by ``torch.matmul``; below, the fused kernel runs.
+    CPU tensors run in Triton's interpreter (slow; tests only)."""
     if bits not in _BITS:
         raise ValueError(f"triton-w4a16 handles {_BITS}-bit codes, not {bits}")
     if x.dim() != 2 or x.shape[1] != K:
         raise ValueError(f"x must be [M, {K}], got {tuple(x.shape)}")
     x = x.contiguous()
     M = x.shape[0]
+    if M >= (DEQUANT_MIN_M if dequant_min_m is None else dequant_min_m) and x.dtype in (torch.float16,
+                                                                                           torch.bfloat16):
+        wt = dequantize_w4a16(buf, bits, group_size, offset, N, K, x.dtype)
+        perm = buf.get("perm")
+        xs = x if perm is None else x.index_select(1, perm)
+        return torch.matmul(xs, wt)
     interpret = x.device.type != "cuda"
     scales = buf["scales"]
     n_groups = scales.shape[0]
     gs = group_size if n_groups > 1 else max(K, 1)
     gidx = buf.get("g_idx")
-    bm, bn, bk, aligned, split_k, k_per_split, warps = _config(
+    bm, bn, bk, aligned, split_k, k_per_split, warps, stages = _config(
         M, N, K, gs, n_groups, x.device, block_m, block_n, block_k, split_k)
     aligned = aligned and gidx is None
     if split_k == 1:
@@ -197,7 +270,7 @@ def w4a16_matmul(x: torch.Tensor, buf: dict[str, torch.Tensor], bits: int, group
     qweight = buf["qweight"]
     grid = (math.ceil(M / bm), math.ceil(N / bn), split_k)
     kernel = _jit(interpret)
-    extra = {} if interpret else {"num_warps": warps, "num_stages": 3}
+    extra = {} if interpret else {"num_warps": num_warps or warps, "num_stages": num_stages or stages}
     kernel[grid](
         x, qweight, scales, zeros if zeros is not None else scales, perm if perm is not None else qweight,
         gidx if gidx is not None else qweight, y,
