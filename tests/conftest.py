@@ -11,3 +11,4 @@ sys.path.insert(0, str(Path(__file__).parent))
 def _seeded():
     torch.manual_seed(0)
     yield
+

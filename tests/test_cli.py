@@ -93,7 +93,8 @@ def test_readme_tables_match_the_registries(capsys, block, command):
         f"README {block} table is stale: run POLYQUANT_UPDATE_README=1 python -m pytest tests/test_cli.py -k readme")
 
 
-@pytest.mark.parametrize("cmd", ["methods", "formats", "kernels", "quantize", "eval", "info", "compare"])
+@pytest.mark.parametrize("cmd", ["methods", "formats", "kernels", "quantize", "eval", "info", "compare", "convert",
+                                 "report", "matrix", "diagrams", "recommend"])
 def test_every_command_has_help(capsys, cmd):
     code, out, _ = run(capsys, cmd, "--help")
     assert code == 0 and out.startswith(f"usage: polyquant {cmd}")
@@ -331,3 +332,35 @@ def test_python_dash_m_entry_point():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip().splitlines()[-1].startswith("polyquant: error: 'org/model' is not a local path")
+
+
+def test_interrupted_gptq_quantize_resumes_with_the_same_arguments(capsys, tmp_path, tiny_dir, text_file):
+    from polyquant.methods import get_method
+    spec = get_method("gptq")
+    real = spec.quantize_weight
+    calls = {"n": 0}
+
+    def counting(w, cfg, stats, fail_after=None):
+        calls["n"] += 1
+        if fail_after is not None and calls["n"] > fail_after:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of block 2
+        return real(w, cfg, stats)
+
+    out = tmp_path / "gptq"
+    args = ["quantize", tiny_dir, "--method", "gptq", "--bits", "4", "--group-size", "16", "--calib-text", text_file,
+            "--calib-samples", "4", "--calib-seqlen", "32", "-o", out, "-q"]
+    per_block = 7
+    object.__setattr__(spec, "quantize_weight", lambda w, c, s: counting(w, c, s, per_block + 3))  # frozen spec
+    try:
+        code, _, err = run(capsys, *args)
+        assert code == 130 and "interrupted" in err.lower(), (code, err)
+        resume = tmp_path / ".gptq.calibration-resume"
+        assert not out.exists() and resume.is_dir()  # nothing half-written; block 1 kept for the rerun
+        calls["n"] = 0
+        object.__setattr__(spec, "quantize_weight", lambda w, c, s: counting(w, c, s))
+        code, _, err = run(capsys, *args)
+    finally:
+        object.__setattr__(spec, "quantize_weight", real)
+    assert code == 0, err
+    assert calls["n"] == per_block  # block 1 came from the resume folder: only block 2 was quantized
+    assert out.is_dir() and not resume.exists()

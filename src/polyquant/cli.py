@@ -1,10 +1,10 @@
 """The ``polyquant`` command line: thin wrappers over the public API.
 
 Commands: ``methods``, ``formats``, ``kernels`` (the registries), ``quantize``, ``eval``, ``info``,
-``compare``, ``convert``. Method options are generic: the flags ``--bits``, ``--group-size``, ``--sym/--asym``,
-``--act-order``, ``--clip-search`` and ``--opt key=value`` set fields of the chosen method's
-config dataclass (values converted from the field's type), so a newly registered method needs
-no change here.
+``compare``, ``report``, ``convert``, ``matrix``, ``diagrams``, ``recommend``. Method options are generic: the
+flags ``--bits``, ``--group-size``, ``--sym/--asym``, ``--act-order``, ``--clip-search`` and
+``--opt key=value`` set fields of the chosen method's config dataclass (values converted from the
+field's type), so a newly registered method needs no change here.
 
 Errors print one line to stderr (``polyquant: error: ...``); bad usage or input exits with 2,
 an unexpected failure with 1 (``--debug`` shows the traceback). Results go to stdout, logs and
@@ -470,7 +470,12 @@ def cmd_quantize(args) -> int:
             raise UsageError(f"{spec.name} needs calibration data but {args.model} has no tokenizer")
         kw = {k: v for k, v in (("n_samples", args.calib_samples), ("seqlen", args.calib_seqlen),
                                 ("seed", args.seed)) if v is not None}
-        calibration = polyquant.calibration_data(tok, text=calib_text, **kw)
+        samples = polyquant.calibration_data(tok, text=calib_text, **kw)
+        # per-block checkpoints beside the output: a rerun with the same arguments resumes there
+        resume_dir = Path(out).parent / f".{Path(out).name}.calibration-resume"
+        from polyquant.calibration import Calibration
+        ac = _AUTOCAST[args.calib_dtype]
+        calibration = Calibration(samples, resume_dir=resume_dir, autocast=getattr(torch, ac) if ac == "bfloat16" else ac)
     torch.manual_seed(args.seed if args.seed is not None else 0)
     t1 = time.perf_counter()
     q = polyquant.quantize(model, config, calibration, inplace=True, show_progress=not args.quiet)
@@ -478,12 +483,15 @@ def cmd_quantize(args) -> int:
     q.polyquant.source = _source_of(args.model)
     q.polyquant.format = fmt
     saved = _save_atomic(q, out, fmt, tok, args.overwrite, source=q.polyquant.source)
+    if calibration is not None:
+        shutil.rmtree(calibration.resume_dir, ignore_errors=True)
     kernels = ", ".join(f"{k} x{n}" for k, n in sorted(kernel_summary(q).items()))
     _out(f"quantized {len(q.polyquant.modules)} layers of {args.model} with {config.describe()} in {quant_s:.1f} s")
     _out(f"saved {fmt} checkpoint to {saved} ({_dir_bytes(saved) / 1e6:.1f} MB); kernels: {kernels}")
     return 0
 
 
+_AUTOCAST = {"auto": "auto", "float32": None, "bfloat16": "bfloat16"}
 _RECORD_FILE = "polyquant.json"  # polyquant's own record in a checkpoint (see polyquant.formats.api)
 
 
@@ -562,28 +570,80 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _csv(kind: str):
+    """An argparse type: a comma-separated list of names (``kind='str'``) or integers."""
+    def parse(v: str) -> list:
+        items = [x.strip() for x in v.split(",") if x.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"must be a comma-separated list, got {v!r}")
+        if kind == "str":
+            return items
+        try:
+            return [int(x) for x in items]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {v!r}") from None
+    return parse
+
+
+def _write_report_files(out: Path, result: dict) -> list[Path]:
+    from polyquant.report.html import write_report
+    return write_report(out, result)
+
+
 def cmd_compare(args) -> int:
-    from polyquant.report.compare import SUMMARY_HEADERS, run_compare, summary_rows
+    from polyquant.report.compare import SUMMARY_HEADERS, build_runs, run_compare, summary_rows
     _check_model_arg(args.model, allow_checkpoint=False)
     text = _read_text_arg(args.text, "--text")
+    calib_text = _read_text_arg(args.calib_text, "--calib-text")
     out = Path(args.output).expanduser()
     if out.exists() and not out.is_dir():
         raise UsageError(f"output {out} exists and is not a folder")
+    try:
+        runs, skipped = build_runs(args.methods, args.bits, args.group_sizes)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    for s in skipped:
+        _err(f"polyquant: skipping {s['method']} {s['setting']}: {s['reason']}")
+    if len(runs) < 2:
+        raise UsageError("no setting of the chosen methods applies (see the skipped combinations above)")
+    grid = args.bits is not None or args.group_sizes is not None
+    run_list = ("grid" if grid else "headline") + ("" if args.methods is None else f" of {','.join(args.methods)}")
     t0 = time.perf_counter()
-    result = run_compare(args.model, out, text=text, text_name=args.text, seqlen=args.seqlen,
+    result = run_compare(args.model, out, runs, text=text, text_name=args.text, seqlen=args.seqlen,
                          max_windows=args.max_windows, threads=args.threads, eval_threads=args.eval_threads,
-                         decode_tokens=args.decode_tokens,
+                         decode_tokens=args.decode_tokens, slow_decode_tokens=args.slow_decode_tokens,
+                         calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, calib_text=calib_text,
+                         calib_text_name=args.calib_text, skipped=skipped, run_list=run_list,
                          measure_speed=not args.no_speed, resume=not args.fresh, show_progress=not args.quiet)
-    runs = result["runs"]
-    failed = [r for r in runs if r.get("status") != "ok"]
+    runs_done = result["runs"]
+    failed = [r for r in runs_done if r.get("status") != "ok"]
     _out(text_table(SUMMARY_HEADERS, summary_rows(result)))
     windows_threads = f" ({args.eval_threads} for the windows)" if args.eval_threads else ""
-    _out(f"\n{len(runs)} runs ({len(failed)} failed) on {args.model}, seqlen {args.seqlen}, "
+    _out(f"\n{len(runs_done)} runs ({len(failed)} failed) on {args.model}, seqlen {args.seqlen}, "
          f"{args.max_windows} windows, {args.threads} thread(s){windows_threads}, "
          f"in {time.perf_counter() - t0:.0f} s; records: {out / 'results.json'}")
+    paths = _write_report_files(out, result)
+    _out(f"report: {out / 'report.html'} ({len(paths)} files written)")
     if failed:
         _err(f"polyquant: {len(failed)} run(s) failed: " + "; ".join(f"{r['name']}: {r.get('error')}" for r in failed))
         return 1
+    return 0
+
+
+def cmd_report(args) -> int:
+    """Regenerate a sweep's report files from its results.json, without running anything."""
+    folder = Path(args.dir).expanduser()
+    path = folder / "results.json"
+    if not path.is_file():
+        raise UsageError(f"{path} does not exist (give the -o DIR of a polyquant compare run)")
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise UsageError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(result, dict) or not isinstance(result.get("runs"), list):
+        raise UsageError(f"{path} is not a polyquant compare results file (no 'runs' list)")
+    paths = _write_report_files(folder, result)
+    _out(f"wrote {folder / 'report.html'} and {len(paths) - 1} other files from {len(result['runs'])} records")
     return 0
 
 
@@ -598,6 +658,78 @@ def cmd_convert(args) -> int:
     t0 = time.perf_counter()
     convert(p, to=args.to, out_dir=out, overwrite=args.overwrite)
     _out(f"wrote {out} ({args.to}, {_dir_bytes(out) / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_matrix(args) -> int:
+    """The hardware compatibility matrix (``polyquant.report.matrix``): declared, and probed from a
+    sweep's results.json when given."""
+    from polyquant.report import matrix as mx
+    from polyquant.report.advisor import load_results
+    probed = mx.probed_matrix(load_results(args.results)) if args.results else None
+    declared = mx.declared_matrix()
+    if args.format == "json":
+        _json({"devices": {d.key: {"label": d.label, "needs": d.needs} for d in mx.DEVICE_CLASSES},
+               "declared": declared, "probed": probed})
+    elif args.format == "html":
+        _out(mx.matrix_html(declared, probed))
+    else:
+        _out("## Declared\n\n" + mx.matrix_markdown(declared))
+        if probed is not None:
+            _out(f"\n## Probed ({args.results})\n\n" + mx.matrix_markdown(probed))
+    return 0
+
+
+def cmd_diagrams(args) -> int:
+    """The overview's diagrams (``polyquant.report.diagrams``): Mermaid on stdout, or files."""
+    from polyquant.report.diagrams import DIAGRAM_NAMES, all_diagrams
+    names = list(dict.fromkeys(args.names)) or list(DIAGRAM_NAMES)
+    unknown = [n for n in names if n not in DIAGRAM_NAMES]
+    if unknown:
+        raise UsageError(f"unknown diagram {unknown[0]!r}; diagrams: {', '.join(DIAGRAM_NAMES)}")
+    if args.output is None and args.format == "svg":
+        raise UsageError("--format svg writes files: give -o DIR")
+    diagrams = all_diagrams()
+    if args.output is None:
+        if len(names) == 1:
+            _out(diagrams[names[0]].mermaid.rstrip())
+        else:
+            _out("\n".join(f"## {diagrams[n].title}\n\n```mermaid\n{diagrams[n].mermaid}```\n" for n in names).rstrip())
+        return 0
+    from polyquant.report.store import atomic_write_text
+    out = Path(args.output).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    kinds = ["mermaid", "svg"] if args.format is None else [args.format]
+    for n in names:
+        for kind in kinds:
+            path = out / f"{n}.{'mmd' if kind == 'mermaid' else 'svg'}"
+            atomic_write_text(path, diagrams[n].mermaid if kind == "mermaid" else diagrams[n].svg)
+            _out(f"wrote {path}")
+    return 0
+
+
+def cmd_recommend(args) -> int:
+    """The advisor (``polyquant.report.advisor.recommend``); exit 1 when nothing qualifies."""
+    from polyquant.report import advisor
+    _check_model_arg(args.model)
+    try:
+        memory = advisor.parse_size(args.memory, "--memory")
+        limit = (advisor.parse_ppl_increase(args.max_ppl_increase, "--max-ppl-increase")
+                 if args.max_ppl_increase is not None else None)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    results = advisor.load_results(args.results) if args.results else None
+    rec = advisor.recommend(args.model, args.device, memory, limit, results, capability=args.capability,
+                            allow_reference=args.allow_reference)
+    if args.json:
+        _json(rec.to_dict())
+    else:
+        _out(rec.explain())
+    if not rec.ok:
+        _err(f"polyquant: no recommendation: {rec.reason}")
+        return 1
     return 0
 
 
@@ -663,6 +795,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-samples", type=_positive, metavar="N", help="calibration sequences")
     q.add_argument("--calib-seqlen", type=_positive, metavar="L", help="tokens per calibration sequence")
     q.add_argument("--seed", type=int, metavar="S", help="random seed (default 0)")
+    q.add_argument("--calib-dtype", choices=sorted(_AUTOCAST), default="auto",
+                   help="dtype of the calibration forwards: auto (bf16 on a CUDA GPU, exact float32 on a CPU), "
+                        "float32, bfloat16 (about 1.6x faster on CPUs with AMX; statistics stay float32)")
     q.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="set any field of the method's config, e.g. --opt clip_grid=40 (repeatable)")
     q.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder")
@@ -694,26 +829,60 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=cmd_info)
 
-    c = sub.add_parser("compare", parents=[common], help="fp baseline + RTN sweep, one table",
-                       description="Run the unquantized baseline and an RTN sweep (W8 per-channel, W4 "
-                                   "per-channel, W4 g64 sym/asym, W3 g64; lm_head kept float) on MODEL, "
-                                   "evaluate each the same way, print a table and write DIR/results.json. "
-                                   "Finished runs found in DIR are reused.")
+    from polyquant.report import compare as cmp
+    c = sub.add_parser("compare", parents=[common], help="sweep methods and settings, write a report",
+                       description="Run the unquantized baseline and a sweep of methods on MODEL, evaluate each "
+                                   "the same way (same text, windows and threads), print a table and write DIR: "
+                                   "results.json and runs.jsonl (one record per run), report.html (one "
+                                   "self-contained page: sortable table, charts, compatibility matrices, "
+                                   "diagrams), charts/ (PNG and SVG), matrix.md/.json and summary.md. With no "
+                                   "--methods/--bits/--group-sizes every registered method runs at its headline "
+                                   "setting (" + ", ".join(n for n, _, _ in cmp.HEADLINE) + "); --bits and/or "
+                                   "--group-sizes run a grid per method instead, skipping the combinations a "
+                                   "method refuses. Finished runs found in DIR are reused (an interrupted sweep "
+                                   "resumes); a run that fails is recorded and the sweep goes on. The defaults "
+                                   f"({cmp.DEFAULT_MAX_WINDOWS} windows of {cmp.DEFAULT_SEQLEN} tokens, "
+                                   f"{cmp.DEFAULT_CALIB_SAMPLES} x {cmp.DEFAULT_CALIB_SEQLEN} calibration tokens, "
+                                   f"{cmp.DEFAULT_DECODE_TOKENS} decode tokens, {cmp.SLOW_DECODE_TOKENS} on "
+                                   "kernels that are not fast paths, 1 thread) keep the default sweep on the "
+                                   "default model under 20 minutes on a 2-core CPU.")
     c.add_argument("model", metavar="MODEL", nargs="?", default="default", help="default: 'default'")
-    c.add_argument("-o", "--output", default="polyquant-report", metavar="DIR",
-                   help="output folder (default: polyquant-report)")
-    c.add_argument("--seqlen", type=_positive, default=512, help="tokens per window (default 512)")
-    c.add_argument("--max-windows", type=_positive, default=40, metavar="N", help="windows (default 40)")
+    c.add_argument("-o", "--output", default=cmp.DEFAULT_OUT, metavar="DIR",
+                   help=f"output folder (default: {cmp.DEFAULT_OUT})")
+    c.add_argument("--methods", type=_csv("str"), metavar="M1,M2",
+                   help="methods to run (default: every registered method; fp32 always runs)")
+    c.add_argument("--bits", type=_csv("int"), metavar="B1,B2", help="weight bit widths of the grid, e.g. 2,3,4,8")
+    c.add_argument("--group-sizes", type=_csv("int"), metavar="G1,G2",
+                   help="group sizes of the grid, e.g. 32,64,128 (-1: per channel)")
+    c.add_argument("--seqlen", type=_positive, default=cmp.DEFAULT_SEQLEN,
+                   help=f"tokens per window (default {cmp.DEFAULT_SEQLEN})")
+    c.add_argument("--max-windows", type=_positive, default=cmp.DEFAULT_MAX_WINDOWS, metavar="N",
+                   help=f"evaluation windows (default {cmp.DEFAULT_MAX_WINDOWS})")
+    c.add_argument("--text", metavar="FILE", help="evaluation text (default: the built-in pydoc text)")
+    c.add_argument("--calib-samples", type=_positive, default=cmp.DEFAULT_CALIB_SAMPLES, metavar="N",
+                   help=f"calibration sequences for methods that use data (default {cmp.DEFAULT_CALIB_SAMPLES})")
+    c.add_argument("--calib-seqlen", type=_positive, default=cmp.DEFAULT_CALIB_SEQLEN, metavar="L",
+                   help=f"tokens per calibration sequence (default {cmp.DEFAULT_CALIB_SEQLEN})")
+    c.add_argument("--calib-text", metavar="FILE", help="calibration text (default: the built-in text's "
+                                                        "calibration slice, never evaluated)")
     c.add_argument("--threads", type=_positive, default=1, metavar="N",
                    help="torch threads for the speed measurement (default 1)")
     c.add_argument("--eval-threads", type=_positive, metavar="N",
                    help="torch threads for the perplexity/KL windows (default: --threads)")
-    c.add_argument("--text", metavar="FILE", help="evaluation text (default: the built-in pydoc text)")
-    c.add_argument("--decode-tokens", type=_positive, default=64, help="tokens to decode for speed (default 64)")
+    c.add_argument("--decode-tokens", type=_positive, default=cmp.DEFAULT_DECODE_TOKENS, metavar="N",
+                   help=f"tokens to decode for speed (default {cmp.DEFAULT_DECODE_TOKENS})")
+    c.add_argument("--slow-decode-tokens", type=_positive, default=cmp.SLOW_DECODE_TOKENS, metavar="N",
+                   help=f"tokens to decode on kernels that are not fast paths (default {cmp.SLOW_DECODE_TOKENS})")
     c.add_argument("--no-speed", action="store_true", help="skip speed measurements")
     c.add_argument("--fresh", action="store_true", help="redo every run, ignoring finished ones in DIR")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_compare)
+
+    rp = sub.add_parser("report", parents=[common], help="regenerate a sweep's report from its results.json",
+                        description="Rewrite DIR/report.html, DIR/charts/, DIR/matrix.md/.json and DIR/summary.md "
+                                    "from DIR/results.json (written by polyquant compare) without running anything.")
+    rp.add_argument("dir", metavar="DIR", help="the output folder of a polyquant compare run")
+    rp.set_defaults(func=cmd_report)
 
     v = sub.add_parser("convert", parents=[common], help="dequantize a checkpoint to a plain float folder",
                        description="Dequantize any checkpoint polyquant reads into a plain Hugging Face folder "
@@ -724,6 +893,48 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder")
     v.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     v.set_defaults(func=cmd_convert)
+
+    mx = sub.add_parser("matrix", parents=[common], help="the hardware compatibility matrix",
+                        description="For each registered method and bit width: can polyquant quantize it, run it "
+                                    "with the reference kernel, and run it with a fast kernel on CPU / CUDA (with "
+                                    "the minimum compute capability) / ROCm / Apple MPS / Intel XPU. With "
+                                    "--results, also what actually ran in that sweep.")
+    mx.add_argument("--format", "-f", choices=("markdown", "json", "html"), default="markdown",
+                    help="output format (default markdown)")
+    mx.add_argument("--results", metavar="RESULTS",
+                    help="a sweep's results.json (or its folder): add the probed matrix")
+    mx.set_defaults(func=cmd_matrix)
+
+    dg = sub.add_parser("diagrams", parents=[common], help="technique map, pipeline and integration diagrams",
+                        description="The overview's diagrams, generated from the registries: technique-map, "
+                                    "pipeline, integration. Without -o: Mermaid on stdout (Markdown blocks, or "
+                                    "raw Mermaid for one named diagram). With -o DIR: NAME.mmd and NAME.svg "
+                                    "(rendered offline).")
+    dg.add_argument("names", nargs="*", metavar="NAME", help="diagrams to emit (default: all)")
+    dg.add_argument("-o", "--output", metavar="DIR", help="write the files here")
+    dg.add_argument("--format", "-f", choices=("mermaid", "svg"),
+                    help="only this format (default: Mermaid on stdout; both with -o)")
+    dg.set_defaults(func=cmd_diagrams)
+
+    rc = sub.add_parser("recommend", parents=[common], help="pick a method and setting for a memory budget",
+                        description="Pick the method and setting whose weights fit --memory on --device with "
+                                    "the least perplexity increase: from a sweep's measured results when given "
+                                    "(--results), else from the registry's traits and a documented prior table. "
+                                    "Prints the numbers used and every rejected option with the reason; exits 1 "
+                                    "when nothing qualifies.")
+    rc.add_argument("model", metavar="MODEL", nargs="?", default="default",
+                    help="'default', a local HF folder (counted from config.json) or a .gguf (default: default)")
+    rc.add_argument("--device", "-d", choices=("cpu", "cuda", "rocm", "mps", "xpu"), default="cpu",
+                    help="where the model will run (default cpu)")
+    rc.add_argument("--memory", "-m", required=True, metavar="SIZE",
+                    help="memory budget for the weights: 4GB, 512MiB, or bytes")
+    rc.add_argument("--max-ppl-increase", metavar="LIMIT", help="largest perplexity increase: 5%% or 0.05")
+    rc.add_argument("--results", metavar="RESULTS", help="a sweep's results.json (or its folder)")
+    rc.add_argument("--capability", metavar="X.Y", help="CUDA compute capability of the target GPU, e.g. 8.9")
+    rc.add_argument("--allow-reference", action="store_true",
+                    help="accept options only the (slow) reference kernel runs on the device")
+    rc.add_argument("--json", action="store_true", help="print JSON")
+    rc.set_defaults(func=cmd_recommend)
     return p
 
 

@@ -237,3 +237,25 @@ def test_bf16_autocast_calibration_is_close_to_float32(recorder):
     assert first.dtype == torch.float32 and torch.equal(first, exact[0])  # block 0's inputs: no matmul yet
     later = [float((s["H"] - e).norm() / e.norm()) for s, e in zip(rec.stats[1:], exact[1:])]
     assert 0 < max(later) < 0.05, later  # bf16 matmuls upstream: close, not identical
+
+
+def test_autocast_auto_resolves_by_device_and_dtype(monkeypatch):
+    from polyquant.calibration.driver import resolve_autocast
+    model = tiny_llama(layers=1)
+    assert resolve_autocast("auto", model) is None  # CPU: exact forwards by default
+    assert resolve_autocast(None, model) is None and resolve_autocast(torch.bfloat16, model) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_autocast("auto", model, torch.device("cuda")) is torch.bfloat16
+    assert resolve_autocast("auto", model.to(torch.bfloat16), torch.device("cuda")) is None  # already 16-bit
+    with pytest.raises(ValueError, match="autocast"):
+        resolve_autocast("bf16", model)
+
+
+def test_autocast_is_recorded_on_the_model(recorder):
+    rec, RecConfig = recorder
+    q = polyquant.quantize(tiny_llama(layers=2), RecConfig(), calibration=_calib(), show_progress=False)
+    assert q.polyquant.extra["calibration"]["autocast"] is None
+    q = polyquant.quantize(tiny_llama(layers=2), RecConfig(), calibration=Calibration(_calib(), autocast=torch.bfloat16),
+                           show_progress=False)
+    assert q.polyquant.extra["calibration"]["autocast"] == "bfloat16"

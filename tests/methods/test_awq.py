@@ -437,3 +437,14 @@ def test_cli_quantize_awq_gemv(tmp_path, capsys):
         ("awq", "gemv", 4, 32, True)
     model, _ = polyquant.load(out)
     assert model.model.layers[0].mlp.down_proj.quantized_weight.qtype == "uint4"
+
+
+def test_bf16_calibration_autocast_keeps_the_fold_check_exact():
+    """Under bf16 calibration forwards (the default on CPUs with AMX) the fold check still compares
+    exact float32 forwards, so bf16 noise does not trip it (it did before run_sample(exact=True))."""
+    model = _outlier_llama()
+    calib = _calib(4)
+    q = polyquant.quantize(model, AWQConfig(bits=4, group_size=32), calibration=Calibration(calib, autocast=torch.bfloat16),
+                           show_progress=False)
+    assert q.polyquant.extra["calibration"]["autocast"] == "bfloat16"
+    assert sum(isinstance(m, QuantLinear) for m in q.modules()) == 14

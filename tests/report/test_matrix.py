@@ -46,12 +46,15 @@ def test_representative_settings(declared):
 
 
 def test_cells_follow_the_kernels(declared):
-    w4, w3 = _row(declared, "rtn", 4)["devices"], _row(declared, "rtn", 3)["devices"]
+    w4, w5 = _row(declared, "rtn", 4)["devices"], _row(declared, "rtn", 5)["devices"]
     assert "cpu-int4" in w4["cpu"]["fast"] and w4["cpu"]["reference"] and w4["cpu"]["quantize"]
     assert w4["cpu"]["kernel"] == "cpu-int4"
-    assert w3["cpu"]["fast"] == [] and w3["cpu"]["reference"] and w3["cpu"]["kernel"] == "reference"
-    assert "cpu-int4" in w3["cpu"]["declined"]  # with the kernel's reason
-    assert "4-bit" in w3["cpu"]["declined"]["cpu-int4"]
+    assert _row(declared, "rtn", 3)["devices"]["cpu"]["kernel"] == "cpu-int4"  # 3-bit codes ride the int4 op
+    assert w5["cpu"]["fast"] == [] and w5["cpu"]["reference"] and w5["cpu"]["kernel"] == "reference"
+    assert "cpu-int4" in w5["cpu"]["declined"]  # with the kernel's reason
+    assert "4-bit" in w5["cpu"]["declined"]["cpu-int4"]
+    nf4 = _row(declared, "bnb-nf4", 4)["devices"]["cpu"]
+    assert nf4["fast"] == [] and "nf4" in nf4["declined"]["cpu-int4"]
     # CUDA: the Triton kernel with its minimum compute capability
     cap = KERNELS["triton-w4a16"].min_capability
     assert "triton-w4a16" in w4["cuda"]["fast"] and w4["cuda"]["min_capability"]["triton-w4a16"] == f"{cap[0]}.{cap[1]}"

@@ -435,10 +435,10 @@ def awq_quantize_block(job) -> dict[str, tuple[QuantizedWeight, torch.Tensor, di
     for n in job.linears:  # Linears sharing a collector share one stats dict
         c = collectors[n]
         stats[n] = by_id.setdefault(id(c), dict(c.result()))
-    ref = job.run_sample(0)
+    ref = job.run_sample(0, exact=True)  # the fold check compares exact forwards, not bf16 autocast
     chosen = scale_groups(job.model, job.block, job.linears, stats, config)
     if chosen:
-        new = job.run_sample(0)
+        new = job.run_sample(0, exact=True)
         rel = float((new - ref).float().norm() / ref.float().norm().clamp_min(1e-30))
         tol = _FOLD_RTOL.get(next(iter(job.linears.values())).weight.dtype, _FOLD_RTOL_HALF)
         if not math.isfinite(rel) or rel > tol:

@@ -99,13 +99,29 @@ def _normalize_blocks(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor,
     return absmax, scaled
 
 
+def _count_below(x: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """``torch.bucketize(x, bounds)`` (the number of sorted ``bounds`` strictly below each value; a
+    value equal to a bound counts it as not below) as int32, by a vectorized binary search: for the
+    15 / 255 bounds here 2-3x faster than ``bucketize`` on CPU."""
+    m = bounds.numel()
+    levels = 1 << max(0, (m).bit_length() - 1)  # largest power of two <= m
+    pad = bounds.new_full((2 * levels - m,), float("inf"))
+    bb = torch.cat([bounds.to(x.dtype), pad.to(x.dtype)])
+    idx = torch.zeros(x.shape, dtype=torch.int32, device=x.device)
+    lv = levels
+    while lv >= 1:
+        idx += (x > bb.index_select(0, idx + (lv - 1))).to(torch.int32) * lv
+        lv //= 2
+    return idx
+
+
 def quantize_4bit_flat(flat: torch.Tensor, quant_type: str, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """4-bit codes (uint8, one per element) and fp32 absmax per block of a 1-D tensor."""
     code = code_book(quant_type).to(flat.device)
     absmax, scaled = _normalize_blocks(flat.float(), blocksize)
     bounds, order = _bounds(code)
-    q = order[torch.bucketize(scaled, bounds)]
-    return q.to(torch.uint8), absmax
+    q = order.to(torch.uint8).index_select(0, _count_below(scaled, bounds))
+    return q, absmax
 
 
 def quantize_blockwise_flat(flat: torch.Tensor, code: torch.Tensor, blocksize: int
@@ -113,7 +129,7 @@ def quantize_blockwise_flat(flat: torch.Tensor, code: torch.Tensor, blocksize: i
     """8-bit blockwise quantization against a sorted 256-entry ``code`` (``quantize_blockwise``)."""
     absmax, scaled = _normalize_blocks(flat.float(), blocksize)
     bounds = (code[:-1] + code[1:]) / 2
-    return torch.bucketize(scaled, bounds).to(torch.uint8), absmax
+    return _count_below(scaled, bounds).to(torch.uint8), absmax
 
 
 def dequantize_blockwise_flat(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int
@@ -226,9 +242,13 @@ class BnbInt8Config(MethodConfig):
 def _check_weight(w: torch.Tensor, what: str) -> torch.Tensor:
     if w.dim() != 2:
         raise ValueError(f"{what} quantizes 2-D weights, got shape {tuple(w.shape)}")
-    if not torch.isfinite(w).all():
-        raise ValueError("weight contains NaN or Inf values")
     return w.detach()
+
+
+def _check_finite(stat: torch.Tensor) -> None:
+    """NaN / Inf anywhere in the weight shows in its per-block absmax (cheaper than scanning it)."""
+    if not bool(torch.isfinite(stat).all()):
+        raise ValueError("weight contains NaN or Inf values")
 
 
 def bnb_quantize_4bit(weight: torch.Tensor, config: Bnb4bitConfig, stats: dict | None = None) -> QuantizedWeight:
@@ -237,6 +257,7 @@ def bnb_quantize_4bit(weight: torch.Tensor, config: Bnb4bitConfig, stats: dict |
     shape = (int(w.shape[0]), int(w.shape[1]))
     block = bnb_block(shape, config.blocksize)
     codes, absmax = quantize_4bit_flat(w.reshape(-1), config.quant_type, config.blocksize)
+    _check_finite(absmax)
     extras: dict[str, torch.Tensor] = {}
     if config.double_quant:
         dq = double_quant_absmax(absmax)
@@ -258,11 +279,16 @@ def int8_weight_from_scb(cb: torch.Tensor, scb: torch.Tensor) -> QuantizedWeight
 def bnb_quantize_int8(weight: torch.Tensor, config: BnbInt8Config, stats: dict | None = None) -> QuantizedWeight:
     """Row-wise absmax int8 (``int8_vectorwise_quant`` of the ``quant_dtype`` weight)."""
     w = _check_weight(weight, "LLM.int8")
-    b = w.to(getattr(torch, config.quant_dtype))
-    if not torch.isfinite(b).all():
+    dt = getattr(torch, config.quant_dtype)
+    amax = w.abs().amax(dim=1)
+    _check_finite(amax)
+    # rounding is monotone, so the row absmax of the cast weight is the cast of the row absmax
+    scb = amax.to(dt)
+    if not bool(torch.isfinite(scb).all()):
         raise ValueError(f"weight overflows {config.quant_dtype} (bitsandbytes quantizes int8 weights in "
                          "float16); use quant_dtype='float32'")
-    scb = b.abs().amax(dim=1).float()
+    scb = scb.float()
+    b = w.to(dt)
     safe = torch.where(scb > 0, scb, torch.ones_like(scb))
     cb = torch.round(b * (127.0 / safe).unsqueeze(-1)).to(torch.int8)
     return int8_weight_from_scb(cb, scb)

@@ -128,14 +128,14 @@ def quanto_quantize(weight: torch.Tensor, config: QuantoConfig, stats: dict | No
     bits = config.bits
     g = quanto_group_size(inp, config.group_size) or inp
     x = w.reshape(out, inp // g, g)
-    rmin = torch.amin(x, dim=-1, keepdim=True)
+    rmin = torch.amin(x, dim=-1, keepdim=True)  # (torch.aminmax is ~5x slower than both on CPU)
     rmax = torch.amax(x, dim=-1, keepdim=True)
     _finite(rmin, rmax)
     scale = (rmax - rmin) / ((1 << (bits - 1)) - 1 + (1 << (bits - 1)))
     shift = -rmin
     flat = scale == 0
     scale = torch.where(flat, torch.ones_like(scale), scale)
-    u = torch.clamp(torch.round((x + shift) / scale), 0, (1 << bits) - 1).to(torch.uint8).reshape(out, inp)
+    u = torch.add(x, shift).div_(scale).round_().clamp_(0, (1 << bits) - 1).to(torch.uint8).reshape(out, inp)
     s = scale.squeeze(-1)
     zero = shift.squeeze(-1).double() / s.double()
     return QuantizedWeight.from_codes(u, f"uint{bits}", (1, g), s, zero)

@@ -65,12 +65,14 @@ def torchao_int4_weight(weight: torch.Tensor, group_size: int) -> QuantizedWeigh
                          f"[{n}, {k}] weight (torchao leaves such layers unquantized); exclude the layer or "
                          f"use a group size from {INT4_GROUPS} that divides {k}")
     x = w.to(torch.float32).reshape(n, k // group_size, group_size)
+    if x.data_ptr() == w.data_ptr():
+        x = x.clone()  # modified in place below
+    mn = x.amin(dim=-1, keepdim=True)  # (torch.aminmax is ~5x slower than amin + amax on CPU)
     mx = x.amax(dim=-1, keepdim=True)
-    mn = x.amin(dim=-1, keepdim=True)
     _check_finite(mx, mn)
     scale = (mx - mn).clamp(min=1e-6) / 15
     zero = mn + scale * 8
-    u = x.sub(mn).div(scale).round().clamp_(0, 15).to(torch.uint8).reshape(n, k)
+    u = x.sub_(mn).div_(scale).round_().clamp_(0, 15).to(torch.uint8).reshape(n, k)
     s = scale.squeeze(-1).to(w.dtype)
     z = zero.squeeze(-1).to(w.dtype)
     zero_code = 8.0 - z.double() / s.double()

@@ -45,7 +45,7 @@ class QuantLinear(nn.Module):
         self.kernel: Kernel | None = None
         self.kernel_skipped: dict[str, str] = {}
         self._kernel_request = kernel
-        self.set_kernel(kernel)
+        self.set_kernel(kernel, _qweight=qweight)
 
     @property
     def quantized_weight(self) -> QuantizedWeight:
@@ -58,9 +58,10 @@ class QuantLinear(nn.Module):
     def kernel_name(self) -> str:
         return self.kernel.name if self.kernel else "none"
 
-    def set_kernel(self, kernel: str = "auto") -> str:
+    def set_kernel(self, kernel: str = "auto", _qweight: QuantizedWeight | None = None) -> str:
         """(Re)select the kernel for the current device and rebuild its buffers."""
-        qw = self.quantized_weight
+        # the weight this layer was built from (same tensors) may still hold its unpacked codes
+        qw = _qweight if _qweight is not None else self.quantized_weight
         chosen, skipped = select_kernel(qw, self.qw_data.device, kernel, act_quant=self.act_quant)
         for name in [n for n, _ in self.named_buffers(recurse=False) if n.startswith("k_")]:
             delattr(self, name)

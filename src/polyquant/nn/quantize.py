@@ -76,9 +76,12 @@ def quantize_model(model: nn.Module, config: MethodConfig, calibration: Any = No
         raise ValueError("no Linear layer matched the include/exclude patterns")
     names = [n for n, _ in targets]
     _untie_if_needed(model, names)
+    extra: dict[str, Any] = {}
     if spec.needs_calibration:
         from polyquant.calibration import run_sequential  # the shared driver (data-dependent methods)
-        run_sequential(model, spec, config, targets, calibration, show_progress=show_progress)
+        summary = run_sequential(model, spec, config, targets, calibration, show_progress=show_progress)
+        extra["calibration"] = {"autocast": summary.get("autocast"), "seconds": round(summary["seconds"], 2),
+                                "resumed_blocks": summary.get("resumed_blocks", 0)}
     else:
         bar = progress(targets, desc=f"{spec.name}", enabled=show_progress)
         for name, lin in bar:
@@ -88,7 +91,7 @@ def quantize_model(model: nn.Module, config: MethodConfig, calibration: Any = No
     finish = spec.extra.get("after_quantize")
     if callable(finish):  # e.g. static activation scales calibrated on the quantized model
         finish(model, config, calibration, names)
-    model.polyquant = QuantRecord(spec.name, config.to_dict(), names, seconds=time.perf_counter() - t0)
+    model.polyquant = QuantRecord(spec.name, config.to_dict(), names, seconds=time.perf_counter() - t0, extra=extra)
     return model
 
 

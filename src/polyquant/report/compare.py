@@ -1,19 +1,29 @@
 """``compare``: run a float baseline and a sweep of quantization configs on one model, evaluate
 each with the same text, windows and threads, and keep one record per run.
 
+The sweep is built from the method registry (:func:`build_runs`): by default every registered
+method at its headline setting (:data:`HEADLINE`; a method without an entry runs its config's
+defaults), or a grid of bits x group sizes per named method, skipping the combinations a method's
+config refuses (its ``ValueError`` is kept as the reason). Calibration-based methods share one
+set of calibration windows, taken from the calibration slice of the text (never the windows that
+are evaluated).
+
 Each record is appended to the store (``runs.jsonl``) the moment its run finishes and
 ``results.json`` is rewritten atomically, so an interrupted sweep resumes where it stopped
 (finished runs are not redone). A run that raises is recorded with its error and the sweep goes
-on. :func:`summary_rows` turns the records into the table the CLI prints.
+on. :func:`summary_rows` turns the records into the table the CLI prints; ``report/charts.py``
+and ``report/html.py`` turn them into charts and the HTML report.
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import hashlib
 import json
 import logging
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -21,29 +31,67 @@ import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
 from torch import nn
 
-from polyquant.methods import MethodConfig, RTNConfig
+from polyquant.methods import MethodConfig
 from polyquant.progress import progress
 from polyquant.report.store import ResultsStore, to_jsonable
 
-__all__ = ["Run", "default_runs", "run_compare", "summary_rows", "SUMMARY_HEADERS", "DEFAULT_OUT",
-           "environment", "CachedReference"]
+__all__ = ["Run", "HEADLINE", "build_runs", "default_runs", "run_name", "run_compare", "summary_rows",
+           "summary_markdown", "baseline_record", "bits_per_weight", "size_info",
+           "SUMMARY_HEADERS", "DEFAULT_OUT", "environment", "CachedReference", "uses_calibration"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OUT = "polyquant-report"
+# The defaults of ``polyquant compare`` (and of run_compare): chosen so that the default sweep
+# (every registered method at its headline setting) on the default model finishes well within
+# 20 minutes on a 2-core CPU at 1 thread (measured: 22 runs in 6.8 min of CPU time, 13.2 min of
+# wall time on a machine shared with other jobs, AWQ failing early, about 70 s of CPU when it
+# runs; with 8 windows and 32 decode tokens the first 11 runs projected to about 14 min of CPU
+# time). They are stated in the CLI help and in results.json's settings.
+DEFAULT_SEQLEN = 512
+DEFAULT_MAX_WINDOWS = 5
+DEFAULT_DECODE_TOKENS = 16
+DEFAULT_CALIB_SAMPLES = 8
+DEFAULT_CALIB_SEQLEN = 512
 #: Decode steps timed for a model running on a kernel that is not a fast path (the reference
-#: kernel dequantizes every layer at every step: 64 steps of W3 take minutes on a CPU core).
-SLOW_DECODE_TOKENS = 8
+#: kernel dequantizes every layer at every step: W3 decodes below 1 token/s on a CPU core).
+SLOW_DECODE_TOKENS = 4
 _SPEED_KEYS = ("prefill_tok_s", "prefill_tokens", "prefill_runs", "decode_tok_s", "decode_tokens", "decode_runs",
                "speed_seconds", "threads")
-SUMMARY_HEADERS = ["method", "setting", "ppl", "Δppl %", "KL", "top1", "weight MB", "decode tok/s",
-                   "vs fp32", "kernel", "status"]
+SUMMARY_HEADERS = ["method", "setting", "ppl", "Δppl %", "KL", "top1", "bits/weight", "weight MB", "decode tok/s",
+                   "vs fp32", "quantize s", "kernel", "status"]
+
+#: The default sweep: ``(run name, method, config fields)``, each method's headline setting(s).
+#: Registered methods missing here run once with their config's defaults (named after the method).
+HEADLINE: list[tuple[str, str, dict[str, Any]]] = [
+    ("rtn-w8-pc", "rtn", {"bits": 8, "group_size": -1, "sym": True}),
+    ("rtn-w4-g64-sym", "rtn", {"bits": 4, "group_size": 64, "sym": True}),
+    ("rtn-w4-g64-asym", "rtn", {"bits": 4, "group_size": 64, "sym": False}),
+    ("rtn-w3-g64", "rtn", {"bits": 3, "group_size": 64, "sym": True}),
+    ("gptq-w4-g64", "gptq", {"bits": 4, "group_size": 64}),
+    ("awq-w4-g64", "awq", {"bits": 4, "group_size": 64}),
+    ("hqq-w4-g64", "hqq", {"bits": 4, "group_size": 64}),
+    ("bnb-nf4", "bnb-nf4", {}),
+    ("bnb-fp4", "bnb-fp4", {}),
+    ("bnb-llm.int8", "bnb-int8", {}),
+    ("eetq-int8", "eetq", {}),
+    ("quanto-int8", "quanto", {"bits": 8}),
+    ("quanto-int4-g64", "quanto", {"bits": 4, "group_size": 64}),
+    ("torchao-int8", "torchao-int8", {}),
+    ("torchao-int4-g64", "torchao-int4", {"group_size": 64}),
+    ("torchao-int8-dynamic", "torchao-int8-dynamic", {}),
+    ("torchao-float8", "torchao-float8", {}),
+    ("fbgemm-fp8", "fbgemm-fp8", {}),
+    ("fp8-block", "fp8-block", {}),
+    ("fp8-dynamic", "fp8", {}),
+    ("fp8-static", "fp8-static", {}),
+]
 
 
 @dataclass(frozen=True)
@@ -62,16 +110,156 @@ class Run:
         return self.config.describe() if self.config is not None else "unquantized"
 
 
+def run_name(config: MethodConfig) -> str:
+    """A file-name-safe run name from a config's label (``rtn w4 g64 sym`` -> ``rtn-w4-g64-sym``),
+    prefixed with the method name when the label does not start with it."""
+    slug = re.sub(r"[^a-z0-9.]+", "-", config.describe().lower()).strip("-")
+    return slug if slug.startswith(config.method) else f"{config.method}-{slug}"
+
+
+def _int_list(field_name: str, values: Iterable[Any] | None, allow_minus_one: bool = False) -> list[int] | None:
+    if values is None:
+        return None
+    out: list[int] = []
+    for v in values:
+        ok = isinstance(v, int) and not isinstance(v, bool) and (v >= 1 or (allow_minus_one and v == -1))
+        if not ok:
+            what = "positive integers or -1 (per channel)" if allow_minus_one else "positive integers"
+            raise ValueError(f"{field_name} must be {what}, got {v!r}")
+        if v not in out:
+            out.append(v)
+    if not out:
+        raise ValueError(f"{field_name} must not be empty")
+    return out
+
+
+def _method_names(methods: Iterable[str] | None) -> list[str]:
+    from polyquant.methods import METHODS
+    if methods is None:
+        return sorted(METHODS, key=_headline_order)
+    names: list[str] = []
+    for m in methods:
+        if not isinstance(m, str) or not m.strip():
+            raise ValueError(f"methods must be method names, got {m!r}")
+        m = m.strip()
+        if m == "fp32":
+            continue  # the baseline is always run
+        if m not in METHODS:
+            raise ValueError(f"methods: unknown method {m!r}; known methods: fp32, {', '.join(sorted(METHODS))}")
+        if m not in names:
+            names.append(m)
+    return names
+
+
+def _headline_order(method: str) -> tuple[int, str]:
+    order = [m for _, m, _ in HEADLINE]
+    return (order.index(method), method) if method in order else (len(order), method)
+
+
+def _config_fields(cls: type) -> dict[str, Any]:
+    """Field name -> default of a config dataclass (``MISSING`` when it has none)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            out[f.name] = f.default_factory()  # type: ignore[misc]
+        else:
+            out[f.name] = dataclasses.MISSING
+    return out
+
+
+def build_runs(methods: Iterable[str] | None = None, bits: Iterable[int] | None = None,
+               group_sizes: Iterable[int] | None = None, *, baseline: bool = True
+               ) -> tuple[list[Run], list[dict[str, str]]]:
+    """The run list of a sweep, from the method registry; returns ``(runs, skipped)``.
+
+    With neither ``bits`` nor ``group_sizes``: every method of ``methods`` (default: every
+    registered method) at its headline setting(s) (:data:`HEADLINE`; the config's defaults for a
+    method without an entry). With either: a grid per method of ``bits`` (those in the method's
+    registry ``bits``; default: its headline bits) x ``group_sizes`` (for methods whose config has
+    a ``group_size``; default: its headline group sizes), other fields at the config's defaults. A
+    method without a ``bits`` field runs at its fixed width when that width was asked for.
+    Combinations the config refuses (its ``ValueError``) and duplicates of an earlier setting are
+    left out and listed in ``skipped`` (``method``, ``setting``, ``reason``). The unquantized
+    baseline ``fp32`` comes first when ``baseline``.
+    """
+    from polyquant.methods import METHODS
+    names = _method_names(methods)
+    bits_l = _int_list("bits", bits)
+    groups_l = _int_list("group_sizes", group_sizes, allow_minus_one=True)
+    runs: list[Run] = [Run("fp32")] if baseline else []
+    skipped: list[dict[str, str]] = []
+    seen: dict[tuple[str, str], str] = {}
+    used: set[str] = {r.name for r in runs}
+
+    def add(name: str | None, cls: type, values: dict[str, Any], label: str) -> None:
+        try:
+            cfg = cls(**values)
+        except (ValueError, TypeError) as e:
+            skipped.append({"method": cls.method, "setting": label, "reason": str(e)})
+            return
+        keys = [(cfg.method, json.dumps(cfg.to_dict(), sort_keys=True, default=str)), (cfg.method, cfg.describe())]
+        twin = next((seen[k] for k in keys if k in seen), None)
+        if twin is not None:  # e.g. a group size asked of a width that has no groups
+            skipped.append({"method": cfg.method, "setting": label, "reason": f"same setting as run {twin}"})
+            return
+        name = name or run_name(cfg)
+        base, i = name, 2
+        while name in used:
+            name, i = f"{base}-{i}", i + 1
+        used.add(name)
+        seen.update({k: name for k in keys})
+        runs.append(Run(name, cfg))
+
+    for m in names:
+        spec = METHODS[m]
+        cls = spec.config_cls
+        heads = [(n, f) for n, mm, f in HEADLINE if mm == m] or [(m, {})]
+        if bits_l is None and groups_l is None:
+            for n, f in heads:
+                add(n, cls, dict(f), " ".join(f"{k}={v}" for k, v in f.items()) or "defaults")
+            continue
+        fields = _config_fields(cls)
+        if "bits" in fields:
+            head_bits = list(dict.fromkeys(f.get("bits", fields["bits"]) for _, f in heads))
+            bit_axis: list[Any] = head_bits if bits_l is None else [b for b in bits_l if b in spec.bits]
+            for b in bits_l or []:
+                if b not in spec.bits:
+                    skipped.append({"method": m, "setting": f"bits={b}",
+                                    "reason": f"{m} supports bits {', '.join(map(str, spec.bits))} only"})
+        else:
+            if bits_l is not None and not set(bits_l) & set(spec.bits):
+                skipped.append({"method": m, "setting": "bits=" + ",".join(map(str, bits_l)),
+                                "reason": f"{m} is {', '.join(map(str, spec.bits))}-bit only"})
+                continue
+            bit_axis = [None]
+        if "group_size" in fields:
+            head_groups = list(dict.fromkeys(f.get("group_size", fields["group_size"]) for _, f in heads))
+            group_axis: list[Any] = head_groups if groups_l is None else groups_l
+        else:
+            group_axis = [None]
+        for b in bit_axis:
+            for g in group_axis:
+                values = {k: v for k, v in (("bits", b), ("group_size", g)) if v is not None}
+                add(None, cls, values, " ".join(f"{k}={v}" for k, v in values.items()) or "defaults")
+    return runs, skipped
+
+
 def default_runs() -> list[Run]:
-    """The first sweep: fp32 and RTN at 8/4/3 bits (lm_head kept in float in every run)."""
-    return [
-        Run("fp32"),
-        Run("rtn-w8-pc", RTNConfig(bits=8, group_size=-1, sym=True)),
-        Run("rtn-w4-pc", RTNConfig(bits=4, group_size=-1, sym=True)),
-        Run("rtn-w4-g64-sym", RTNConfig(bits=4, group_size=64, sym=True)),
-        Run("rtn-w4-g64-asym", RTNConfig(bits=4, group_size=64, sym=False)),
-        Run("rtn-w3-g64", RTNConfig(bits=3, group_size=64, sym=True)),
-    ]
+    """The default sweep: fp32, then every registered method at its headline setting(s)."""
+    return build_runs()[0]
+
+
+def uses_calibration(config: MethodConfig) -> bool:
+    """Whether a run of ``config`` is given the sweep's calibration windows: methods that need
+    data, and methods whose ``after_quantize`` calibrates static activation scales (quanto with
+    ``activations`` other than ``none``)."""
+    from polyquant.methods import get_method
+    spec = get_method(config.method)
+    if spec.needs_calibration:
+        return True
+    return callable(spec.extra.get("after_quantize")) and getattr(config, "activations", "none") not in ("none", None)
 
 
 def environment() -> dict[str, Any]:
@@ -194,9 +382,12 @@ def _slow(kernels: dict[str, int]) -> bool:
     return any(k in KERNELS and not KERNELS[k].fast for k in kernels)
 
 
-def _run_key(run: Run, settings: dict[str, Any]) -> str:
-    blob = json.dumps({"run": run.name, "config": run.config.to_dict() if run.config else None,
-                       "settings": settings}, sort_keys=True, default=str)
+def _run_key(run: Run, settings: dict[str, Any], calibration: dict[str, Any] | None) -> str:
+    """What makes two measurements the same: the exact config, the evaluation settings and, for a
+    run given calibration data, the calibration settings (the run's name is a label, not part)."""
+    blob = json.dumps({"config": run.config.to_dict() if run.config else None, "settings": settings,
+                       **({"calibration": calibration} if calibration is not None else {})},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -209,14 +400,58 @@ def _evaluate(model, tokenizer, **kw) -> dict[str, Any]:
     return peval.evaluate(model, tokenizer, **kw)
 
 
+def _quantize(model, config, calibration, show_progress: bool):
+    from polyquant import nn as pnn  # looked up per call (tests count the calls)
+    return pnn.quantize_model(model, config, calibration, inplace=False, show_progress=show_progress)
+
+
+def size_info(model: nn.Module) -> dict[str, Any]:
+    """Effective size of the quantized layers: ``quantized_layers``, ``quantized_params``
+    (``out * in`` summed), ``quantized_bytes`` (their stored tensors: codes, scales, zeros, index,
+    extras; no bias) and ``bits_per_weight`` (``quantized_bytes * 8 / quantized_params``). An
+    unquantized model reports the Linears a default quantization would take, at their dtype."""
+    from polyquant.nn import QuantLinear, select_linears
+    qls = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    if qls:
+        params = sum(int(m.quantized_weight.shape[0]) * int(m.quantized_weight.shape[1]) for m in qls)
+        nbytes = sum(int(m.quantized_weight.nbytes()) for m in qls)
+        n = len(qls)
+    else:
+        lins = [lin for _, lin in select_linears(model)]
+        params = sum(lin.weight.numel() for lin in lins)
+        nbytes = sum(lin.weight.numel() * lin.weight.element_size() for lin in lins)
+        n = len(lins)
+    return {"quantized_layers": n, "quantized_params": params, "quantized_bytes": nbytes,
+            "bits_per_weight": nbytes * 8 / params if params else None}
+
+
+def _previous_invocations(store: ResultsStore) -> list[dict[str, Any]]:
+    """The ``invocations`` of the results.json already in the folder (each earlier call that
+    wrote it: start, wall and CPU seconds, runs, reused), so a resumed sweep keeps its history."""
+    try:
+        prev = json.loads(store.results_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    inv = prev.get("invocations") if isinstance(prev, dict) else None
+    if not isinstance(inv, list):
+        inv = [prev["sweep"]] if isinstance(prev, dict) and isinstance(prev.get("sweep"), dict) else []
+    return [x for x in inv if isinstance(x, dict)]
+
+
 def run_compare(model: str | os.PathLike = "default", out_dir: str | os.PathLike = DEFAULT_OUT,
                 runs: list[Run] | None = None, *, text: str | None = None, text_name: str | None = None,
-                seqlen: int = 512, max_windows: int | None = 40, threads: int | None = 1,
-                eval_threads: int | None = None, decode_tokens: int = 64, measure_speed: bool = True,
+                seqlen: int = DEFAULT_SEQLEN, max_windows: int | None = DEFAULT_MAX_WINDOWS, threads: int | None = 1,
+                eval_threads: int | None = None, decode_tokens: int = DEFAULT_DECODE_TOKENS,
+                slow_decode_tokens: int = SLOW_DECODE_TOKENS, measure_speed: bool = True,
+                calib_samples: int = DEFAULT_CALIB_SAMPLES, calib_seqlen: int = DEFAULT_CALIB_SEQLEN,
+                calib_text: str | None = None, calib_text_name: str | None = None,
                 seed: int = 0, resume: bool = True, cache_reference: bool = True,
+                skipped: list[dict[str, str]] | None = None, run_list: str | None = None,
                 show_progress: bool = True) -> dict[str, Any]:
     """Run the sweep and return the ``results.json`` payload (``runs``: one record per run, in
-    sweep order).
+    sweep order; ``settings``; ``environment``; ``skipped``: combinations left out of the run list;
+    ``sweep``: this call's start, wall and CPU seconds, runs and reused runs; ``invocations``: the
+    same for every call that wrote this folder's results.json, this one last).
 
     Args:
         model: ``default``, a local HF folder or a .gguf (an unquantized model).
@@ -228,40 +463,65 @@ def run_compare(model: str | os.PathLike = "default", out_dir: str | os.PathLike
         seqlen, max_windows, threads, decode_tokens, measure_speed: passed to ``evaluate``.
         eval_threads: torch threads for the perplexity / KL windows (default: ``threads``); when
             it differs, speed is measured in a second, speed-only ``evaluate`` at ``threads``.
-            A run on a kernel that is not a fast path times ``SLOW_DECODE_TOKENS`` decode steps.
+        slow_decode_tokens: decode steps timed for a run on a kernel that is not a fast path.
+        calib_samples, calib_seqlen, calib_text: the calibration windows given to the runs that
+            use data (:func:`uses_calibration`); default text: the calibration slice of the
+            built-in text (never evaluated). Drawn once per sweep with ``seed``.
         seed: torch seed set before each run.
         resume: reuse finished runs found in ``out_dir`` (False: redo every run).
         cache_reference: keep the reference logits of each window on disk (in ``out_dir``, removed
             at the end) so the reference runs once per window, not once per run (exact; needs
             ``windows * seqlen * vocab * 4`` bytes of disk, skipped when that is not free).
+        skipped, run_list: stored in ``results.json`` as they are (what the run list left out,
+            and how it was chosen).
     """
     from polyquant.models import load_model
-    from polyquant.nn import quantize_model
 
     runs = list(default_runs() if runs is None else runs)
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise ValueError(f"run names must be unique, got {names}")
+    for field_name, v in (("calib_samples", calib_samples), ("calib_seqlen", calib_seqlen),
+                          ("slow_decode_tokens", slow_decode_tokens), ("decode_tokens", decode_tokens)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{field_name} must be a positive integer, got {v!r}")
     runs.sort(key=lambda r: r.config is not None)  # the baseline first: it is the reference
     eval_threads = eval_threads or threads
     store = ResultsStore(out_dir)
     text_sha = hashlib.sha256(text.encode()).hexdigest()[:16] if text is not None else "default"
     settings = {"model": str(model), "text": text_name or ("default (pydoc topics)" if text is None else "user"),
                 "text_sha256": text_sha, "seqlen": seqlen, "max_windows": max_windows, "threads": threads,
-                "eval_threads": eval_threads,
-                "decode_tokens": decode_tokens, "measure_speed": measure_speed, "seed": seed}
-    keys = {r.name: _run_key(r, settings) for r in runs}
+                "eval_threads": eval_threads, "decode_tokens": decode_tokens,
+                "slow_decode_tokens": slow_decode_tokens, "measure_speed": measure_speed, "seed": seed}
+    calib_settings = {"samples": calib_samples, "seqlen": calib_seqlen, "seed": seed,
+                      "text": calib_text_name or ("default (calibration slice of the pydoc topics)"
+                                                  if calib_text is None else "user"),
+                      "text_sha256": (hashlib.sha256(calib_text.encode()).hexdigest()[:16]
+                                      if calib_text is not None else "default")}
+    run_calib = {r.name: calib_settings if r.config is not None and uses_calibration(r.config) else None
+                 for r in runs}
+    keys = {r.name: _run_key(r, settings, run_calib[r.name]) for r in runs}
     done = store.finished() if resume else {}
-    records: dict[str, dict[str, Any]] = {r.name: done[keys[r.name]] for r in runs if keys[r.name] in done}
+    records: dict[str, dict[str, Any]] = {r.name: {**done[keys[r.name]], "name": r.name}
+                                          for r in runs if keys[r.name] in done}
     if records:
         log.info("resuming: %d of %d runs already finished in %s", len(records), len(runs), store.folder)
     env = environment()
     device = "cpu"
-    payload = lambda: {"created": _now(), "model": str(model), "settings": settings, "environment": env,  # noqa: E731
+    started, t_start, c_start = _now(), time.perf_counter(), time.process_time()
+    payload = lambda: {"created": _now(), "model": str(model),  # noqa: E731
+                       "settings": {**settings, "calibration": calib_settings, "run_list": run_list or "custom"},
+                       "environment": env, "skipped": list(skipped or []),
+                       "sweep": sweep_now(), "invocations": [*history, sweep_now()],
                        "runs": [records[r.name] for r in runs if r.name in records]}
+    n_reused = len(records)
+    sweep_now = lambda: {"started": started, "wall_s": time.perf_counter() - t_start,  # noqa: E731
+                         "cpu_s": time.process_time() - c_start, "runs": len(runs), "reused": n_reused}
+    history = _previous_invocations(store) if resume else []
 
     todo = [r for r in runs if r.name not in records]
     fp = tok = reference = None
+    calib_data: list[Any] = []
     cache_dir = store.folder / ".reference-logits"
     shutil.rmtree(cache_dir, ignore_errors=True)  # left by an interrupted sweep
     prev_threads = torch.get_num_threads()
@@ -285,25 +545,39 @@ def run_compare(model: str | os.PathLike = "default", out_dir: str | os.PathLike
                 continue
             rec: dict[str, Any] = {"key": keys[run.name], "name": run.name, "method": run.method,
                                    "setting": run.setting, "config": run.config.to_dict() if run.config else None,
-                                   "model": str(model), "settings": settings, "seed": seed, "device": device,
-                                   "versions": env, "started": _now()}
-            t0 = time.perf_counter()
+                                   "model": str(model), "settings": settings, "calibration": run_calib[run.name],
+                                   "seed": seed, "device": device, "versions": env, "started": _now()}
+            t0, c0 = time.perf_counter(), time.process_time()
             q = hook = target = ref = None
             try:
                 torch.manual_seed(seed)
                 if run.config is None:
-                    target, ref, quant_s = fp, None, 0.0
+                    target, ref, quant_s, quant_cpu_s = fp, None, 0.0, 0.0
                     if isinstance(reference, CachedReference):
                         hook = reference.recording_hook()
                 else:
-                    t1 = time.perf_counter()
-                    q = quantize_model(fp, run.config, inplace=False, show_progress=False)
-                    quant_s = time.perf_counter() - t1
+                    calib = None
+                    if run_calib[run.name] is not None:
+                        if tok is None:
+                            raise ValueError(f"{run.method} needs calibration data but {model} has no tokenizer")
+                        if not calib_data:
+                            from polyquant.calibration import calibration_data
+                            calib_data.extend(calibration_data(tok, text=calib_text, n_samples=calib_samples,
+                                                               seqlen=calib_seqlen, seed=seed))
+                        calib = list(calib_data)
+                    torch.manual_seed(seed)
+                    t1, c1 = time.perf_counter(), time.process_time()
+                    q = _quantize(fp, run.config, calib, show_progress)
+                    quant_s, quant_cpu_s = time.perf_counter() - t1, time.process_time() - c1
                     target, ref = q, reference
+                    qextra = getattr(getattr(q, "polyquant", None), "extra", None)
+                    if qextra:  # what quantization chose at run time (e.g. the calibration autocast)
+                        rec["quantization"] = to_jsonable(qextra)
                 rec["kernel"] = _kernels(target) or {"dense": 1}
+                rec["size"] = size_info(target)
                 dec = decode_tokens
-                if _slow(rec["kernel"]) and decode_tokens > SLOW_DECODE_TOKENS:
-                    dec = SLOW_DECODE_TOKENS  # each step dequantizes every layer: time a few steps only
+                if _slow(rec["kernel"]) and decode_tokens > slow_decode_tokens:
+                    dec = slow_decode_tokens  # each step dequantizes every layer: time a few steps only
                     rec["notes"] = [f"decode timed over {dec} tokens: the {', '.join(sorted(rec['kernel']))} "
                                     f"kernel is not a fast path"]
                 split = measure_speed and eval_threads != threads
@@ -317,7 +591,7 @@ def run_compare(model: str | os.PathLike = "default", out_dir: str | os.PathLike
                     metrics.update({k: speed.get(k) for k in _SPEED_KEYS})
                     metrics["eval_threads"] = eval_threads
                 rec["metrics"] = metrics
-                rec["timings"] = {"quantize_s": quant_s, "eval_s": time.perf_counter() - t1}
+                rec["timings"] = {"quantize_s": quant_s, "quantize_cpu_s": quant_cpu_s, "eval_s": time.perf_counter() - t1}
                 rec["status"] = "ok"
             except Exception as e:  # recorded; the sweep goes on
                 rec["status"] = "failed"
@@ -330,7 +604,8 @@ def run_compare(model: str | os.PathLike = "default", out_dir: str | os.PathLike
                     hook = None
                 q = target = ref = None  # free this run's model before the next copy is made
                 gc.collect()
-            rec["timings"] = {**rec.get("timings", {}), "total_s": time.perf_counter() - t0}
+            rec["timings"] = {**rec.get("timings", {}), "total_s": time.perf_counter() - t0,
+                              "total_cpu_s": time.process_time() - c0}
             rec["finished"] = _now()
             rec = to_jsonable(rec)
             store.append(rec)
@@ -360,25 +635,66 @@ def _fmt(v: Any, spec: str) -> str:
         return str(v)
 
 
+def baseline_record(result: dict[str, Any]) -> dict[str, Any] | None:
+    """The finished unquantized run of a result, if any."""
+    return next((r for r in result.get("runs", []) if r.get("config") is None and r.get("status") == "ok"), None)
+
+
+def bits_per_weight(rec: dict[str, Any]) -> float | None:
+    """Effective bits per weight of a record's quantized layers (scales and zeros counted)."""
+    v = (rec.get("size") or {}).get("bits_per_weight")
+    return float(v) if isinstance(v, (int, float)) else None
+
+
 def summary_rows(result: dict[str, Any]) -> list[list[str]]:
     """Rows of the summary table (see ``SUMMARY_HEADERS``) from a ``run_compare`` result."""
     recs = result.get("runs", [])
-    base = next((r for r in recs if r.get("config") is None and r.get("status") == "ok"), None)
+    base = baseline_record(result)
     rows = []
     base_ppl, base_dec = _m(base, "ppl"), _m(base, "decode_tok_s")
     for r in recs:
         ppl, dec, wb = _m(r, "ppl"), _m(r, "decode_tok_s"), _m(r, "weight_bytes")
         kernel = _m(r, "kernel") or ",".join(sorted(r.get("kernel") or {})) or "-"
+        qs = (r.get("timings") or {}).get("quantize_s") if r.get("config") is not None else None
         rows.append([
             r.get("method", "?"), r.get("setting", ""),
             _fmt(ppl, ".3f"),
             _fmt(100 * (ppl / base_ppl - 1) if ppl is not None and base_ppl else None, "+.2f"),
             _fmt(_m(r, "kl"), ".4f"),
             _fmt(_m(r, "top1"), ".3f"),
+            _fmt(bits_per_weight(r), ".2f"),
             _fmt(wb / 1e6 if wb is not None else None, ".1f"),
             _fmt(dec, ".1f"),
             _fmt(dec / base_dec if dec is not None and base_dec else None, ".2f"),
+            _fmt(qs, ".1f"),
             kernel,
             "ok" if r.get("status") == "ok" else f"FAILED: {r.get('error', '')}"[:80],
         ])
     return rows
+
+
+def summary_markdown(result: dict[str, Any]) -> str:
+    """A Markdown summary of a result: settings, the table, failed and skipped runs."""
+    def cell(v: Any) -> str:
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    s = result.get("settings", {})
+    cal = s.get("calibration") or {}
+    recs = result.get("runs", [])
+    failed = [r for r in recs if r.get("status") != "ok"]
+    lines = [f"# polyquant compare: {cell(result.get('model', '?'))}", "",
+             f"{len(recs)} runs ({len(failed)} failed); text: {s.get('text')}, {s.get('max_windows')} windows of "
+             f"{s.get('seqlen')} tokens, {s.get('threads')} thread(s); decode {s.get('decode_tokens')} tokens "
+             f"({s.get('slow_decode_tokens')} on kernels that are not fast paths); calibration: "
+             f"{cal.get('samples')} x {cal.get('seqlen')} tokens of {cal.get('text')}. "
+             f"Created {result.get('created', '?')}.", "",
+             "| " + " | ".join(SUMMARY_HEADERS) + " |", "|" + "---|" * len(SUMMARY_HEADERS)]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in summary_rows(result)]
+    if failed:
+        lines += ["", "## Failed runs", ""] + [f"- `{r.get('name')}`: {cell(r.get('error'))}" for r in failed]
+    skipped = result.get("skipped") or []
+    if skipped:
+        lines += ["", "## Left out of the run list", ""]
+        lines += [f"- {cell(x.get('method'))} {cell(x.get('setting'))}: {cell(x.get('reason'))}" for x in skipped]
+    lines += ["", "Charts, matrices and diagrams: `report.html`; every record: `results.json`.", ""]
+    return "\n".join(lines)

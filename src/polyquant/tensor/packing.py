@@ -11,6 +11,9 @@ GPTQ's 3-bit layout and compressed-tensors' dense odd-width packing define it.
 """
 from __future__ import annotations
 
+import math
+import sys
+
 import torch
 
 __all__ = ["pack", "unpack", "packed_length"]
@@ -25,32 +28,58 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"bits must be an integer in 1..8, got {bits!r}")
 
 
+def _period(bits: int) -> tuple[int, int]:
+    """(values, words) of the shortest run after which the bit stream realigns with word edges."""
+    e = 32 // math.gcd(32, bits)
+    return e, e * bits // 32
+
+
+def _slot_tensors(bits: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each value slot of a period: the word holding its lowest bit and the bit offset there."""
+    e, _ = _period(bits)
+    pos = torch.arange(e, dtype=torch.int64, device=device) * bits
+    return pos // 32, pos % 32
+
+
 def pack(codes: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
     """Pack unsigned codes (values in ``[0, 2**bits)``) into int32 words along ``dim``."""
     _check_bits(bits)
     if codes.dtype.is_floating_point:
         raise ValueError("pack() takes integer codes, got a float tensor")
-    x = codes.movedim(dim, -1).to(torch.int64)
+    x = codes.movedim(dim, -1)
     if x.numel() and (int(x.min()) < 0 or int(x.max()) >= (1 << bits)):
         raise ValueError(f"codes out of range for {bits} bits: [{int(x.min())}, {int(x.max())}]")
     n = x.shape[-1]
     n_words = packed_length(n, bits)
-    if 32 % bits == 0:
-        per = 32 // bits
-        pad = n_words * per - n
-        if pad:
-            x = torch.nn.functional.pad(x, (0, pad))
-        x = x.reshape(*x.shape[:-1], n_words, per)
-        shifts = torch.arange(per, device=x.device, dtype=torch.int64) * bits
-        words = (x << shifts).sum(-1)
-    else:
-        bit_idx = torch.arange(bits, device=x.device, dtype=torch.int64)
-        stream = ((x.unsqueeze(-1) >> bit_idx) & 1).reshape(*x.shape[:-1], n * bits)
-        pad = n_words * 32 - n * bits
-        if pad:
-            stream = torch.nn.functional.pad(stream, (0, pad))
-        stream = stream.reshape(*x.shape[:-1], n_words, 32)
-        words = (stream << torch.arange(32, device=x.device, dtype=torch.int64)).sum(-1)
+    if 32 % bits == 0 and sys.byteorder == "little":
+        # stream order is memory order: fill bytes, then read each 4 as one word
+        per = 8 // bits
+        x = x.to(torch.uint8)
+        if n_words * 32 // bits != n:
+            x = torch.nn.functional.pad(x, (0, n_words * 32 // bits - n))
+        if per > 1:
+            x = x.reshape(*x.shape[:-1], n_words * 4, per)
+            b = x[..., 0].clone(memory_format=torch.contiguous_format)
+            for j in range(1, per):
+                b |= x[..., j] << (j * bits)
+            x = b
+        else:  # a fresh row-major copy: never alias the caller's codes, and strides a 4-byte view accepts
+            x = x.clone(memory_format=torch.contiguous_format)
+        return x.view(torch.int32).movedim(-1, dim)
+    e, wp = _period(bits)
+    n_periods = -(-n // e)
+    x = x.to(torch.int64)
+    if n_periods * e != n:
+        x = torch.nn.functional.pad(x, (0, n_periods * e - n))
+    x = x.reshape(*x.shape[:-1], n_periods, e)
+    # the layout repeats every ``e`` values / ``wp`` words; value j goes to bits s_j.. of word k_j and
+    # spills its high bits into word k_j + 1 (bit fields are disjoint, so sums are ORs)
+    word, shift = _slot_tensors(bits, x.device)
+    t = x << shift
+    words = torch.zeros(*x.shape[:-1], wp, dtype=torch.int64, device=x.device)
+    words.index_add_(-1, word, t & 0xFFFFFFFF)
+    words.index_add_(-1, (word + 1).clamp_(max=wp - 1), t >> 32)
+    words = words.reshape(*x.shape[:-2], n_periods * wp)[..., :n_words]
     words = torch.where(words >= (1 << 31), words - (1 << 32), words).to(torch.int32)
     return words.movedim(-1, dim)
 
@@ -60,18 +89,31 @@ def unpack(words: torch.Tensor, bits: int, n: int, dim: int = -1) -> torch.Tenso
     _check_bits(bits)
     if words.dtype != torch.int32:
         raise ValueError(f"unpack() takes int32 words, got {words.dtype}")
-    w = words.movedim(dim, -1).to(torch.int64) & 0xFFFFFFFF
+    w = words.movedim(dim, -1)
     n_words = w.shape[-1]
     if n_words != packed_length(n, bits):
         raise ValueError(f"{n_words} words cannot hold exactly {n} values of {bits} bits")
     mask = (1 << bits) - 1
-    if 32 % bits == 0:
-        per = 32 // bits
-        shifts = torch.arange(per, device=w.device, dtype=torch.int64) * bits
-        vals = ((w.unsqueeze(-1) >> shifts) & mask).reshape(*w.shape[:-1], n_words * per)
-    else:
-        stream = (w.unsqueeze(-1) >> torch.arange(32, device=w.device, dtype=torch.int64)) & 1
-        stream = stream.reshape(*w.shape[:-1], n_words * 32)[..., : n * bits]
-        stream = stream.reshape(*w.shape[:-1], n, bits)
-        vals = (stream << torch.arange(bits, device=w.device, dtype=torch.int64)).sum(-1)
-    return vals[..., :n].to(torch.uint8).movedim(-1, dim)
+    lead = w.shape[:-1]
+    if 32 % bits == 0 and sys.byteorder == "little":
+        # a word's bytes in memory order hold its values in stream order: split each byte
+        b = w.contiguous().view(torch.uint8)
+        if bits == 8:
+            return b[..., :n].clone().movedim(-1, dim)
+        per = 8 // bits
+        vals = torch.empty(*b.shape, per, dtype=torch.uint8, device=b.device)
+        for j in range(per):
+            torch.bitwise_and(b >> (j * bits), mask, out=vals[..., j])
+        return vals.reshape(*lead, b.shape[-1] * per)[..., :n].movedim(-1, dim)
+    e, wp = _period(bits)
+    n_periods = -(-n_words // wp)
+    w = w.to(torch.int64) & 0xFFFFFFFF
+    if n_periods * wp != n_words:
+        w = torch.nn.functional.pad(w, (0, n_periods * wp - n_words))
+    w = w.reshape(*lead, n_periods, wp)
+    # each value lies inside the 64-bit window (word k, word k + 1) of its period
+    pairs = w.clone()
+    pairs[..., :-1] |= w[..., 1:] << 32
+    word, shift = _slot_tensors(bits, w.device)
+    vals = ((pairs[..., word] >> shift) & mask).to(torch.uint8)
+    return vals.reshape(*lead, n_periods * e)[..., :n].movedim(-1, dim)

@@ -108,7 +108,12 @@ class QuantizedWeight:
             data = codes.to(torch.uint8)
         else:
             data = pack(codes, qt.bits, dim=-1)
-        return cls(qtype, tuple(codes.shape), block, data, scale, zero, g_idx, dict(extras or {}))
+        qw = cls(qtype, tuple(codes.shape), block, data, scale, zero, g_idx, dict(extras or {}))
+        if data is not codes and codes.dtype == torch.uint8:
+            # the codes just packed, kept so that a kernel preparing this weight right away (quantize ->
+            # QuantLinear) need not unpack them; used only while neither tensor has been modified
+            qw._unpacked = (codes, data, codes._version, data._version)
+        return qw
 
     # -- views ----------------------------------------------------------------------------
     @property
@@ -135,6 +140,11 @@ class QuantizedWeight:
         qt = self.qt
         if qt.kind == "float" or qt.bits == 8:
             return self.data
+        cached = self.__dict__.get("_unpacked")
+        if cached is not None:
+            codes, data, cv, dv = cached
+            if data is self.data and codes._version == cv and data._version == dv:
+                return codes
         return unpack(self.data, qt.bits, self.shape[1], dim=-1)
 
     def full_scale(self) -> torch.Tensor:
@@ -148,10 +158,20 @@ class QuantizedWeight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The ground truth: ``(decode(code) - zero) * scale`` as a dense ``[out, in]`` tensor."""
         v = self.qt.decode(self.codes)
-        z = self.full_zero()
-        if z is not None:
-            v = v - z.to(torch.float32)
-        w = v * self.full_scale().to(torch.float32)
+        out, inp = self.shape
+        r, c = self.block
+        if r == 1 and self.g_idx is None and (c >= inp or inp % c == 0):
+            # row groups: broadcast each group's scale / zero instead of expanding them (same values)
+            c = min(c, inp)
+            v = v.view(out, inp // c, c)
+            if self.zero is not None:
+                v = v - self.zero.to(torch.float32).reshape(out, -1)[:, : inp // c, None]
+            w = (v * self.scale.to(torch.float32).reshape(out, -1)[:, : inp // c, None]).view(out, inp)
+        else:
+            z = self.full_zero()
+            if z is not None:
+                v = v - z.to(torch.float32)
+            w = v * self.full_scale().to(torch.float32)
         if "outliers" in self.extras:  # sparse float corrections (SpQR-style): [3, n] (row, col, value)
             o = self.extras["outliers"]
             w[o[0].long(), o[1].long()] = o[2].to(torch.float32)
