@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--kernels", default="auto", help="comma-separated kernels to evaluate with")
     ap.add_argument("--save", default=None, help="save the quantized model here (gptq format)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--speed", action="store_true", help="also measure decode / prefill tok/s (at --threads)")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
     torch.set_num_threads(a.threads)
@@ -79,7 +80,7 @@ def main() -> None:
     for kernel in a.kernels.split(","):
         if a.method != "fp32":
             polyquant.set_kernels(q, kernel)
-        ev = polyquant.evaluate(q, tok, seqlen=512, max_windows=a.windows, measure_speed=False, show_progress=False)
+        ev = polyquant.evaluate(q, tok, seqlen=512, max_windows=a.windows, measure_speed=a.speed, show_progress=False)
         row = {"method": a.method, "bits": a.bits, "group_size": a.group_size, "sym": not a.asym,
                "act_order": a.act_order, "gar": bool(cfg is not None and cfg.group_aware), "calib_dtype": a.calib_dtype,
                "calib_autocast": (q.polyquant.extra.get("calibration") or {}).get("autocast") if cfg is not None else None,
@@ -90,6 +91,7 @@ def main() -> None:
                "peak_rss_loaded_mb": round(rss_loaded / 2**20),
                "peak_rss_during_quant_mb": round(rss / 2**20),
                "ppl": ev.get("ppl"), "kernels": ev.get("kernels", kernel),
+               "decode_tok_s": ev.get("decode_tok_s"), "prefill_tok_s": ev.get("prefill_tok_s"),
                "load_avg_1min": round(os.getloadavg()[0], 1)}
         print(json.dumps(row))
         if a.out:
