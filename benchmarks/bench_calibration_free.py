@@ -6,7 +6,8 @@ kept in float everywhere):
 
 - ``hqq`` 4-bit g64 (and 3-bit g64), axis 1 (transformers' default for HQQ models), vs the hqq
   library's ``AutoHQQHFModel.quantize_model`` with ``BaseQuantizeConfig(nbits, group_size=64,
-  axis=1)``, compute dtype float32, hqq's default ``PYTORCH`` backend;
+  axis=1)``, compute dtype float32, hqq's default ``PYTORCH`` backend (``-ref``: the 3-bit weights on
+  polyquant's float32 reference kernel, hqq's own numerics, instead of auto's bf16 ``cpu-int4``);
 - ``bnb-nf4`` (double quant), ``bnb-fp4``, ``bnb-int8`` (LLM.int8, threshold 6) vs bitsandbytes'
   ``Linear4bit`` / ``Linear8bitLt`` with ``Params4bit`` / ``Int8Params`` (what transformers'
   ``BitsAndBytesConfig`` builds; compute dtype float32) on its CPU backend;
@@ -17,8 +18,9 @@ kept in float everywhere):
 - ``torchao-int8`` / ``-int8-dynamic`` / ``-float8`` vs ``Int8WeightOnlyConfig`` /
   ``Int8DynamicActivationInt8WeightConfig`` / ``Float8WeightOnlyConfig`` (version 2, the tensor
   subclasses polyquant reproduces; ``-v1`` peer rows give the 0.15 default version 1 too), and
-  ``torchao-int4`` g64 vs ``Int4WeightOnlyConfig(group_size=64, layout=Int4CPULayout(), version=1)``,
-  both on the model cast to bf16 (torchao's CPU int4 path needs bf16);
+  ``torchao-int4`` g64 ``version=1`` vs ``Int4WeightOnlyConfig(group_size=64, layout=Int4CPULayout(),
+  version=1)`` (torchao 0.15's CPU int4 path; its version 2 needs the CUDA-only mslk package), both on
+  the model cast to bf16 (that op needs bf16); ``-v2``: polyquant's default rule (torchao 0.18's), unpaired;
 - ``fp32``: the float model.
 
 polyquant rows use the kernels ``auto`` picks (recorded per row). Each row runs in its own
@@ -59,6 +61,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "hqq-w4-g64": {"lib": "hqq", "bits": 4, "group_size": 64},
     "pq-hqq-w3-g64": {"lib": "polyquant", "method": "hqq", "kw": {"bits": 3, "group_size": 64, "axis": 1},
                       "pair": "hqq-w3-g64"},
+    # the same weights on the reference kernel (float32 dequantize + matmul, hqq's own numerics): cpu-int4's
+    # bf16 scales / activations cost the fragile 3-bit model ~2% ppl
+    "pq-hqq-w3-g64-ref": {"lib": "polyquant", "method": "hqq", "kw": {"bits": 3, "group_size": 64, "axis": 1},
+                          "kernel": "reference", "pair": "hqq-w3-g64"},
     "hqq-w3-g64": {"lib": "hqq", "bits": 3, "group_size": 64},
     "pq-bnb-nf4-dq": {"lib": "polyquant", "method": "bnb-nf4", "kw": {"double_quant": True}, "pair": "bnb-nf4-dq"},
     "bnb-nf4-dq": {"lib": "bnb", "quant_type": "nf4", "double_quant": True},
@@ -84,8 +90,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "pq-torchao-int8": {"lib": "polyquant", "method": "torchao-int8", "kw": {}, "pair": "torchao-int8"},
     "torchao-int8": {"lib": "torchao", "recipe": "int8", "version": 2},
     "torchao-int8-v1": {"lib": "torchao", "recipe": "int8", "version": 1},
-    "pq-torchao-int4-g64": {"lib": "polyquant", "method": "torchao-int4", "kw": {"group_size": 64}, "dtype": "bf16",
-                            "pair": "torchao-int4-g64"},
+    # the peer is torchao 0.15's version-1 Int4CPULayout rule (version 2 needs the mslk package, no CPU
+    # build): polyquant's version=1 reproduces it; -v2 is polyquant's default (torchao 0.18's rule), unpaired
+    "pq-torchao-int4-g64": {"lib": "polyquant", "method": "torchao-int4", "kw": {"group_size": 64, "version": 1},
+                            "dtype": "bf16", "pair": "torchao-int4-g64"},
+    "pq-torchao-int4-g64-v2": {"lib": "polyquant", "method": "torchao-int4", "kw": {"group_size": 64},
+                               "dtype": "bf16"},
     "torchao-int4-g64": {"lib": "torchao", "recipe": "int4", "group_size": 64, "version": 1, "dtype": "bf16",
                          "env": "peers"},
     "pq-torchao-int8-dynamic": {"lib": "polyquant", "method": "torchao-int8-dynamic", "kw": {},
@@ -149,6 +159,8 @@ def _quant_polyquant(cfg, model, tok, info):
     t0, c0 = time.perf_counter(), time.thread_time()
     model = quantize_model(model, config, calib, inplace=True, show_progress=False)
     _took(info, t0, c0)
+    if cfg.get("kernel"):  # a kernel other than auto's choice (set after the timed quantization)
+        polyquant.set_kernels(model, cfg["kernel"])
     info["kernel"] = ",".join(f"{k}:{v}" for k, v in kernel_summary(model).items())
     info["method_config"] = config.describe()
     info["polyquant"] = polyquant.__version__

@@ -101,7 +101,8 @@ class QType:
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes -> float32 values (before the scale is applied)."""
         if self.kind == "int":
-            return codes.to(torch.float32) - self.code_offset
+            v = codes.to(torch.float32)
+            return v - self.code_offset if self.code_offset else v
         if self.kind == "ternary":
             return codes.to(torch.float32) - 1
         if self.kind == "codebook":

@@ -89,6 +89,32 @@ def test_weight_only_model_kernels():
             assert sqnr_db(ref, q(X).logits) > sq
 
 
+def test_static_int8_activations_run_int8_x_int8():
+    """qint8 activations on int8 weights: ``quanto-int8`` computes quanto's CPU product (int32 sums of the
+    codes, times s_x * s_w); qfloat8 activations fall back to the cpu-int8 path on the fake-quantized input."""
+    m = tiny_llama()
+    q = polyquant.quantize(m, QuantoConfig(bits=8, activations="qint8"), calibration=CAL, show_progress=False)
+    assert set(kernel_summary(q)) == {"quanto-int8"}
+    lin = next(mod for mod in q.modules() if isinstance(mod, QuantLinear))
+    x = torch.randn(3, lin.in_features)
+    qx, sx = lin.act_quant.quantize(x)
+    assert qx.dtype == torch.int8 and torch.equal(qx.float() * sx, lin.act_quant(x))  # same codes as the rule
+    w = (lin.quantized_weight.codes.to(torch.int16) - 128).float()
+    acc = qx.double() @ w.double().t()  # exact integer sums
+    expect = (acc.float() * (sx * lin.quantized_weight.scale[:, 0])) + (lin.bias if lin.bias is not None else 0)
+    with torch.no_grad():
+        assert torch.equal(lin(x), expect)
+        ref = q(X).logits
+        polyquant.set_kernels(q, "reference")
+        assert sqnr_db(ref, q(X).logits) > 40
+    with pytest.warns(UserWarning, match="calibration"):
+        f8 = polyquant.quantize(m, QuantoConfig(bits=8, activations="qfloat8"), show_progress=False)
+    with torch.no_grad():
+        y = f8(X).logits
+        polyquant.set_kernels(f8, "reference")
+        assert sqnr_db(f8(X).logits, y) > 30
+
+
 def test_activation_rule_hand_computed():
     rule = QuantoActivation("qint8", input_scale=torch.tensor(0.01))
     x = torch.tensor([0.5, -0.333, 2.0, 0.004])

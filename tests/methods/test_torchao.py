@@ -2,6 +2,8 @@
 and (with torchao installed) bit-exact agreement with torchao's own quantizers."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -83,6 +85,24 @@ def test_float8_granularity_defaults_follow_torchao():
     assert TorchAOFloat8Config(activations="float8").granularity == "tensor"
 
 
+def test_int4_version1_codes_follow_the_rounded_scale_and_zero():
+    # bf16 weights: version 1 computes in bf16 and takes codes against zero - 8*scale of the stored
+    # (rounded) values; version 2 in float32 against the exact min. Both dequantize (u - 8)*s + z.
+    w = (torch.randn(32, 128, generator=torch.Generator().manual_seed(6)) * 0.05).to(torch.bfloat16)
+    v1, v2 = torchao_int4_weight(w, 64, version=1), torchao_int4_weight(w, 64)
+    x = w.reshape(32, 2, 64)
+    mn, mx = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    s = torch.clamp((mx - mn) / 15.0, min=1e-6)
+    z = mn + s * 8.0
+    u = torch.clamp(torch.round((x - (z - s * 8.0)) / s), 0, 15).reshape(32, 128)
+    assert torch.equal(v1.codes, u.to(torch.uint8)) and torch.equal(v1.scale, s.squeeze(-1))
+    assert v1.scale.dtype == v2.scale.dtype == torch.bfloat16
+    assert (v1.codes != v2.codes).any()  # the two rules really differ on bf16 weights
+    assert TorchAOInt4Config(group_size=64, version=1).describe() == "torchao int4 g64 v1"
+    with pytest.raises(ValueError, match="version"):
+        TorchAOInt4Config(version=3)
+
+
 def test_int4_group_must_divide_in_features():
     m = tiny_llama()  # in_features 64 and 128
     with pytest.raises(ValueError, match="group_size 128 does not divide in_features 64"):
@@ -121,19 +141,24 @@ def test_quantized_weight_dequantizes_to_the_torchao_formula():
 
 
 # -- against torchao itself -----------------------------------------------------------------
-def _torchao():
+def _torchao(min_version: tuple[int, int] = (0, 15)):
+    """torchao, or a skip: ``min_version`` 0.16 for the int8 rules polyquant reproduces (torchao 0.15's
+    ``Int8Tensor`` rounds bf16 weights differently; 0.16+ - checked with 0.18 - is bit-exact)."""
     ao = pytest.importorskip("torchao", reason="torchao is not installed (tests against the library skipped)")
     try:
         from torchao.quantization import Float8Tensor, Int8Tensor, PerRow, PerTensor  # noqa: F401
     except ImportError:
         pytest.skip(f"torchao {ao.__version__} has no Int8Tensor / Float8Tensor (needs >= 0.15)")
+    have = tuple(int(p) for p in re.findall(r"\d+", ao.__version__)[:2])
+    if have < min_version:
+        pytest.skip(f"torchao {ao.__version__}: this rule is torchao >= {'.'.join(map(str, min_version))}'s")
     return ao
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("gran", ["row", "tensor"])
 def test_int8_and_float8_bit_exact_vs_torchao(dtype, gran):
-    _torchao()
+    _torchao((0, 16))
     from torchao.quantization import Float8Tensor, Int8Tensor, PerRow, PerTensor
     g = PerRow() if gran == "row" else PerTensor()
     w = (torch.randn(96, 256, generator=torch.Generator().manual_seed(5)) * 0.05).to(dtype)
@@ -163,8 +188,25 @@ def test_int4_matches_torchao_tinygemm_primitives_in_float32():
     assert torch.equal(((8 - qw.zero) * qw.scale.double()).float(), z.reshape(qw.scale.shape))
 
 
-def test_int8_dynamic_linear_equals_torchao():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int4_version1_bit_exact_vs_torchao_tinygemm_cpu_layout(dtype):
+    """``version=1``: torchao 0.15's version-1 rule with ``Int4CPULayout`` (scale and zero in the weight's
+    dtype, every step computed in it)."""
     _torchao()
+    from torchao.quantization.quant_primitives import (MappingType, _choose_qparams_affine_tinygemm,
+                                                       _quantize_affine_tinygemm)
+    w = (torch.randn(64, 256, generator=torch.Generator().manual_seed(4)) * 0.05).to(dtype)
+    s, z = _choose_qparams_affine_tinygemm(w, MappingType.ASYMMETRIC, (1, 64), torch.int32, 0, 15, 1e-6,
+                                           None, dtype)
+    q = _quantize_affine_tinygemm(w, (1, 64), s, z, torch.int32, 0, 15)
+    qw = torchao_int4_weight(w, 64, version=1)
+    assert torch.equal(qw.codes.to(torch.int32), q)
+    assert qw.scale.dtype == dtype and torch.equal(qw.scale, s.reshape(qw.scale.shape))
+    assert torch.equal(((8 - qw.zero) * qw.scale.double()).to(dtype), z.reshape(qw.scale.shape))
+
+
+def test_int8_dynamic_linear_equals_torchao():
+    _torchao((0, 16))
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
     lin = torch.nn.Linear(128, 64)
     torch.nn.init.normal_(lin.weight, std=0.05)

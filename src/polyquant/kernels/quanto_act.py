@@ -25,7 +25,9 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-__all__ = ["QuantoActivation", "calibrate_activations", "ACT_QTYPES"]
+from polyquant.kernels.base import Kernel, register_kernel
+
+__all__ = ["QuantoActivation", "QuantoInt8Kernel", "calibrate_activations", "ACT_QTYPES"]
 
 ACT_QTYPES = {"qint8": 127.0, "qfloat8": float(torch.finfo(torch.float8_e4m3fn).max)}
 
@@ -60,6 +62,11 @@ class QuantoActivation(nn.Module):
     def calibrated(self) -> bool:
         return self.input_scale is not None
 
+    @property
+    def scale(self) -> torch.Tensor | None:
+        """The static input scale (None until calibrated); loaders keep a rule that carries one."""
+        return self.input_scale
+
     def _update(self, name: str, t: torch.Tensor) -> None:
         new = t.detach().abs().amax() / self.qmax
         old = getattr(self, name)
@@ -69,11 +76,24 @@ class QuantoActivation(nn.Module):
     def observe_output(self, y: torch.Tensor) -> None:
         self._update("output_scale", y)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _scale(self, x: torch.Tensor) -> torch.Tensor:
         if self.calibrating:
             self._update("input_scale", x)
         s = self.input_scale if self.input_scale is not None else x.detach().abs().amax() / self.qmax
-        s = s.to(x.device)
+        return s.to(x.device)
+
+    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """qint8: the int8 codes ``clamp(round(x / s), -128, 127)`` and the scalar scale ``s`` (the
+        scale is updated first while calibrating) - what :meth:`forward` fake-quantizes and what
+        quanto feeds its int8 x int8 product."""
+        if self.qtype != "qint8":
+            raise ValueError(f"int8 codes need qint8 activations, not {self.qtype}")
+        s = self._scale(x)
+        safe = torch.where(s > 0, s, torch.ones_like(s))
+        return torch.clamp(torch.round(x / safe), -128, 127).to(torch.int8), s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self._scale(x)
         safe = torch.where(s > 0, s, torch.ones_like(s))
         y = x / safe
         if self.qtype == "qint8":
@@ -131,3 +151,51 @@ def calibrate_activations(model: nn.Module, calibration: Any, show_progress: boo
         warnings.warn(f"{len(missing)} layer(s) saw no calibration input and keep dynamic activation scales",
                       stacklevel=2)
     return len(rules)
+
+
+class QuantoInt8Kernel(Kernel):
+    """int8 weights x optimum-quanto's static qint8 activations as quanto runs them on CPU
+    (``qbytes_int_mm``): ``torch._int_mm`` of the int8 codes (exact int32 sums), then
+    ``acc.float() * (s_x * s_w)``, cast to the output dtype, plus bias. Layers whose rule is qfloat8
+    take the ``cpu-int8`` path on the fake-quantized input."""
+
+    name = "quanto-int8"
+    devices = ("cpu",)
+    priority = 25
+    layouts = "8-bit symmetric per-channel or per-tensor weights with quanto's static qint8 activations (int8 x int8)"
+    act_rule = QuantoActivation
+
+    def supports(self, qw, device):
+        if r := self._device_reason(device):
+            return r
+        if qw.qt.kind != "int" or qw.bits != 8 or not qw.qt.signed:
+            return f"needs signed 8-bit integer weights, got {qw.qtype}"
+        if qw.zero is not None or qw.g_idx is not None or qw.extras:
+            return "needs symmetric weights without act-order or extras"
+        if qw.block != (1, qw.shape[1]):
+            return f"needs per-channel scales, got block {qw.block}"
+        return None
+
+    def prepare(self, qw):
+        w = (qw.codes.to(torch.int16) - 128).to(torch.int8).contiguous()
+        s = qw.scale[:, 0].float().contiguous()
+        return {"w": w, "s": s.to(torch.bfloat16), "sf": s}  # w, s: the cpu-int8 buffers (qfloat8 path)
+
+    def forward(self, module, x):
+        rule = module.act_quant
+        if not isinstance(rule, QuantoActivation) or rule.qtype != "qint8":
+            from polyquant.kernels.cpu import CpuInt8Kernel
+            return CpuInt8Kernel.forward(self, module, x)
+        from polyquant.kernels.int8_dynamic import int8_mm
+        b = module._buffers
+        shape, dtype = x.shape, x.dtype
+        x2 = x.reshape(-1, shape[-1])
+        q, xs = rule.quantize(x2)
+        scales = xs * b["k_sf"]  # quanto: input._scale * weight._scale
+        y = (int8_mm(q, b["k_w"]).to(torch.float32) * scales).to(scales.dtype).to(dtype)
+        if module.bias is not None:
+            y = y + module.bias.to(dtype)
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+
+register_kernel(QuantoInt8Kernel)

@@ -141,13 +141,20 @@ def quanto_quantize(weight: torch.Tensor, config: QuantoConfig, stats: dict | No
     return QuantizedWeight.from_codes(u, f"uint{bits}", (1, g), s, zero)
 
 
+def _activation_rule(config: QuantoConfig):
+    """The static activation rule of each quantized layer (given at construction, so that the kernel is
+    chosen for it: ``quanto-int8`` for qint8 activations on int8 weights)."""
+    if config.activations == "none":
+        return None
+    from polyquant.kernels.quanto_act import QuantoActivation
+    return QuantoActivation(config.activations, momentum=config.momentum)
+
+
 def _after_quantize(model, config: QuantoConfig, calibration, names: list[str]) -> None:
-    """Install the static activation rule on every quantized layer and calibrate it."""
+    """Calibrate the static activation rules of the quantized layers."""
     if config.activations == "none":
         return
-    from polyquant.kernels.quanto_act import QuantoActivation, calibrate_activations
-    for n in names:
-        model.get_submodule(n).act_quant = QuantoActivation(config.activations, momentum=config.momentum)
+    from polyquant.kernels.quanto_act import calibrate_activations
     if calibration is None:
         warnings.warn("quanto activations without calibration data use dynamic per-tensor scales until "
                       "calibrate_activations(model, data) runs; pass calibration= to quantize", stacklevel=3)
@@ -161,4 +168,4 @@ register_method(MethodSpec(
     activations="none, or static per-tensor int8 / float8 (calibrated)",
     description="optimum-quanto: int2/int4 group-wise affine (float shift), int8 / float8 per-row absmax",
     reference="huggingface/optimum-quanto 0.2.7",
-    extra={"after_quantize": _after_quantize}))
+    extra={"act_quant": _activation_rule, "after_quantize": _after_quantize}))

@@ -105,6 +105,23 @@ def unpack(words: torch.Tensor, bits: int, n: int, dim: int = -1) -> torch.Tenso
         for j in range(per):
             torch.bitwise_and(b >> (j * bits), mask, out=vals[..., j])
         return vals.reshape(*lead, b.shape[-1] * per)[..., :n].movedim(-1, dim)
+    if sys.byteorder == "little":
+        # odd widths: the stream realigns with *byte* edges every 8 / gcd(8, bits) values (8 values in 3
+        # bytes at 3 bits); gather each such run of bytes into one integer and shift the values out
+        b = w.contiguous().view(torch.uint8)
+        g = math.gcd(8, bits)
+        per, nb = 8 // g, bits // g
+        runs = -(-b.shape[-1] // nb)
+        if runs * nb != b.shape[-1]:
+            b = torch.nn.functional.pad(b, (0, runs * nb - b.shape[-1]))
+        b = b.reshape(*lead, runs, nb)
+        dt = torch.int32 if nb <= 3 else torch.int64
+        t = b[..., 0].to(dt)
+        for i in range(1, nb):
+            t |= b[..., i].to(dt) << (8 * i)
+        shifts = torch.arange(per, dtype=dt, device=b.device) * bits
+        vals = ((t.unsqueeze(-1) >> shifts) & mask).to(torch.uint8)
+        return vals.reshape(*lead, runs * per)[..., :n].movedim(-1, dim)
     e, wp = _period(bits)
     n_periods = -(-n_words // wp)
     w = w.to(torch.int64) & 0xFFFFFFFF

@@ -100,7 +100,11 @@ class QuantizedWeight:
                    scale: torch.Tensor, zero: torch.Tensor | None = None,
                    g_idx: torch.Tensor | None = None,
                    extras: dict[str, torch.Tensor] | None = None) -> "QuantizedWeight":
-        """Build from unpacked codes ``[out, in]`` (uint8 codes, or a float8 tensor)."""
+        """Build from unpacked codes ``[out, in]`` (uint8 codes, or a float8 tensor).
+
+        Sub-byte uint8 codes are packed; the object also keeps a reference to them (not a field) that
+        :attr:`codes` returns while neither tensor has been modified, so that a kernel prepared right
+        after quantization does not unpack them again."""
         qt = get_qtype(qtype)
         if qt.kind == "float":
             data = codes.to(qt.torch_dtype)
