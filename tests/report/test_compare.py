@@ -197,20 +197,20 @@ def test_interrupted_sweep_resumes_and_an_eval_error_is_recorded(tmp_path, tiny_
 
 def test_speed_at_threads_windows_at_eval_threads_and_short_decode_on_slow_kernels(tmp_path, tiny_dir, text,
                                                                                       counted):
-    from polyquant.methods.bnb import BnbNF4Config
+    from polyquant.methods.rtn import RTNConfig
     calls, _ = counted
-    runs = [Run("fp32"), Run("nf4", BnbNF4Config())]  # NF4 code book: only the reference kernel (not a fast path)
+    runs = [Run("fp32"), Run("w6", RTNConfig(bits=6, group_size=32))]  # 6-bit: only the reference kernel (not a fast path)
     res = run_compare(tiny_dir, tmp_path / "r", runs, text=text, seqlen=16, max_windows=2, threads=1, eval_threads=2,
                       decode_tokens=16, slow_decode_tokens=8, show_progress=False)
-    fp, nf4 = res["runs"]
-    assert calls == ["fp", "fp", "bnb-nf4", "bnb-nf4"]  # an accuracy pass and a speed pass each
-    assert nf4["kernel"] == {"reference": 14}
-    assert fp["metrics"]["decode_tokens"] == 16 and nf4["metrics"]["decode_tokens"] == 8
-    assert nf4["notes"] == ["decode timed over 8 tokens: the reference kernel is not a fast path"]
-    for r in (fp, nf4):
+    fp, w6 = res["runs"]
+    assert calls == ["fp", "fp", 6, 6]  # an accuracy pass and a speed pass each
+    assert w6["kernel"] == {"reference": 14}
+    assert fp["metrics"]["decode_tokens"] == 16 and w6["metrics"]["decode_tokens"] == 8
+    assert w6["notes"] == ["decode timed over 8 tokens: the reference kernel is not a fast path"]
+    for r in (fp, w6):
         m = r["metrics"]
         assert (m["threads"], m["eval_threads"], m["windows"]) == (1, 2, 2) and m["decode_tok_s"] > 0
-    assert nf4["metrics"]["kl"] > 0
+    assert w6["metrics"]["kl"] > 0
 
 
 def test_torn_last_line_is_ignored_and_not_glued_to_the_next_record(tmp_path):

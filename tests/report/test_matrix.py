@@ -54,7 +54,8 @@ def test_cells_follow_the_kernels(declared):
     assert "cpu-int4" in w5["cpu"]["declined"]  # with the kernel's reason
     assert "4-bit" in w5["cpu"]["declined"]["cpu-int4"]
     nf4 = _row(declared, "bnb-nf4", 4)["devices"]["cpu"]
-    assert nf4["fast"] == [] and "nf4" in nf4["declined"]["cpu-int4"]
+    assert nf4["fast"] == ["cpu-lut4"] and nf4["kernel"] == "cpu-lut4"  # the compiled code-book kernel
+    assert "nf4" in nf4["declined"]["cpu-int4"]
     # CUDA: the Triton kernel with its minimum compute capability
     cap = KERNELS["triton-w4a16"].min_capability
     assert "triton-w4a16" in w4["cuda"]["fast"] and w4["cuda"]["min_capability"]["triton-w4a16"] == f"{cap[0]}.{cap[1]}"

@@ -7,5 +7,6 @@ from polyquant.kernels import bnb_int8  # noqa: F401,E402  (registers llm-int8)
 from polyquant.kernels import fp8, triton_fp8_block  # noqa: F401,E402  (registers fp8-emulated, fp8-scaled-mm, triton-fp8-block)
 from polyquant.kernels import int8_dynamic  # noqa: F401,E402  (registers int8-dynamic)
 from polyquant.kernels import quanto_act  # noqa: F401,E402  (registers quanto-int8)
+from polyquant.kernels import cpu_lut4  # noqa: F401,E402  (registers cpu-lut4)
 
 __all__ = ["KERNELS", "Kernel", "get_kernel", "list_kernels", "register_kernel", "select_kernel"]

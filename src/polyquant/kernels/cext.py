@@ -1,0 +1,91 @@
+"""Small compiled CPU kernels: build a C file from ``kernels/csrc`` with the system C compiler once,
+cache the shared library, load it with ctypes.
+
+No Python headers, no ninja, no torch C++ API: the C functions take raw pointers and sizes, so any C
+compiler (``$CC``, ``cc``, ``gcc``, ``clang``) builds them in about a second. The library is cached
+under ``$POLYQUANT_CACHE_DIR`` (default ``~/.cache/polyquant``)/``cext``, keyed by a hash of the
+source, the compiler and its flags; it is written to a temporary file and renamed (atomic, safe for
+parallel processes). A kernel that needs a library reports why it cannot run - no compiler, a build
+error, or ``POLYQUANT_NO_CEXT=1`` - through its ``supports`` reason; nothing falls back silently.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from importlib import resources
+from pathlib import Path
+
+__all__ = ["load_library", "library_error", "cache_dir"]
+
+_LIBS: dict[str, ctypes.CDLL | str] = {}
+_LOCK = threading.Lock()
+_FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared"]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("POLYQUANT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "polyquant")
+    return Path(root) / "cext"
+
+
+def _compiler() -> str | None:
+    for c in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if c and shutil.which(c):
+            return shutil.which(c)
+    return None
+
+
+def _build(name: str) -> ctypes.CDLL:
+    if os.environ.get("POLYQUANT_NO_CEXT", "") not in ("", "0"):
+        raise RuntimeError("compiled CPU kernels are disabled (POLYQUANT_NO_CEXT is set)")
+    src = resources.files("polyquant.kernels").joinpath("csrc", f"{name}.c").read_bytes()
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found ($CC, cc, gcc or clang) to build the compiled CPU kernel")
+    suffix = ".dll" if os.name == "nt" else ".so"
+    for omp in (["-fopenmp"], []):  # OpenMP when the compiler has it (threads > 1), else serial
+        flags = _FLAGS + omp
+        key = hashlib.sha256(src + "\0".join([cc, *flags, platform.machine(), platform.system()]).encode()).hexdigest()[:16]
+        out = cache_dir() / f"{name}-{key}{suffix}"
+        if out.exists():
+            return ctypes.CDLL(str(out))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            c_file = Path(tmp) / f"{name}.c"
+            c_file.write_bytes(src)
+            lib = Path(tmp) / f"{name}{suffix}"
+            r = subprocess.run([cc, *flags, str(c_file), "-o", str(lib)], capture_output=True, text=True)
+            if r.returncode == 0:
+                os.replace(lib, out)
+                return ctypes.CDLL(str(out))
+            err = (r.stderr or r.stdout).strip().splitlines()
+    raise RuntimeError(f"building kernels/csrc/{name}.c with {cc} failed: {' | '.join(err[-3:])}")
+
+
+def load_library(name: str) -> ctypes.CDLL:
+    """The compiled ``kernels/csrc/<name>.c`` (built on first use); RuntimeError saying why not."""
+    with _LOCK:
+        lib = _LIBS.get(name)
+        if lib is None:
+            try:
+                lib = _build(name)
+            except (RuntimeError, OSError) as e:
+                lib = str(e)
+            _LIBS[name] = lib
+    if isinstance(lib, str):
+        raise RuntimeError(lib)
+    return lib
+
+
+def library_error(name: str) -> str | None:
+    """None when the library loads, else the reason (for a kernel's ``supports``)."""
+    try:
+        load_library(name)
+        return None
+    except RuntimeError as e:
+        return str(e)

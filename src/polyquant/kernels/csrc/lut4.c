@@ -1,0 +1,227 @@
+/* polyquant: 4-bit look-up-table weights (NF4, FP4, any 16-entry code book) times float activations.
+ *
+ * Weight layout (built by polyquant.kernels.cpu_lut4.pack_lut4): codes [N][K] become bytes [N][K/2];
+ * every run of 32 codes c[0..31] is 16 bytes, byte b = c[b] | c[16 + b] << 4, so one 16-byte load
+ * widened to 16 x int32 yields codes 0..15 in the low nibbles and 16..31 after a shift by 4.
+ * Scales: float [N][K/G] (G: inputs per scale, a multiple of 32 dividing K). Value of weight (n, k):
+ * lut[code] * scale[n][k / G]. Accumulation is float32.
+ *
+ * AVX-512: the 16-entry table lives in one register and _mm512_permutexvar_ps looks up 16 codes at
+ * once (it reads only the low 4 bits of each index); the table is pre-multiplied by the group's
+ * scale. Other CPUs run the portable loop. Threads: OpenMP over output rows when nthreads > 1.
+ */
+#include <stdint.h>
+#include <stddef.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define PQ_X86 1
+#endif
+
+#define MB 4 /* activation rows per pass over a weight row */
+
+int pq_lut4_has_avx512(void) {
+#ifdef PQ_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") ? 1 : 0;
+#else
+    return 0;
+#endif
+}
+
+/* ---- portable ---------------------------------------------------------------------------- */
+static void rows_portable(int64_t M, int64_t n0, int64_t n1, int64_t K, int64_t G, const float *x,
+                          int64_t ldx, const uint8_t *w, const float *s, const float *lut, float *y,
+                          int64_t ldy) {
+    const int64_t ng = K / G, kb = K / 2;
+    float vals[32];
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *wr = w + n * kb;
+        for (int64_t m0 = 0; m0 < M; m0 += MB) {
+            const int64_t mb = (M - m0) < MB ? (M - m0) : MB;
+            float acc[MB] = {0};
+            for (int64_t g = 0; g < ng; g++) {
+                const float sc = s[n * ng + g];
+                float part[MB] = {0};
+                for (int64_t c = g * G; c < (g + 1) * G; c += 32) {
+                    const uint8_t *b = wr + c / 2;
+                    for (int i = 0; i < 16; i++) {
+                        vals[i] = lut[b[i] & 15];
+                        vals[16 + i] = lut[b[i] >> 4];
+                    }
+                    for (int64_t m = 0; m < mb; m++) {
+                        const float *xr = x + (m0 + m) * ldx + c;
+                        float t = 0.f;
+                        for (int i = 0; i < 32; i++) t += xr[i] * vals[i];
+                        part[m] += t;
+                    }
+                }
+                for (int64_t m = 0; m < mb; m++) acc[m] += part[m] * sc;
+            }
+            for (int64_t m = 0; m < mb; m++) y[(m0 + m) * ldy + n] = acc[m];
+        }
+    }
+}
+
+static void dequant_portable(int64_t n0, int64_t n1, int64_t K, int64_t G, const uint8_t *w,
+                             const float *s, const float *lut, float *out) {
+    const int64_t ng = K / G, kb = K / 2;
+    for (int64_t n = n0; n < n1; n++) {
+        for (int64_t c = 0; c < K; c += 32) {
+            const uint8_t *b = w + n * kb + c / 2;
+            const float sc = s[n * ng + c / G];
+            float *o = out + n * K + c;
+            for (int i = 0; i < 16; i++) {
+                o[i] = lut[b[i] & 15] * sc;
+                o[16 + i] = lut[b[i] >> 4] * sc;
+            }
+        }
+    }
+}
+
+/* ---- AVX-512 ----------------------------------------------------------------------------- */
+#ifdef PQ_X86
+/* one activation row, four weight rows at a time: four weight streams in flight (memory-level
+   parallelism) and eight independent accumulators; the rows after them are prefetched. */
+__attribute__((target("avx512f"))) static int64_t gemv4_avx512(int64_t n0, int64_t n1, int64_t K, int64_t G,
+                                                            const float *x, const uint8_t *w, const float *s,
+                                                            const float *lut, float *y) {
+    const int64_t ng = K / G, kb = K / 2;
+    const __m512 table = _mm512_loadu_ps(lut);
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) {
+        const uint8_t *w0 = w + n * kb;
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(),
+               a3 = _mm512_setzero_ps(), b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps(),
+               b2 = _mm512_setzero_ps(), b3 = _mm512_setzero_ps();
+        for (int64_t g = 0; g < ng; g++) {
+            const __m512 t0 = _mm512_mul_ps(table, _mm512_set1_ps(s[n * ng + g]));
+            const __m512 t1 = _mm512_mul_ps(table, _mm512_set1_ps(s[(n + 1) * ng + g]));
+            const __m512 t2 = _mm512_mul_ps(table, _mm512_set1_ps(s[(n + 2) * ng + g]));
+            const __m512 t3 = _mm512_mul_ps(table, _mm512_set1_ps(s[(n + 3) * ng + g]));
+            for (int64_t c = g * G; c < (g + 1) * G; c += 32) {
+                const uint8_t *p = w0 + c / 2;
+                _mm_prefetch((const char *)(p + 4 * kb), _MM_HINT_T0);
+                _mm_prefetch((const char *)(p + 5 * kb), _MM_HINT_T0);
+                _mm_prefetch((const char *)(p + 6 * kb), _MM_HINT_T0);
+                _mm_prefetch((const char *)(p + 7 * kb), _MM_HINT_T0);
+                const __m512 xl = _mm512_loadu_ps(x + c), xh = _mm512_loadu_ps(x + c + 16);
+                __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+                a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(q, t0), xl, a0);
+                b0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), t0), xh, b0);
+                q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + kb)));
+                a1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(q, t1), xl, a1);
+                b1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), t1), xh, b1);
+                q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + 2 * kb)));
+                a2 = _mm512_fmadd_ps(_mm512_permutexvar_ps(q, t2), xl, a2);
+                b2 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), t2), xh, b2);
+                q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + 3 * kb)));
+                a3 = _mm512_fmadd_ps(_mm512_permutexvar_ps(q, t3), xl, a3);
+                b3 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), t3), xh, b3);
+            }
+        }
+        y[n] = _mm512_reduce_add_ps(_mm512_add_ps(a0, b0));
+        y[n + 1] = _mm512_reduce_add_ps(_mm512_add_ps(a1, b1));
+        y[n + 2] = _mm512_reduce_add_ps(_mm512_add_ps(a2, b2));
+        y[n + 3] = _mm512_reduce_add_ps(_mm512_add_ps(a3, b3));
+    }
+    return n;
+}
+
+__attribute__((target("avx512f"))) static void rows_avx512(int64_t M, int64_t n0, int64_t n1, int64_t K,
+                                                           int64_t G, const float *x, int64_t ldx,
+                                                           const uint8_t *w, const float *s,
+                                                           const float *lut, float *y, int64_t ldy) {
+    const int64_t ng = K / G, kb = K / 2;
+    const __m512 table = _mm512_loadu_ps(lut);
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *wr = w + n * kb;
+        const float *sr = s + n * ng;
+        for (int64_t m0 = 0; m0 < M; m0 += MB) {
+            const int64_t mb = (M - m0) < MB ? (M - m0) : MB;
+            __m512 acc[MB];
+            for (int m = 0; m < MB; m++) acc[m] = _mm512_setzero_ps();
+            const float *xr = x + m0 * ldx;
+            for (int64_t g = 0; g < ng; g++) {
+                const __m512 t = _mm512_mul_ps(table, _mm512_set1_ps(sr[g]));
+                for (int64_t c = g * G; c < (g + 1) * G; c += 32) {
+                    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wr + c / 2)));
+                    const __m512 lo = _mm512_permutexvar_ps(q, t); /* low 4 bits of each index */
+                    const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), t);
+                    if (mb == 1) {
+                        acc[0] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xr + c), acc[0]);
+                        acc[1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xr + c + 16), acc[1]);
+                    } else {
+                        for (int64_t m = 0; m < mb; m++) {
+                            const float *xm = xr + m * ldx + c;
+                            acc[m] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xm), acc[m]);
+                            acc[m] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xm + 16), acc[m]);
+                        }
+                    }
+                }
+            }
+            if (mb == 1) {
+                y[m0 * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
+            } else {
+                for (int64_t m = 0; m < mb; m++) y[(m0 + m) * ldy + n] = _mm512_reduce_add_ps(acc[m]);
+            }
+        }
+    }
+}
+
+__attribute__((target("avx512f"))) static void dequant_avx512(int64_t n0, int64_t n1, int64_t K, int64_t G,
+                                                              const uint8_t *w, const float *s,
+                                                              const float *lut, float *out) {
+    const int64_t ng = K / G, kb = K / 2;
+    const __m512 table = _mm512_loadu_ps(lut);
+    for (int64_t n = n0; n < n1; n++) {
+        for (int64_t g = 0; g < ng; g++) {
+            const __m512 t = _mm512_mul_ps(table, _mm512_set1_ps(s[n * ng + g]));
+            for (int64_t c = g * G; c < (g + 1) * G; c += 32) {
+                const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + n * kb + c / 2)));
+                _mm512_storeu_ps(out + n * K + c, _mm512_permutexvar_ps(q, t));
+                _mm512_storeu_ps(out + n * K + c + 16, _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), t));
+            }
+        }
+    }
+}
+#endif
+
+/* ---- entry points ------------------------------------------------------------------------ */
+/* y[M][N] (row stride ldy) = x[M][K] (row stride ldx) @ W^T. simd: 1 = AVX-512, 0 = portable. */
+void pq_lut4_mm(int64_t M, int64_t N, int64_t K, int64_t G, const float *x, int64_t ldx, const uint8_t *w,
+                const float *s, const float *lut, float *y, int64_t ldy, int64_t nthreads, int64_t simd) {
+    const int64_t chunk = 16;
+    const int64_t nchunks = (N + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static) num_threads((int)(nthreads > 0 ? nthreads : 1)) if (nthreads > 1)
+    for (int64_t i = 0; i < nchunks; i++) {
+        const int64_t n0 = i * chunk, n1 = (n0 + chunk < N) ? n0 + chunk : N;
+#ifdef PQ_X86
+        if (simd) {
+            int64_t n = n0;
+            if (M == 1) n = gemv4_avx512(n0, n1, K, G, x, w, s, lut, y);
+            if (n < n1) rows_avx512(M, n, n1, K, G, x, ldx, w, s, lut, y, ldy);
+            continue;
+        }
+#endif
+        rows_portable(M, n0, n1, K, G, x, ldx, w, s, lut, y, ldy);
+    }
+}
+
+/* out[N][K] = lut[code] * scale, float32. */
+void pq_lut4_dequant(int64_t N, int64_t K, int64_t G, const uint8_t *w, const float *s, const float *lut,
+                     float *out, int64_t nthreads, int64_t simd) {
+    const int64_t chunk = 16;
+    const int64_t nchunks = (N + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static) num_threads((int)(nthreads > 0 ? nthreads : 1)) if (nthreads > 1)
+    for (int64_t i = 0; i < nchunks; i++) {
+        const int64_t n0 = i * chunk, n1 = (n0 + chunk < N) ? n0 + chunk : N;
+#ifdef PQ_X86
+        if (simd) {
+            dequant_avx512(n0, n1, K, G, w, s, lut, out);
+            continue;
+        }
+#endif
+        dequant_portable(n0, n1, K, G, w, s, lut, out);
+    }
+}

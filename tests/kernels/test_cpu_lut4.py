@@ -1,0 +1,121 @@
+"""cpu-lut4: the compiled 4-bit code-book kernel (NF4 / FP4) against the format's definition and the
+reference kernel, on both of its code paths (AVX-512 when this CPU has it, and the portable loop)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import polyquant
+from helpers import sqnr_db, tiny_llama
+from polyquant.kernels import cext
+from polyquant.kernels.base import select_kernel
+from polyquant.kernels.cpu_lut4 import (DEQUANT_MIN_M, CpuLut4Kernel, has_avx512, lut4_dequantize, lut4_mm,
+                                        pack_lut4)
+from polyquant.methods.bnb import Bnb4bitConfig, BnbFP4Config, BnbNF4Config, bnb_quantize_4bit
+from polyquant.nn.quantize import kernel_summary, set_kernels
+from polyquant.tensor.quantized_weight import QuantizedWeight
+
+CPU = torch.device("cpu")
+KERNEL = CpuLut4Kernel()
+
+if reason := cext.library_error("lut4"):  # pragma: no cover - every CI machine has a C compiler
+    pytest.skip(f"cpu-lut4 cannot be built here: {reason}", allow_module_level=True)
+
+SIMD = [False, True] if has_avx512() else [False]
+
+
+def _qw(n: int, k: int, cfg: Bnb4bitConfig, seed: int = 0) -> QuantizedWeight:
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.05
+    return bnb_quantize_4bit(w, cfg)
+
+
+def test_pack_layout_is_the_documented_byte_order():
+    codes = torch.randint(0, 16, (3, 64), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    p = pack_lut4(codes)
+    assert p.shape == (3, 32) and p.dtype == torch.uint8
+    for r in range(32 // 16):  # every run of 32 codes is 16 bytes: c[b] | c[16 + b] << 4
+        for b in range(16):
+            want = codes[:, 32 * r + b] | (codes[:, 32 * r + 16 + b] << 4)
+            assert torch.equal(p[:, 16 * r + b], want)
+
+
+@pytest.mark.parametrize("simd", SIMD)
+@pytest.mark.parametrize("cfg,shape", [
+    (BnbNF4Config(blocksize=64, double_quant=True), (48, 192)),
+    (BnbFP4Config(blocksize=32), (40, 96)),
+    (BnbNF4Config(blocksize=128), (24, 256)),
+    (BnbNF4Config(blocksize=256), (30, 128)),  # a block spans two whole rows: block (2, 128)
+])
+def test_dequantize_is_bit_exact(cfg, shape, simd):
+    qw = _qw(*shape, cfg)
+    assert KERNEL.supports(qw, CPU) is None
+    b = KERNEL.prepare(qw)
+    assert torch.equal(lut4_dequantize(b["w"], b["s"], b["lut"], simd=simd), qw.dequantize())
+
+
+@pytest.mark.parametrize("simd", SIMD)
+@pytest.mark.parametrize("m,n", [(1, 72), (1, 70), (2, 72), (4, 72), (5, 70), (9, 72)])
+def test_matmul_within_float32_rounding(m, n, simd):
+    # M = 1 runs four weight rows at a time (n = 70: two rows left over for the general loop)
+    qw = _qw(n, 320, BnbNF4Config(blocksize=64))
+    b = KERNEL.prepare(qw)
+    x = torch.randn(m, 320, generator=torch.Generator().manual_seed(m))
+    y = lut4_mm(x, b["w"], b["s"], b["lut"], simd=simd, threads=1)
+    exact = x.double() @ qw.dequantize().double().t()
+    assert y.shape == (m, n)
+    assert ((y.double() - exact).abs().max() / exact.abs().max()).item() < 2e-6
+
+
+def test_threads_give_the_same_result():
+    qw = _qw(96, 256, BnbFP4Config(blocksize=64))
+    b = KERNEL.prepare(qw)
+    x = torch.randn(3, 256)
+    y1 = lut4_mm(x, b["w"], b["s"], b["lut"], threads=1)
+    y2 = lut4_mm(x, b["w"], b["s"], b["lut"], threads=2)
+    assert torch.equal(y1, y2)  # rows are split between threads, each row's sum is computed the same way
+
+
+@pytest.mark.parametrize("quant", ["nf4", "fp4"])
+def test_model_picks_cpu_lut4_and_matches_reference(quant):
+    m = tiny_llama()
+    ids = torch.randint(0, 256, (2, DEQUANT_MIN_M + 3), generator=torch.Generator().manual_seed(3))
+    q = polyquant.quantize(m, BnbNF4Config() if quant == "nf4" else BnbFP4Config(), show_progress=False)
+    assert set(kernel_summary(q)) == {"cpu-lut4"}
+    with torch.no_grad():
+        fast_long, fast_one = q(ids).logits, q(ids[:, :1]).logits  # dequantize path and the C loop
+        set_kernels(q, "reference")
+        ref_long, ref_one = q(ids).logits, q(ids[:, :1]).logits
+    assert sqnr_db(ref_long, fast_long) > 90 and sqnr_db(ref_one, fast_one) > 90
+    assert fast_one.dtype == torch.float32
+
+
+def test_bfloat16_activations():
+    qw = _qw(64, 128, BnbNF4Config(blocksize=64))
+    lin = torch.nn.Sequential(torch.nn.Linear(128, 64, bias=True))
+    with torch.no_grad():
+        lin[0].weight.copy_(qw.dequantize())
+    q = polyquant.quantize(lin, BnbNF4Config(include=["0"]), show_progress=False)
+    x = torch.randn(2, 128).to(torch.bfloat16)
+    with torch.no_grad():
+        y = q(x)
+        set_kernels(q, "reference")
+        r = q(x)
+    assert y.dtype == torch.bfloat16 and sqnr_db(r.float(), y.float()) > 40
+
+
+def test_refusals_name_the_reason(monkeypatch):
+    codes = torch.zeros(16, 48, dtype=torch.uint8)
+    odd = QuantizedWeight.from_codes(codes, "nf4", (1, 48), torch.ones(16, 1))
+    assert "multiple of 32" in KERNEL.supports(odd, CPU)
+    short = QuantizedWeight.from_codes(torch.zeros(16, 96, dtype=torch.uint8), "nf4", (1, 64), torch.ones(16, 2))
+    assert "row groups dividing" in KERNEL.supports(short, CPU)
+    int4 = QuantizedWeight.from_codes(torch.zeros(16, 64, dtype=torch.uint8), "uint4", (1, 32), torch.ones(16, 2))
+    assert "code book" in KERNEL.supports(int4, CPU)
+    ok = QuantizedWeight.from_codes(torch.zeros(16, 64, dtype=torch.uint8), "nf4", (1, 32), torch.ones(16, 2))
+    assert "cuda" in KERNEL.supports(ok, torch.device("cuda"))
+    # no compiled library (disabled here, or no compiler): refused with the reason, auto takes the reference
+    monkeypatch.setattr(cext, "_LIBS", {})
+    monkeypatch.setenv("POLYQUANT_NO_CEXT", "1")
+    assert "POLYQUANT_NO_CEXT" in KERNEL.supports(ok, CPU)
+    kern, reasons = select_kernel(ok, CPU)
+    assert kern.name == "reference" and "POLYQUANT_NO_CEXT" in reasons["cpu-lut4"]
