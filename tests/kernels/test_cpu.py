@@ -77,17 +77,17 @@ def test_act_quant_is_applied_by_fast_kernels():
         assert _rel_err(fast(x), QuantLinear(qw, None, kernel="reference")(x)) > 0.05
 
 
-@pytest.mark.parametrize("out,inp,bits,group,reason", [
-    (64, 256, 5, 64, "4-bit"),           # 5-bit: no fast CPU kernel (1- to 4-bit codes ride on int4)
-    (40, 256, 4, 64, "multiple of 16"),  # out_features 40
-    (64, 80, 4, -1, "do not fit"),       # in_features 80 is not a multiple of 32
-    (64, 256, 4, 48, "do not fit"),      # group 48
+@pytest.mark.parametrize("out,inp,bits,group,reason,fallback", [
+    (64, 256, 5, 64, "4-bit", "reference"),           # 5-bit: no fast CPU kernel (1- to 4-bit codes ride on int4)
+    (40, 256, 4, 64, "multiple of 16", "cpu-lut4"),   # out_features 40: the compiled table kernel takes it
+    (64, 80, 4, -1, "do not fit", "reference"),       # in_features 80 is not a multiple of 32
+    (64, 256, 4, 48, "do not fit", "reference"),      # group 48
 ])
-def test_auto_falls_back_to_reference_with_reason(out, inp, bits, group, reason):
+def test_auto_falls_back_to_reference_with_reason(out, inp, bits, group, reason, fallback):
     fast, _ = _layer(out, inp, bits, group, True)
-    assert fast.kernel_name == "reference"
+    assert fast.kernel_name == fallback
     assert reason in fast.kernel_skipped["cpu-int4"]
-    assert "kernel=reference" in repr(fast)
+    assert f"kernel={fallback}" in repr(fast)
     with pytest.raises(ValueError, match=f"cpu-int4.*{reason}"):
         _layer(out, inp, bits, group, True, kernel="cpu-int4")
 

@@ -12,6 +12,7 @@ from polyquant.kernels.base import select_kernel
 from polyquant.kernels.cpu_lut4 import (DEQUANT_MIN_M, CpuLut4Kernel, has_avx512, lut4_dequantize, lut4_mm,
                                         pack_lut4)
 from polyquant.methods.bnb import Bnb4bitConfig, BnbFP4Config, BnbNF4Config, bnb_quantize_4bit
+from polyquant.methods.rtn import RTNConfig, rtn_quantize
 from polyquant.nn.quantize import kernel_summary, set_kernels
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
@@ -66,6 +67,34 @@ def test_matmul_within_float32_rounding(m, n, simd):
     assert ((y.double() - exact).abs().max() / exact.abs().max()).item() < 2e-6
 
 
+@pytest.mark.parametrize("simd", SIMD)
+@pytest.mark.parametrize("bits,group,sym", [(4, 64, False), (4, 32, True), (3, 64, False), (2, 96, False),
+                                            (4, -1, False)])
+def test_integer_layouts_with_zero_points_are_bit_exact(bits, group, sym, simd):
+    """Integer codes: the table is ``code - offset`` and each group's ``(table - zero) * scale`` is what the
+    reference dequantization computes, value for value."""
+    w = torch.randn(36, 192, generator=torch.Generator().manual_seed(bits)) * 0.05
+    qw = rtn_quantize(w, RTNConfig(bits=bits, group_size=group, sym=sym))
+    assert (qw.zero is None) == sym and KERNEL.supports(qw, CPU) is None
+    b = KERNEL.prepare(qw)
+    assert torch.equal(lut4_dequantize(b["w"], b["s"], b["lut"], b.get("z"), simd=simd), qw.dequantize())
+    x = torch.randn(3, 192, generator=torch.Generator().manual_seed(0))
+    exact = x.double() @ qw.dequantize().double().t()
+    for m in (1, 3):
+        y = lut4_mm(x[:m], b["w"], b["s"], b["lut"], b.get("z"), simd=simd, threads=1)
+        assert ((y.double() - exact[:m]).abs().max() / exact.abs().max()).item() < 2e-6
+
+
+def test_integer_layers_cpu_int4_declines_take_cpu_lut4():
+    """cpu-int4 (bf16) stays auto's choice for integer layouts it can run; a layer it declines
+    (out_features not a multiple of 16) runs here instead of the reference kernel."""
+    two = torch.nn.ModuleList([torch.nn.Linear(128, 40), torch.nn.Linear(128, 32)])
+    q = polyquant.quantize(two, RTNConfig(bits=4, group_size=64, sym=False, include=["0", "1"]), show_progress=False)
+    mods = dict(q.named_modules())
+    assert mods["0"].kernel_name == "cpu-lut4" and "multiple of 16" in mods["0"].kernel_skipped["cpu-int4"]
+    assert mods["1"].kernel_name == "cpu-int4"
+
+
 def test_threads_give_the_same_result():
     qw = _qw(96, 256, BnbFP4Config(blocksize=64))
     b = KERNEL.prepare(qw)
@@ -109,8 +138,8 @@ def test_refusals_name_the_reason(monkeypatch):
     assert "multiple of 32" in KERNEL.supports(odd, CPU)
     short = QuantizedWeight.from_codes(torch.zeros(16, 96, dtype=torch.uint8), "nf4", (1, 64), torch.ones(16, 2))
     assert "row groups dividing" in KERNEL.supports(short, CPU)
-    int4 = QuantizedWeight.from_codes(torch.zeros(16, 64, dtype=torch.uint8), "uint4", (1, 32), torch.ones(16, 2))
-    assert "code book" in KERNEL.supports(int4, CPU)
+    int8 = QuantizedWeight.from_codes(torch.zeros(16, 64, dtype=torch.uint8), "uint8", (1, 32), torch.ones(16, 2))
+    assert "1- to 4-bit integer" in KERNEL.supports(int8, CPU)
     ok = QuantizedWeight.from_codes(torch.zeros(16, 64, dtype=torch.uint8), "nf4", (1, 32), torch.ones(16, 2))
     assert "cuda" in KERNEL.supports(ok, torch.device("cuda"))
     # no compiled library (disabled here, or no compiler): refused with the reason, auto takes the reference

@@ -1,4 +1,5 @@
-"""``cpu-lut4``: 4-bit code-book weights (bitsandbytes NF4 / FP4, any 16-entry table) on the CPU.
+"""``cpu-lut4``: 4-bit code-book weights (bitsandbytes NF4 / FP4, any 16-entry table) on the CPU, and
+1- to 4-bit integer weights with float32 numerics (the table is ``code - offset``, minus the zero point).
 
 PyTorch has no packed op for non-uniform 4-bit codes, so this kernel is a small compiled C function
 (``kernels/csrc/lut4.c``, built once by :mod:`polyquant.kernels.cext`): the 16-entry table, scaled
@@ -34,9 +35,9 @@ _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 def _lib() -> ctypes.CDLL:
     lib = load_library(_LIB)
     if "argtypes" not in _SIMD:
-        lib.pq_lut4_mm.argtypes = [_i64, _i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64]
+        lib.pq_lut4_mm.argtypes = [_i64, _i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64]
         lib.pq_lut4_mm.restype = None
-        lib.pq_lut4_dequant.argtypes = [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64]
+        lib.pq_lut4_dequant.argtypes = [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64]
         lib.pq_lut4_dequant.restype = None
         _SIMD["avx512"] = int(lib.pq_lut4_has_avx512())
         _SIMD["argtypes"] = True
@@ -71,11 +72,11 @@ def pack_lut4(codes: torch.Tensor) -> torch.Tensor:
     return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
 
 
-def lut4_scales(qw: QuantizedWeight, g: int) -> torch.Tensor:
-    """The per-group scales ``[N, K/g]`` float32 of ``qw``'s layout."""
+def lut4_scales(qw: QuantizedWeight, g: int, t: torch.Tensor | None = None) -> torch.Tensor:
+    """A per-block tensor of ``qw`` (its scales, or ``t``: its zero points) as ``[N, K/g]`` float32."""
     n, k = qw.shape
     r, c = qw.block
-    s = qw.scale.to(torch.float32)
+    s = (qw.scale if t is None else t).to(torch.float32)
     if c >= k:
         s = s.reshape(-1)[: -(-n // r)].repeat_interleave(r)[:n].reshape(n, 1)
     else:
@@ -83,45 +84,57 @@ def lut4_scales(qw: QuantizedWeight, g: int) -> torch.Tensor:
     return s.contiguous()
 
 
-def lut4_mm(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, lut: torch.Tensor, simd: bool | None = None,
-            threads: int | None = None) -> torch.Tensor:
-    """``x [M, K] float32 @ W.T`` with ``W[n, k] = lut[code] * s[n, k // G]`` -> ``[M, N]`` float32."""
+def _zp(z: torch.Tensor | None) -> int | None:
+    return None if z is None else z.data_ptr()
+
+
+def lut4_mm(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, lut: torch.Tensor, z: torch.Tensor | None = None,
+            simd: bool | None = None, threads: int | None = None) -> torch.Tensor:
+    """``x [M, K] float32 @ W.T`` with ``W[n, k] = (lut[code] - z[n, k // G]) * s[n, k // G]`` (no ``z``:
+    ``lut[code] * s``) -> ``[M, N]`` float32."""
     mm = _FN.get("mm") or _lib().pq_lut4_mm
     m, k = x.shape
     n = w.shape[0]
     if not x.is_contiguous():
         x = x.contiguous()
     y = torch.empty(m, n, dtype=torch.float32)
-    mm(m, n, k, k // s.shape[1], x.data_ptr(), k, w.data_ptr(), s.data_ptr(), lut.data_ptr(), y.data_ptr(), n,
-       threads or torch.get_num_threads(), _SIMD["avx512"] if simd is None else int(simd))
+    mm(m, n, k, k // s.shape[1], x.data_ptr(), k, w.data_ptr(), s.data_ptr(), _zp(z), lut.data_ptr(), y.data_ptr(),
+       n, threads or torch.get_num_threads(), _SIMD["avx512"] if simd is None else int(simd))
     return y
 
 
-def lut4_dequantize(w: torch.Tensor, s: torch.Tensor, lut: torch.Tensor, simd: bool | None = None,
-                    threads: int | None = None) -> torch.Tensor:
+def lut4_dequantize(w: torch.Tensor, s: torch.Tensor, lut: torch.Tensor, z: torch.Tensor | None = None,
+                    simd: bool | None = None, threads: int | None = None) -> torch.Tensor:
     """The dense float32 weight ``[N, K]`` of the packed layout."""
     lib = _lib()
     n, k = w.shape[0], w.shape[1] * 2
     out = torch.empty(n, k, dtype=torch.float32)
-    lib.pq_lut4_dequant(n, k, k // s.shape[1], w.data_ptr(), s.data_ptr(), lut.data_ptr(), out.data_ptr(),
-                        threads or torch.get_num_threads(), int(_SIMD["avx512"] if simd is None else simd))
+    lib.pq_lut4_dequant(n, k, k // s.shape[1], w.data_ptr(), s.data_ptr(), _zp(z), lut.data_ptr(), out.data_ptr(),
+                        threads or torch.get_num_threads(), _SIMD["avx512"] if simd is None else int(simd))
     return out
 
 
 class CpuLut4Kernel(Kernel):
+    """Code books are its own layouts (auto picks it for them); 1- to 4-bit integer layouts are
+    ``cpu-int4``'s first (bf16, PyTorch's packed op) - this kernel takes them when ``cpu-int4`` declines
+    (e.g. ``out_features % 16``, groups outside 32..256) or when asked (float32 numerics)."""
+
     name = "cpu-lut4"
     devices = ("cpu",)
-    priority = 20
-    layouts = ("4-bit code-book weights (NF4, FP4) with one scale per group of a multiple of 32 inputs "
-               "(or whole rows); compiled C, AVX-512 when the CPU has it; float32 accumulation")
+    priority = 15
+    layouts = ("4-bit code books (NF4, FP4) and 1- to 4-bit integer codes (with zero points) with one scale per "
+               "group of a multiple of 32 inputs (or whole rows); compiled C, AVX-512 when the CPU has it; float32")
 
     def supports(self, qw, device):
         if r := self._device_reason(device):
             return r
-        if qw.qt.kind != "codebook" or qw.bits != 4 or len(qw.qt.values or ()) != 16:
-            return f"needs a 16-entry 4-bit code book (nf4, fp4), got {qw.qtype}"
-        if qw.zero is not None or qw.g_idx is not None or "outliers" in qw.extras:
-            return "zero points, act-order (g_idx) and outliers are not supported"
+        if qw.qt.kind == "codebook":
+            if qw.bits != 4 or len(qw.qt.values or ()) != 16:
+                return f"needs a 16-entry code book (nf4, fp4) or 1- to 4-bit integer codes, got {qw.qtype}"
+        elif qw.qt.kind != "int" or qw.bits > 4:
+            return f"needs a 16-entry code book (nf4, fp4) or 1- to 4-bit integer codes, got {qw.qtype}"
+        if qw.g_idx is not None or "outliers" in qw.extras:
+            return "act-order (g_idx) and outliers are not supported"
         g = _group(qw)
         if isinstance(g, str):
             return g
@@ -131,21 +144,25 @@ class CpuLut4Kernel(Kernel):
 
     def prepare(self, qw):
         g = _group(qw)
+        # the table is the reference's decode() of every 4-bit code (code - offset for integers)
         lut = qw.qt.decode(torch.arange(16, dtype=torch.uint8)).to(torch.float32).contiguous()
-        return {"w": pack_lut4(qw.codes), "s": lut4_scales(qw, g), "lut": lut}
+        buf = {"w": pack_lut4(qw.codes), "s": lut4_scales(qw, g), "lut": lut}
+        if qw.zero is not None:
+            buf["z"] = lut4_scales(qw, g, qw.zero)
+        return buf
 
     def forward(self, module, x):
         if module.act_quant is not None:
             x = module.act_quant(x)
         b = module._buffers
-        w, s, lut = b["k_w"], b["k_s"], b["k_lut"]
+        w, s, lut, z = b["k_w"], b["k_s"], b["k_lut"], b.get("k_z")
         dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
         xf = x2 if dtype == torch.float32 else x2.to(torch.float32)
         if x2.shape[0] < DEQUANT_MIN_M:
-            y = lut4_mm(xf, w, s, lut)
+            y = lut4_mm(xf, w, s, lut, z)
         else:
-            y = F.linear(xf, lut4_dequantize(w, s, lut))
+            y = F.linear(xf, lut4_dequantize(w, s, lut, z))
         if dtype != torch.float32:
             y = y.to(dtype)
         if module.bias is not None:

@@ -1,14 +1,16 @@
-/* polyquant: 4-bit look-up-table weights (NF4, FP4, any 16-entry code book) times float activations.
+/* polyquant: 4-bit look-up-table weights (NF4, FP4, any 16-entry code book; integer codes of 1-4 bits with
+ * a zero point are the table code - offset) times float activations.
  *
  * Weight layout (built by polyquant.kernels.cpu_lut4.pack_lut4): codes [N][K] become bytes [N][K/2];
  * every run of 32 codes c[0..31] is 16 bytes, byte b = c[b] | c[16 + b] << 4, so one 16-byte load
  * widened to 16 x int32 yields codes 0..15 in the low nibbles and 16..31 after a shift by 4.
- * Scales: float [N][K/G] (G: inputs per scale, a multiple of 32 dividing K). Value of weight (n, k):
- * lut[code] * scale[n][k / G]. Accumulation is float32.
+ * Scales (and optional zero points): float [N][K/G] (G: inputs per scale, a multiple of 32 dividing K).
+ * Value of weight (n, k): (lut[code] - zero[n][k / G]) * scale[n][k / G], as polyquant's reference
+ * dequantization computes it. Accumulation is float32.
  *
  * AVX-512: the 16-entry table lives in one register and _mm512_permutexvar_ps looks up 16 codes at
  * once (it reads only the low 4 bits of each index); the table is pre-multiplied by the group's
- * scale. Other CPUs run the portable loop. Threads: OpenMP over output rows when nthreads > 1.
+ * scale (and zero). Other CPUs run the portable loop. Threads: OpenMP over output rows when nthreads > 1.
  */
 #include <stdint.h>
 #include <stddef.h>
@@ -31,7 +33,7 @@ int pq_lut4_has_avx512(void) {
 
 /* ---- portable ---------------------------------------------------------------------------- */
 static void rows_portable(int64_t M, int64_t n0, int64_t n1, int64_t K, int64_t G, const float *x,
-                          int64_t ldx, const uint8_t *w, const float *s, const float *lut, float *y,
+                          int64_t ldx, const uint8_t *w, const float *s, const float *z, const float *lut, float *y,
                           int64_t ldy) {
     const int64_t ng = K / G, kb = K / 2;
     float vals[32];
@@ -41,13 +43,15 @@ static void rows_portable(int64_t M, int64_t n0, int64_t n1, int64_t K, int64_t 
             const int64_t mb = (M - m0) < MB ? (M - m0) : MB;
             float acc[MB] = {0};
             for (int64_t g = 0; g < ng; g++) {
-                const float sc = s[n * ng + g];
+                const float sc = s[n * ng + g], zp = z ? z[n * ng + g] : 0.f;
+                float tab[16];
+                for (int i = 0; i < 16; i++) tab[i] = (lut[i] - zp) * sc;
                 float part[MB] = {0};
                 for (int64_t c = g * G; c < (g + 1) * G; c += 32) {
                     const uint8_t *b = wr + c / 2;
                     for (int i = 0; i < 16; i++) {
-                        vals[i] = lut[b[i] & 15];
-                        vals[16 + i] = lut[b[i] >> 4];
+                        vals[i] = tab[b[i] & 15];
+                        vals[16 + i] = tab[b[i] >> 4];
                     }
                     for (int64_t m = 0; m < mb; m++) {
                         const float *xr = x + (m0 + m) * ldx + c;
@@ -56,7 +60,7 @@ static void rows_portable(int64_t M, int64_t n0, int64_t n1, int64_t K, int64_t 
                         part[m] += t;
                     }
                 }
-                for (int64_t m = 0; m < mb; m++) acc[m] += part[m] * sc;
+                for (int64_t m = 0; m < mb; m++) acc[m] += part[m];
             }
             for (int64_t m = 0; m < mb; m++) y[(m0 + m) * ldy + n] = acc[m];
         }
@@ -64,16 +68,16 @@ static void rows_portable(int64_t M, int64_t n0, int64_t n1, int64_t K, int64_t 
 }
 
 static void dequant_portable(int64_t n0, int64_t n1, int64_t K, int64_t G, const uint8_t *w,
-                             const float *s, const float *lut, float *out) {
+                             const float *s, const float *z, const float *lut, float *out) {
     const int64_t ng = K / G, kb = K / 2;
     for (int64_t n = n0; n < n1; n++) {
         for (int64_t c = 0; c < K; c += 32) {
             const uint8_t *b = w + n * kb + c / 2;
-            const float sc = s[n * ng + c / G];
+            const float sc = s[n * ng + c / G], zp = z ? z[n * ng + c / G] : 0.f;
             float *o = out + n * K + c;
             for (int i = 0; i < 16; i++) {
-                o[i] = lut[b[i] & 15] * sc;
-                o[16 + i] = lut[b[i] >> 4] * sc;
+                o[i] = (lut[b[i] & 15] - zp) * sc;
+                o[16 + i] = (lut[b[i] >> 4] - zp) * sc;
             }
         }
     }
@@ -81,11 +85,15 @@ static void dequant_portable(int64_t n0, int64_t n1, int64_t K, int64_t G, const
 
 /* ---- AVX-512 ----------------------------------------------------------------------------- */
 #ifdef PQ_X86
+/* the group's table: (lut - zero) * scale, the reference's order of operations (bit-exact values) */
+#define TABLE(i) (z ? _mm512_mul_ps(_mm512_sub_ps(table, _mm512_set1_ps(z[i])), _mm512_set1_ps(s[i])) \
+               : _mm512_mul_ps(table, _mm512_set1_ps(s[i])))
+
 /* one activation row, four weight rows at a time: four weight streams in flight (memory-level
    parallelism) and eight independent accumulators; the rows after them are prefetched. */
 __attribute__((target("avx512f"))) static int64_t gemv4_avx512(int64_t n0, int64_t n1, int64_t K, int64_t G,
                                                             const float *x, const uint8_t *w, const float *s,
-                                                            const float *lut, float *y) {
+                                                            const float *z, const float *lut, float *y) {
     const int64_t ng = K / G, kb = K / 2;
     const __m512 table = _mm512_loadu_ps(lut);
     int64_t n = n0;
@@ -95,10 +103,10 @@ __attribute__((target("avx512f"))) static int64_t gemv4_avx512(int64_t n0, int64
                a3 = _mm512_setzero_ps(), b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps(),
                b2 = _mm512_setzero_ps(), b3 = _mm512_setzero_ps();
         for (int64_t g = 0; g < ng; g++) {
-            const __m512 t0 = _mm512_mul_ps(table, _mm512_set1_ps(s[n * ng + g]));
-            const __m512 t1 = _mm512_mul_ps(table, _mm512_set1_ps(s[(n + 1) * ng + g]));
-            const __m512 t2 = _mm512_mul_ps(table, _mm512_set1_ps(s[(n + 2) * ng + g]));
-            const __m512 t3 = _mm512_mul_ps(table, _mm512_set1_ps(s[(n + 3) * ng + g]));
+            const __m512 t0 = TABLE(n * ng + g);
+            const __m512 t1 = TABLE((n + 1) * ng + g);
+            const __m512 t2 = TABLE((n + 2) * ng + g);
+            const __m512 t3 = TABLE((n + 3) * ng + g);
             for (int64_t c = g * G; c < (g + 1) * G; c += 32) {
                 const uint8_t *p = w0 + c / 2;
                 _mm_prefetch((const char *)(p + 4 * kb), _MM_HINT_T0);
@@ -130,20 +138,19 @@ __attribute__((target("avx512f"))) static int64_t gemv4_avx512(int64_t n0, int64
 
 __attribute__((target("avx512f"))) static void rows_avx512(int64_t M, int64_t n0, int64_t n1, int64_t K,
                                                            int64_t G, const float *x, int64_t ldx,
-                                                           const uint8_t *w, const float *s,
+                                                           const uint8_t *w, const float *s, const float *z,
                                                            const float *lut, float *y, int64_t ldy) {
     const int64_t ng = K / G, kb = K / 2;
     const __m512 table = _mm512_loadu_ps(lut);
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *wr = w + n * kb;
-        const float *sr = s + n * ng;
         for (int64_t m0 = 0; m0 < M; m0 += MB) {
             const int64_t mb = (M - m0) < MB ? (M - m0) : MB;
             __m512 acc[MB];
             for (int m = 0; m < MB; m++) acc[m] = _mm512_setzero_ps();
             const float *xr = x + m0 * ldx;
             for (int64_t g = 0; g < ng; g++) {
-                const __m512 t = _mm512_mul_ps(table, _mm512_set1_ps(sr[g]));
+                const __m512 t = TABLE(n * ng + g);
                 for (int64_t c = g * G; c < (g + 1) * G; c += 32) {
                     const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wr + c / 2)));
                     const __m512 lo = _mm512_permutexvar_ps(q, t); /* low 4 bits of each index */
@@ -170,13 +177,13 @@ __attribute__((target("avx512f"))) static void rows_avx512(int64_t M, int64_t n0
 }
 
 __attribute__((target("avx512f"))) static void dequant_avx512(int64_t n0, int64_t n1, int64_t K, int64_t G,
-                                                              const uint8_t *w, const float *s,
+                                                              const uint8_t *w, const float *s, const float *z,
                                                               const float *lut, float *out) {
     const int64_t ng = K / G, kb = K / 2;
     const __m512 table = _mm512_loadu_ps(lut);
     for (int64_t n = n0; n < n1; n++) {
         for (int64_t g = 0; g < ng; g++) {
-            const __m512 t = _mm512_mul_ps(table, _mm512_set1_ps(s[n * ng + g]));
+            const __m512 t = TABLE(n * ng + g);
             for (int64_t c = g * G; c < (g + 1) * G; c += 32) {
                 const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + n * kb + c / 2)));
                 _mm512_storeu_ps(out + n * K + c, _mm512_permutexvar_ps(q, t));
@@ -188,9 +195,10 @@ __attribute__((target("avx512f"))) static void dequant_avx512(int64_t n0, int64_
 #endif
 
 /* ---- entry points ------------------------------------------------------------------------ */
-/* y[M][N] (row stride ldy) = x[M][K] (row stride ldx) @ W^T. simd: 1 = AVX-512, 0 = portable. */
+/* y[M][N] (row stride ldy) = x[M][K] (row stride ldx) @ W^T (z may be NULL). simd: 1 = AVX-512, 0 = portable. */
 void pq_lut4_mm(int64_t M, int64_t N, int64_t K, int64_t G, const float *x, int64_t ldx, const uint8_t *w,
-                const float *s, const float *lut, float *y, int64_t ldy, int64_t nthreads, int64_t simd) {
+                const float *s, const float *z, const float *lut, float *y, int64_t ldy, int64_t nthreads,
+                int64_t simd) {
     const int64_t chunk = 16;
     const int64_t nchunks = (N + chunk - 1) / chunk;
 #pragma omp parallel for schedule(static) num_threads((int)(nthreads > 0 ? nthreads : 1)) if (nthreads > 1)
@@ -199,18 +207,18 @@ void pq_lut4_mm(int64_t M, int64_t N, int64_t K, int64_t G, const float *x, int6
 #ifdef PQ_X86
         if (simd) {
             int64_t n = n0;
-            if (M == 1) n = gemv4_avx512(n0, n1, K, G, x, w, s, lut, y);
-            if (n < n1) rows_avx512(M, n, n1, K, G, x, ldx, w, s, lut, y, ldy);
+            if (M == 1) n = gemv4_avx512(n0, n1, K, G, x, w, s, z, lut, y);
+            if (n < n1) rows_avx512(M, n, n1, K, G, x, ldx, w, s, z, lut, y, ldy);
             continue;
         }
 #endif
-        rows_portable(M, n0, n1, K, G, x, ldx, w, s, lut, y, ldy);
+        rows_portable(M, n0, n1, K, G, x, ldx, w, s, z, lut, y, ldy);
     }
 }
 
-/* out[N][K] = lut[code] * scale, float32. */
-void pq_lut4_dequant(int64_t N, int64_t K, int64_t G, const uint8_t *w, const float *s, const float *lut,
-                     float *out, int64_t nthreads, int64_t simd) {
+/* out[N][K] = (lut[code] - zero) * scale, float32 (z may be NULL: no zero points). */
+void pq_lut4_dequant(int64_t N, int64_t K, int64_t G, const uint8_t *w, const float *s, const float *z,
+                     const float *lut, float *out, int64_t nthreads, int64_t simd) {
     const int64_t chunk = 16;
     const int64_t nchunks = (N + chunk - 1) / chunk;
 #pragma omp parallel for schedule(static) num_threads((int)(nthreads > 0 ? nthreads : 1)) if (nthreads > 1)
@@ -218,10 +226,10 @@ void pq_lut4_dequant(int64_t N, int64_t K, int64_t G, const uint8_t *w, const fl
         const int64_t n0 = i * chunk, n1 = (n0 + chunk < N) ? n0 + chunk : N;
 #ifdef PQ_X86
         if (simd) {
-            dequant_avx512(n0, n1, K, G, w, s, lut, out);
+            dequant_avx512(n0, n1, K, G, w, s, z, lut, out);
             continue;
         }
 #endif
-        dequant_portable(n0, n1, K, G, w, s, lut, out);
+        dequant_portable(n0, n1, K, G, w, s, z, lut, out);
     }
 }
