@@ -354,6 +354,9 @@ def worker(name: str, args: argparse.Namespace) -> None:
     stream = C.eval_stream(tok)
     res.update(C.measure_prefill(model, stream[:args.seqlen], args.prefill_runs, grad))
     res.update(C.measure_decode(model, stream[:C.PROMPT_TOKENS], args.decode_tokens, args.runs, grad))
+    if lib == "polyquant":  # again after running: kernel caches built on the first forward (fp8-emulated) count
+        from polyquant.eval.memory import runtime_bytes
+        res["runtime_bytes"] = runtime_bytes(model)
     res["peak_rss_bytes"] = C.peak_rss_bytes()
     C.emit(res)
 

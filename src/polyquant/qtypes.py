@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["QType", "QTYPES", "get_qtype", "int_qtype"]
+__all__ = ["QType", "QTYPES", "get_qtype", "int_qtype", "e4m3fn_to_float32"]
 
 # bitsandbytes' NF4 code book (normal-float quantiles, index order as stored on disk).
 NF4_VALUES = (
@@ -110,8 +110,29 @@ class QType:
             # index_select with an int32 index: ~5x faster than table[codes.long()] on CPU, same values
             return table.index_select(0, codes.reshape(-1).to(torch.int32)).view(codes.shape)
         if self.kind == "float":
+            if codes.dtype == torch.float8_e4m3fn:
+                return e4m3fn_to_float32(codes)
             return codes.to(torch.float32)
         raise ValueError(f"unknown qtype kind {self.kind!r}")
+
+
+def e4m3fn_to_float32(codes: torch.Tensor) -> torch.Tensor:
+    """``codes.to(torch.float32)`` for float8_e4m3fn, the same values ~3x faster on CPU (torch's
+    float8 -> float32 cast is a scalar loop there; this is a few vectorized integer passes).
+
+    The bits ``s eeee mmm`` placed at bits 15 and 13..7 of a float16 are that float16's
+    ``s 0eeee mmm0000000``: the same value times ``2**-8`` (exponent bias 15 instead of 7), e4m3's
+    subnormals included (float16 subnormals of the same significand), so ``* 256`` is exact. Only the
+    NaN codes (``0x7f`` / ``0xff``) have no float16 counterpart: a tensor holding one takes torch's cast.
+    """
+    if codes.device.type != "cpu":
+        return codes.to(torch.float32)
+    u = codes.view(torch.uint8)
+    if u.numel() and int(torch.bitwise_and(u, 0x7F).amax()) == 0x7F:  # a NaN code
+        return codes.to(torch.float32)
+    h = u.view(torch.int8).to(torch.int16)  # sign-extended: s...s eeee mmm
+    h.bitwise_left_shift_(7).bitwise_and_(-16385)  # sign at bit 15, clear bit 14 (0xBFFF)
+    return h.view(torch.float16).to(torch.float32).mul_(256.0)
 
 
 def _build() -> dict[str, QType]:

@@ -183,7 +183,10 @@ def test_bit_exact_vs_quanto(dtype, shape, weights):
     assert torch.equal(qw.scale.reshape(-1, 1), t._scale.reshape(-1, 1))
 
 
-def test_activation_numerics_match_quanto_without_output_quantization():
+def test_scales_and_logits_match_quanto_on_the_same_calibration():
+    """quanto quantizes every layer's output during the first calibration batch (its streamline trace
+    never keeps one, module doc of quanto_act); polyquant does the same, so every input and output
+    scale is bit-identical to quanto's and the calibrated models give the same logits."""
     q = _quanto()
     m = tiny_llama(hidden=128)
     ours = polyquant.quantize(m, QuantoConfig(bits=8, activations="qint8"), calibration=CAL, show_progress=False)
@@ -193,25 +196,57 @@ def test_activation_numerics_match_quanto_without_output_quantization():
         for c in CAL:
             theirs(c, use_cache=False)
     q.freeze(theirs)
-    ls = {n: mod.act_quant.input_scale for n, mod in ours.named_modules() if isinstance(mod, QuantLinear)}
-    qs = {n: mod.input_scale for n, mod in theirs.named_modules() if isinstance(mod, q.QModuleMixin)}
-    # the first projections see the same inputs; later layers differ by quanto's output quantization
-    # of q/k/v (it changes the attention output)
-    for n in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"):
-        assert torch.equal(ls[n], qs[n])
-    assert max(abs(float(ls[n] / qs[n]) - 1) for n in ls) < 0.05
-    for mod in theirs.modules():
-        if isinstance(mod, q.QModuleMixin):
-            mod.input_scale = ls[[n for n, x in theirs.named_modules() if x is mod][0]].clone()
-            mod.disable_output_quantization()
-    polyquant.set_kernels(ours, "reference")  # float32 activations like quanto's (cpu-int8 runs bf16)
+    qmods = {n: mod for n, mod in theirs.named_modules() if isinstance(mod, q.QModuleMixin)}
+    assert len(qmods) == 14
+    for n, mod in qmods.items():
+        rule = ours.get_submodule(n).act_quant
+        assert torch.equal(rule.input_scale, mod.input_scale), n
+        assert torch.equal(rule.output_scale, mod.output_scale), n
+        assert not rule.quantize_outputs
+        # quanto removed every output-quantization hook during calibration: none is left
+        assert mod._quantize_hooks["output"].id not in mod._forward_hooks, n
+    assert set(kernel_summary(ours)) == {"quanto-int8"}
     x = torch.randn(3, 5, 128, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        for n, mod in theirs.named_modules():  # every layer on the same input: same numbers
-            if isinstance(mod, q.QModuleMixin) and mod.in_features == 128:
-                assert torch.allclose(ours.get_submodule(n)(x), mod(x), atol=1e-6, rtol=0), n
-        # through the model, float-rounding differences of 1e-6 flip a few activation codes
-        assert sqnr_db(theirs(X).logits, ours(X).logits) > 30
+        for n, mod in qmods.items():  # every layer on the same input: quanto's int8 x int8 product, exactly
+            if mod.in_features == 128:
+                assert torch.equal(ours.get_submodule(n)(x), mod(x)), n
+        a, b = theirs(X).logits, ours(X).logits
+    assert torch.allclose(a, b, atol=1e-5, rtol=0), float((a - b).abs().max())
+
+
+def test_calibration_quantizes_outputs_until_the_parent_returns():
+    """The first batch through a parent sees its children's outputs fake-quantized with the freshly
+    set output scale; once the parent has returned, outputs pass through unchanged."""
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(64, 32, bias=False)
+
+        def forward(self, x):
+            return self.a(x)
+
+    model = polyquant.quantize(torch.nn.Sequential(Block()), QuantoConfig(bits=8, activations="qint8",
+                                                                          include=["0.a"]), show_progress=False)
+    lin = model[0].a
+    x1 = torch.randn(2, 64, generator=torch.Generator().manual_seed(1))
+    outs = []
+    from polyquant.kernels.quanto_act import _calibrating, _parents
+    rules = [(lin, lin.act_quant)]
+    with torch.no_grad(), _calibrating(rules, _parents(model, rules)):
+        assert lin.act_quant.quantize_outputs
+        outs.append(model(x1))
+        assert not lin.act_quant.quantize_outputs
+        outs.append(model(x1))
+    s = lin.act_quant.output_scale
+    with torch.no_grad():
+        plain = model(x1)
+    first_scale = plain.abs().amax() / 127  # second batch: scale unchanged (same input) up to momentum
+    assert torch.allclose(s, first_scale, rtol=1e-6)
+    codes = outs[0] / s
+    assert torch.allclose(codes, codes.round(), atol=1e-4)           # first batch: on the int8 grid
+    assert torch.equal(outs[1], plain)                                  # later batches: untouched
+    assert not torch.allclose(outs[0], plain, atol=1e-6, rtol=0)
 
 
 def test_qint4_forward_matches_quanto():
@@ -226,6 +261,28 @@ def test_qint4_forward_matches_quanto():
         q.freeze(theirs)
     with torch.no_grad():
         assert torch.allclose(ours(X).logits, theirs(X).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_qint8_and_qfloat8_codes_equal_the_formula(dtype):
+    """quanto's AbsmaxOptimizer rule written plainly (|w| max, division and clamp in the weight's dtype)
+    against polyquant's faster path (max/min reductions, in-place rounding, sign-bit-flip offset)."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(40, 200, generator=g) * 0.05
+    w[1] = 0.0
+    w[2] = torch.randn(200, generator=g) * 1e-6
+    w = w.to(dtype)
+    for weights, qmax in (("qint8", 127.0), ("qfloat8", 448.0)):
+        scale = w.abs().amax(1, keepdim=True) / qmax
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        qw = quanto_quantize(w, QuantoConfig(weights=weights))
+        assert torch.equal(qw.scale, scale)
+        if weights == "qint8":
+            ref = (torch.clamp(torch.round(w / safe), -128, 127).to(torch.int16) + 128).to(torch.uint8)
+            assert torch.equal(qw.codes, ref)
+        else:
+            ref = (w / safe).clamp(-448, 448).to(torch.float8_e4m3fn)
+            assert torch.equal(qw.codes.view(torch.uint8), ref.view(torch.uint8))
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

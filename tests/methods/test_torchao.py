@@ -188,7 +188,7 @@ def test_int4_matches_torchao_tinygemm_primitives_in_float32():
     assert torch.equal(((8 - qw.zero) * qw.scale.double()).float(), z.reshape(qw.scale.shape))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_int4_version1_bit_exact_vs_torchao_tinygemm_cpu_layout(dtype):
     """``version=1``: torchao 0.15's version-1 rule with ``Int4CPULayout`` (scale and zero in the weight's
     dtype, every step computed in it)."""
@@ -228,3 +228,95 @@ def test_non_finite_weights_are_refused(fn, bad):
     w[3, 5] = bad
     with pytest.raises(ValueError, match="NaN or Inf"):
         fn(w)
+
+
+# -- the fast paths are the plain formulas, bit for bit (these run without torchao) -------------------
+def _weights(dtype):
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(48, 256, generator=g) * 0.05
+    w[3] = 0.0                                    # an all-zero row
+    w[5] = torch.randn(256, generator=g) * 1e-6   # a tiny row (fp16: subnormal scale)
+    w[7, :4] = torch.tensor([3.0, -3.0, 1e-9, -0.0])
+    return w.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int4_version1_fast_path_equals_the_formula(dtype):
+    w = _weights(dtype)
+    x = w.reshape(48, 4, 64)
+    mn, mx = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)   # in the weight's dtype
+    scale = torch.clamp((mx - mn) / 15.0, min=1e-6)
+    zero = mn + scale * 8.0
+    u = torch.clamp(torch.round((x - (zero - scale * 8.0)) / scale), 0, 15).to(torch.uint8).reshape(48, 256)
+    qw = torchao_int4_weight(w, 64, version=1)
+    assert torch.equal(qw.codes, u)
+    assert torch.equal(qw.scale, scale.squeeze(-1))
+    assert torch.equal(((8 - qw.zero) * qw.scale.double()).to(dtype), zero.squeeze(-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int8_codes_equal_the_formula(dtype):
+    w = _weights(dtype)
+    lo = torch.minimum(w.amin(1, keepdim=True), torch.zeros(1, dtype=dtype))
+    hi = torch.maximum(w.amax(1, keepdim=True), torch.zeros(1, dtype=dtype))
+    scale = torch.clamp(torch.maximum(-lo, hi) / 127.5, min=torch.finfo(torch.float32).eps).float()
+    q = torch.clamp(torch.round(w * (1.0 / scale)), -128, 127)
+    qw = torchao_int8_weight(w)
+    assert torch.equal(qw.codes, (q + 128).to(torch.uint8)) and torch.equal(qw.scale, scale)
+    # the kernels' signed int8 weight (code - 128, taken with a sign-bit flip) is q
+    for kern in ("cpu-int8", "int8-dynamic"):
+        from polyquant.kernels import KERNELS
+        assert torch.equal(KERNELS[kern].prepare(qw)["w"], q.to(torch.int8))
+
+
+def test_e4m3fn_decode_equals_torchs_cast_for_every_code():
+    from polyquant.qtypes import e4m3fn_to_float32
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    ref = codes.to(torch.float32)
+    finite = ~ref.isnan()
+    ours = e4m3fn_to_float32(codes[finite])   # every finite code, -0.0 and subnormals included
+    assert torch.equal(ours.view(torch.int32), ref[finite].view(torch.int32))
+    grid = codes[finite][torch.randint(0, int(finite.sum()), (37, 41), generator=torch.Generator().manual_seed(0))]
+    assert torch.equal(e4m3fn_to_float32(grid).view(torch.int32), grid.float().view(torch.int32))
+    got = e4m3fn_to_float32(codes)            # NaN codes present: torch's own cast, NaN kept
+    assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got[finite], ref[finite])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_float8_codes_equal_the_clamped_formula(dtype):
+    w = _weights(dtype)
+    amax = w.abs().amax(1, keepdim=True)
+    scale = (amax / 448.0).to(torch.float32)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    ref = (w.to(torch.float32) / safe).clamp(-448, 448).to(torch.float8_e4m3fn)
+    qw = torchao_float8_weight(w)
+    assert torch.equal(qw.scale, scale)
+    assert torch.equal(qw.codes.view(torch.uint8), ref.view(torch.uint8))
+    assert torch.equal(qw.dequantize(), ref.float() * scale)
+    # quotients above 448 (a scale too small for its dtype to bound them) come out at the clamp, 448
+    from polyquant.kernels.float8 import float8_codes
+    x = torch.tensor([[1.0, -1.0]])
+    s = torch.tensor([[1e-3]])
+    assert float8_codes(x, s, torch.float32).float().tolist() == [[448.0, -448.0]]
+    assert float8_codes(x, s, torch.bfloat16).float().tolist() == [[448.0, -448.0]]
+
+
+def test_fp8_emulated_builds_its_fp32_weight_on_the_first_forward():
+    m = tiny_llama()
+    q = polyquant.quantize(m, TorchAOFloat8Config(), show_progress=False)
+    lins = [mod for mod in q.modules() if isinstance(mod, polyquant.nn.quant_linear.QuantLinear)]
+    assert {mod.kernel_name for mod in lins} == {"fp8-emulated"}
+    assert all(getattr(mod, "k_w", None) is None for mod in lins)   # nothing built by quantize
+    with torch.inference_mode():
+        y = q(X).logits
+    for mod in lins:
+        w = mod.k_w
+        assert w.dtype == torch.float32 and not w.is_inference()   # usable outside inference mode too
+        assert torch.equal(w, mod.quantized_weight.dequantize(torch.float32))
+    with torch.no_grad():
+        assert torch.equal(q(X).logits, y)
+    set_kernels(q, "auto")                       # re-selection drops the cache; the next forward rebuilds it
+    assert all(getattr(mod, "k_w", None) is None for mod in lins)
+    x = torch.randn(2, lins[0].in_features, requires_grad=True)
+    lins[0](x).sum().backward()                  # gradients flow to the input through the cached weight
+    assert x.grad is not None and x.grad.shape == x.shape

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["Float8DynamicActivation", "float8_scale", "FP8_MAX"]
+__all__ = ["Float8DynamicActivation", "float8_scale", "FP8_MAX", "float8_codes"]
 
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
 
@@ -27,11 +27,28 @@ def float8_scale(x: torch.Tensor, dims: tuple[int, ...] | None, lb: float | None
                  ub: float | None = None) -> torch.Tensor:
     """torchao ``_choose_scale_float8``: ``amax(|x|) / 448`` over ``dims`` (None: all), in ``x``'s
     dtype, as float32 with kept dims."""
-    a = x.abs()
-    amax = a.amax().reshape([1] * x.dim()) if dims is None else a.amax(dim=dims, keepdim=True)
+    # max |x| = max(max x, -min x): two reductions without materializing |x| (same value; NaN
+    # propagates; abs_ keeps a zero amax +0 as abs().amax() gives it)
+    if dims is None:
+        amax = torch.maximum(x.amax(), x.amin().neg()).abs_().reshape([1] * x.dim())
+    else:
+        amax = torch.maximum(x.amax(dim=dims, keepdim=True), x.amin(dim=dims, keepdim=True).neg_()).abs_()
     if lb is not None or ub is not None:
         amax = torch.clamp(amax, min=lb, max=ub)
     return (amax / FP8_MAX).to(torch.float32)
+
+
+def float8_codes(x: torch.Tensor, safe_scale: torch.Tensor, scale_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``(x / safe_scale).clamp(-448, 448).to(float8_e4m3fn)`` for ``safe_scale >= amax(|x|) / 448``
+    (each row's or the tensor's): the quotient may exceed 448 only by the scale's rounding, and
+    torch's cast rounds anything below 464 to 448 as the clamp would, so the clamp pass is skipped
+    when every scale is a normal number of ``scale_dtype`` (a subnormal scale has too few bits to
+    bound the quotient). The division is done in ``x``'s dtype (cast ``x`` first for another)."""
+    q = x / safe_scale
+    tiny = torch.finfo(scale_dtype or safe_scale.dtype).tiny
+    if not (safe_scale.numel() and float(safe_scale.amin()) >= tiny):
+        q.clamp_(-FP8_MAX, FP8_MAX)
+    return q.to(torch.float8_e4m3fn)
 
 
 class Float8DynamicActivation(nn.Module):

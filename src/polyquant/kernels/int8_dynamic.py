@@ -105,7 +105,7 @@ class Int8DynamicKernel(Kernel):
         return None
 
     def prepare(self, qw):
-        w = (qw.codes.to(torch.int16) - 128).to(torch.int8).contiguous()
+        w = torch.bitwise_xor(qw.codes.contiguous(), 0x80).view(torch.int8)  # code - 128, as int8
         return {"w": w, "s": qw.scale.float().reshape(-1).contiguous()}
 
     def forward(self, module, x):

@@ -9,9 +9,21 @@ float8 matmul forms, up to float rounding of the accumulation).
 Calibration (quanto's rule): for every batch, ``new = max|x| / qmax`` (127 or 448, in the input's
 dtype); the first batch sets the scale, later ones update it as ``momentum * s + (1 - momentum) *
 new`` (momentum 0.9). Output scales (``output_scale``) are calibrated the same way on the layer's
-output and saved for quanto, which also quantizes a layer's *output* when the next operation accepts
-quantized tensors (its "streamline" tracing, e.g. q/k/v projections feeding reshapes); polyquant does
-not apply output quantization - the one known difference from quanto's own activation numerics.
+output (before it is quantized) and saved for quanto.
+
+Output quantization during calibration, as quanto 0.2.7 does it: every quantized module starts with
+its output-quantization hook on, so its output is fake-quantized with the just-updated
+``output_scale`` until its *parent* module's forward returns for the first time inside
+``Calibration``, which then removes the hook unless the "streamline" trace saw an operation keep
+the output quantized. That trace never fires in 0.2.7 (``Calibration.__torch_function__`` tests
+``QTensor in types``, but ``types`` holds the concrete ``ActivationQBytesTensor``), so in practice
+every layer's output is quantized during the *first* calibration batch only - which, with momentum
+0.9 over 8 batches, still weighs ~48% in the final scales of every later layer. polyquant
+reproduces this (``QuantoActivation.quantize_outputs``, cleared per layer when its parent
+returns), so its scales equal quanto's on the same data; after calibration neither quantizes
+outputs. Differences left: quanto's ``calibrate_input`` always uses momentum 0.9 (its hook's
+default argument) whatever ``Calibration(momentum=...)`` says, while polyquant uses ``momentum`` for
+both; and quanto restarts the average whenever a scale equals exactly 1.0.
 
 Before calibration (no ``input_scale``) the rule uses a dynamic per-tensor scale ``max|x| / qmax``
 of each call (quanto itself would use its initial scale of 1.0, i.e. plain rounding of x).
@@ -51,6 +63,8 @@ class QuantoActivation(nn.Module):
         self.qtype = qtype
         self.momentum = float(momentum)
         self.calibrating = False
+        # quanto's output-quantization hook: on until calibration sees the parent module return (module doc)
+        self.quantize_outputs = True
         self.register_buffer("input_scale", None if input_scale is None else input_scale.detach().reshape(()))
         self.register_buffer("output_scale", None if output_scale is None else output_scale.detach().reshape(()))
 
@@ -92,8 +106,10 @@ class QuantoActivation(nn.Module):
         safe = torch.where(s > 0, s, torch.ones_like(s))
         return torch.clamp(torch.round(x / safe), -128, 127).to(torch.int8), s
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self._scale(x)
+    def fake_quantize(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """``x`` quantized per tensor with scale ``s`` and dequantized (quanto's ``quantize_symmetric``
+        then ``scale * data``)."""
+        s = s.to(x.device)
         safe = torch.where(s > 0, s, torch.ones_like(s))
         y = x / safe
         if self.qtype == "qint8":
@@ -102,25 +118,56 @@ class QuantoActivation(nn.Module):
             q = y.clamp(-self.qmax, self.qmax).to(torch.float8_e4m3fn).to(y.dtype)
         return (q * s).to(x.dtype)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fake_quantize(x, self._scale(x))
+
     def extra_repr(self) -> str:
         s = "uncalibrated" if self.input_scale is None else f"input_scale={float(self.input_scale):.4g}"
         return f"{self.qtype}, static per-tensor, {s}"
 
 
 @contextlib.contextmanager
-def _calibrating(rules: list[tuple[nn.Module, QuantoActivation]]) -> Iterator[None]:
+def _calibrating(rules: list[tuple[nn.Module, QuantoActivation]],
+                 parents: list[tuple[nn.Module, list[QuantoActivation]]] = ()) -> Iterator[None]:
+    """Calibration mode: input scales update in the rules, output scales in a forward hook that also
+    fake-quantizes the output while the rule's ``quantize_outputs`` is on; when a module of
+    ``parents`` returns, its children's rules stop quantizing outputs (quanto's first-batch rule)."""
     hooks = []
+
+    def on_output(mod, args, out, rule):
+        rule.observe_output(out)
+        if rule.quantize_outputs and isinstance(out, torch.Tensor):
+            return rule.fake_quantize(out, rule.output_scale)
+        return None
+
+    def on_parent(mod, args, out, children):
+        for r in children:
+            r.quantize_outputs = False
+
     try:
         for module, rule in rules:
             rule.calibrating = True
-            hooks.append(module.register_forward_hook(
-                lambda mod, args, out, rule=rule: rule.observe_output(out)))
+            hooks.append(module.register_forward_hook(lambda m, a, o, rule=rule: on_output(m, a, o, rule)))
+        for parent, children in parents:
+            hooks.append(parent.register_forward_hook(lambda m, a, o, ch=children: on_parent(m, a, o, ch)))
         yield
     finally:
         for module, rule in rules:
             rule.calibrating = False
         for h in hooks:
             h.remove()
+
+
+def _parents(model: nn.Module, rules: list[tuple[nn.Module, QuantoActivation]]
+             ) -> list[tuple[nn.Module, list[QuantoActivation]]]:
+    """The direct parent of each calibrated module, with the rules of its calibrated children."""
+    by_module = {id(m): r for m, r in rules}
+    out = []
+    for parent in model.modules():
+        children = [by_module[id(c)] for c in parent.children() if id(c) in by_module]
+        if children:
+            out.append((parent, children))
+    return out
 
 
 def calibrate_activations(model: nn.Module, calibration: Any, show_progress: bool = False) -> int:
@@ -141,7 +188,7 @@ def calibrate_activations(model: nn.Module, calibration: Any, show_progress: boo
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), _calibrating(rules):
+        with torch.no_grad(), _calibrating(rules, _parents(model, rules)):
             for s in progress(samples, desc="quanto calibration", enabled=show_progress):
                 model(**{k: v.to(device) for k, v in s.items()}, use_cache=False)
     finally:
@@ -177,7 +224,7 @@ class QuantoInt8Kernel(Kernel):
         return None
 
     def prepare(self, qw):
-        w = (qw.codes.to(torch.int16) - 128).to(torch.int8).contiguous()
+        w = torch.bitwise_xor(qw.codes.contiguous(), 0x80).view(torch.int8)  # code - 128, as int8
         s = qw.scale[:, 0].float().contiguous()
         return {"w": w, "s": s.to(torch.bfloat16), "sf": s}  # w, s: the cpu-int8 buffers (qfloat8 path)
 

@@ -21,8 +21,10 @@ Weights (``QModuleMixin.qweight`` with the default optimizers), computed in the 
 ``in_features`` with 128, so only 128 gives checkpoints quanto reloads (the format refuses others).
 
 Activations (``activations="qint8"|"qfloat8"``): static per-tensor scales calibrated on data with
-quanto's momentum rule (:mod:`polyquant.kernels.quanto_act`), run as fake quantization of each
-quantized layer's input. Pass ``calibration=`` to ``polyquant.quantize`` (any token windows) or call
+quanto's momentum rule and its first-batch output quantization (:mod:`polyquant.kernels.quanto_act`:
+the scales equal quanto's on the same data), run as quanto does on CPU: qint8 activations on qint8
+weights as an int8 x int8 product (``quanto-int8``), otherwise fake quantization of each quantized
+layer's input. Pass ``calibration=`` to ``polyquant.quantize`` (any token windows) or call
 :func:`polyquant.kernels.quanto_act.calibrate_activations` later; without data the scales are
 dynamic per call until calibrated, and the model cannot be saved in quanto's format.
 """
@@ -116,14 +118,18 @@ def quanto_quantize(weight: torch.Tensor, config: QuantoConfig, stats: dict | No
     out, inp = w.shape
     if config.weights in ("qint8", "qfloat8"):
         qmax = 127.0 if config.weights == "qint8" else FP8_MAX
-        scale = torch.amax(torch.abs(w), dim=1, keepdim=True) / qmax   # in w's dtype
+        # max |w| per row as max(max w, -min w): the same value without materializing |w|
+        amax = torch.maximum(torch.amax(w, dim=1, keepdim=True), torch.amin(w, dim=1, keepdim=True).neg_())
+        scale = amax.abs_() / qmax   # in w's dtype
         _finite(scale)
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        x = w / safe
         if config.weights == "qint8":
-            codes = (torch.clamp(torch.round(x), -128, 127).to(torch.int16) + 128).to(torch.uint8)
+            x = (w / safe).round_().clamp_(-128, 127)
+            # the int8 code c stored with offset 128 is c + 128 = the byte of int8 c with its top bit flipped
+            codes = torch.bitwise_xor(x.to(torch.int8).view(torch.uint8), 0x80)
             return QuantizedWeight.from_codes(codes, "int8", (1, inp), scale)
-        q = x.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        from polyquant.kernels.float8 import float8_codes
+        q = float8_codes(w, safe)  # (w / s) in w's dtype, clamp(-448, 448), e4m3fn
         return QuantizedWeight.from_codes(q, "float8_e4m3fn", (1, inp), scale)
     bits = config.bits
     g = quanto_group_size(inp, config.group_size) or inp

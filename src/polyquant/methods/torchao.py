@@ -54,6 +54,10 @@ def _check_weight(w: torch.Tensor, who: str) -> None:
 
 def _check_finite(*stats: torch.Tensor) -> None:
     """NaN / Inf anywhere in the weight shows in its per-block min / max (cheaper than scanning it)."""
+    # (max, min): their difference is finite only if both are (one check; an overflowing
+    # difference of finite values falls through to the per-tensor check)
+    if len(stats) == 2 and bool(torch.isfinite(stats[0] - stats[1]).all()):
+        return
     if not all(bool(torch.isfinite(t).all()) for t in stats):
         raise ValueError("weight contains NaN or Inf values")
 
@@ -92,15 +96,28 @@ def _int4_v1(w: torch.Tensor, group_size: int) -> QuantizedWeight:
     dtype (scale and zero are stored in it too)."""
     n, k = w.shape
     x = w.reshape(n, k // group_size, group_size)
-    mn = x.amin(dim=-1, keepdim=True)
-    mx = x.amax(dim=-1, keepdim=True)
+    # min / max are exact in float32 and ~5x faster there than in bf16 / fp16 on CPU
+    xr = x if x.dtype == torch.float32 else x.to(torch.float32)
+    mn = xr.amin(dim=-1, keepdim=True).to(x.dtype)
+    mx = xr.amax(dim=-1, keepdim=True).to(x.dtype)
     _check_finite(mx, mn)
     scale = torch.clamp((mx - mn) / 15.0, min=1e-6)
     zero = mn + scale * 8.0
     min_val = zero - scale * 8.0  # the codes follow the stored (rounded) scale and zero
-    u = torch.clamp(torch.round((x - min_val) / scale), 0, 15).to(torch.uint8).reshape(n, k)
+    # clamp(round((x - min_val) / scale), 0, 15) in x's dtype, one buffer
+    y = torch.sub(x, min_val).div_(scale).round_().clamp_(0, 15)
+    u = _small_uint8(y).reshape(n, k)
     s, z = scale.squeeze(-1), zero.squeeze(-1)
     return QuantizedWeight.from_codes(u, "uint4", (1, group_size), s, 8.0 - z.double() / s.double())
+
+
+def _small_uint8(y: torch.Tensor) -> torch.Tensor:
+    """``y.to(torch.uint8)`` for integer values in [0, 127] held in a float tensor (``y`` is used as
+    scratch). bf16 -> uint8 is a slow scalar cast on CPU; ``y + 128`` is exact in bf16 and its bits
+    are ``0x4300 + y``, whose low byte is ``y``."""
+    if y.dtype == torch.bfloat16:
+        return y.add_(128.0).view(torch.int16).to(torch.uint8)
+    return y.to(torch.uint8)
 
 
 def _int8_scale(w: torch.Tensor, granularity: str) -> torch.Tensor:
@@ -114,21 +131,21 @@ def torchao_int8_weight(weight: torch.Tensor, granularity: str = "row") -> Quant
     _check_weight(w, "torchao-int8")
     scale = _int8_scale(w, granularity)  # [N, 1] or [1, 1] float32
     _check_finite(scale)
-    q = torch.clamp(torch.round(w * (1.0 / scale)), -128, 127)
-    codes = (q + 128).to(torch.uint8)
+    q = (w * (1.0 / scale)).round_().clamp_(-128, 127)
+    codes = torch.bitwise_xor(q.to(torch.int8).view(torch.uint8), 0x80)  # c + 128: the sign bit flipped
     block = (1, w.shape[1]) if granularity == "row" else tuple(w.shape)
     return QuantizedWeight.from_codes(codes, "int8", block, scale)
 
 
 def torchao_float8_weight(weight: torch.Tensor, granularity: str = "row") -> QuantizedWeight:
     """torchao ``Float8Tensor.from_hp(weight, float8_e4m3fn, PerRow() | PerTensor())``."""
-    from polyquant.kernels.float8 import FP8_MAX, float8_scale
+    from polyquant.kernels.float8 import float8_codes, float8_scale
     w = weight.detach()
     _check_weight(w, "torchao-float8")
     scale = float8_scale(w, (-1,) if granularity == "row" else None)
     _check_finite(scale)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = (w.to(torch.float32) / safe).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    q = float8_codes(w.to(torch.float32), safe, w.dtype)  # (w / s).clamp(-448, 448) -> e4m3fn
     block = (1, w.shape[1]) if granularity == "row" else tuple(w.shape)
     return QuantizedWeight.from_codes(q, "float8_e4m3fn", block, scale)
 

@@ -57,6 +57,12 @@ def pack(codes: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
         x = x.to(torch.uint8)
         if n_words * 32 // bits != n:
             x = torch.nn.functional.pad(x, (0, n_words * 32 // bits - n))
+        if bits == 4:
+            # two codes per byte: the little-endian int16 of a byte pair is lo + 256 * hi (both < 16), so
+            # the low byte of v | (v >> 4) is lo | hi << 4 - two passes instead of a strided gather
+            v = x.contiguous().reshape(-1).view(torch.int16)  # (1-D: a size-1 dim's stride may be odd)
+            b = torch.bitwise_right_shift(v, 4).bitwise_or_(v).to(torch.uint8)
+            return b.reshape(*x.shape[:-1], n_words * 4).view(torch.int32).movedim(-1, dim)
         if per > 1:
             x = x.reshape(*x.shape[:-1], n_words * 4, per)
             b = x[..., 0].clone(memory_format=torch.contiguous_format)

@@ -161,21 +161,25 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The ground truth: ``(decode(code) - zero) * scale`` as a dense ``[out, in]`` tensor."""
-        v = self.qt.decode(self.codes)
+        codes = self.codes
+        v = self.qt.decode(codes)
+        if v.data_ptr() == codes.data_ptr():  # never scale the stored codes in place
+            v = v.clone()
         out, inp = self.shape
         r, c = self.block
         if r == 1 and self.g_idx is None and (c >= inp or inp % c == 0):
             # row groups: broadcast each group's scale / zero instead of expanding them (same values)
             c = min(c, inp)
+            # ``decode`` returns a new tensor: scaled in place (one allocation per weight)
             v = v.view(out, inp // c, c)
             if self.zero is not None:
-                v = v - self.zero.to(torch.float32).reshape(out, -1)[:, : inp // c, None]
-            w = (v * self.scale.to(torch.float32).reshape(out, -1)[:, : inp // c, None]).view(out, inp)
+                v.sub_(self.zero.to(torch.float32).reshape(out, -1)[:, : inp // c, None])
+            w = v.mul_(self.scale.to(torch.float32).reshape(out, -1)[:, : inp // c, None]).view(out, inp)
         else:
             z = self.full_zero()
             if z is not None:
-                v = v - z.to(torch.float32)
-            w = v * self.full_scale().to(torch.float32)
+                v.sub_(z.to(torch.float32))
+            w = v.mul_(self.full_scale().to(torch.float32))
         if "outliers" in self.extras:  # sparse float corrections (SpQR-style): [3, n] (row, col, value)
             o = self.extras["outliers"]
             w[o[0].long(), o[1].long()] = o[2].to(torch.float32)
