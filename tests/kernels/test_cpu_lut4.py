@@ -1,5 +1,5 @@
 """cpu-lut4: the compiled 4-bit code-book kernel (NF4 / FP4) against the format's definition and the
-reference kernel, on both of its code paths (AVX-512 when this CPU has it, and the portable loop)."""
+reference kernel, on each of its code paths this CPU runs (AVX-512, AVX2, the portable loop)."""
 from __future__ import annotations
 
 import pytest
@@ -9,8 +9,8 @@ import polyquant
 from helpers import sqnr_db, tiny_llama
 from polyquant.kernels import cext
 from polyquant.kernels.base import select_kernel
-from polyquant.kernels.cpu_lut4 import (DEQUANT_MIN_M, CpuLut4Kernel, has_avx512, lut4_dequantize, lut4_mm,
-                                        pack_lut4)
+from polyquant.kernels.cpu_lut4 import (DEQUANT_MIN_M, CpuLut4Kernel, lut4_dequantize, lut4_mm, pack_lut4,
+                                        simd_levels)
 from polyquant.methods.bnb import Bnb4bitConfig, BnbFP4Config, BnbNF4Config, bnb_quantize_4bit
 from polyquant.methods.rtn import RTNConfig, rtn_quantize
 from polyquant.nn.quantize import kernel_summary, set_kernels
@@ -22,7 +22,7 @@ KERNEL = CpuLut4Kernel()
 if reason := cext.library_error("lut4"):  # pragma: no cover - every CI machine has a C compiler
     pytest.skip(f"cpu-lut4 cannot be built here: {reason}", allow_module_level=True)
 
-SIMD = [False, True] if has_avx512() else [False]
+SIMD = simd_levels()  # 0 portable C, 2 AVX2, 1 AVX-512: every path this CPU can run
 
 
 def _qw(n: int, k: int, cfg: Bnb4bitConfig, seed: int = 0) -> QuantizedWeight:

@@ -3,7 +3,8 @@
 
 PyTorch has no packed op for non-uniform 4-bit codes, so this kernel is a small compiled C function
 (``kernels/csrc/lut4.c``, built once by :mod:`polyquant.kernels.cext`): the 16-entry table, scaled
-by each group's absmax, sits in one AVX-512 register and one permute looks up 16 codes at once;
+by each group's absmax, sits in one AVX-512 register and one permute looks up 16 codes at once
+(AVX2: two 8-entry halves and a blend; other CPUs: a portable C loop, see ``simd_level``);
 float32 activations and accumulation (bitsandbytes' CPU path casts both to bf16). Up to
 ``DEQUANT_MIN_M - 1`` activation rows (decode, small batches) run in that loop; longer inputs
 (prefill) dequantize the weight to float32 with the same code and call PyTorch's matmul.
@@ -23,7 +24,7 @@ from polyquant.kernels.base import Kernel, register_kernel
 from polyquant.kernels.cext import library_error, load_library
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
-__all__ = ["CpuLut4Kernel", "has_avx512", "pack_lut4", "lut4_scales", "lut4_mm", "lut4_dequantize", "DEQUANT_MIN_M"]
+__all__ = ["CpuLut4Kernel", "simd_level", "simd_levels", "pack_lut4", "lut4_scales", "lut4_mm", "lut4_dequantize", "DEQUANT_MIN_M"]
 
 DEQUANT_MIN_M = 16  # activation rows from which the weight is dequantized and PyTorch's matmul runs
 _LIB = "lut4"
@@ -39,15 +40,27 @@ def _lib() -> ctypes.CDLL:
         lib.pq_lut4_mm.restype = None
         lib.pq_lut4_dequant.argtypes = [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64]
         lib.pq_lut4_dequant.restype = None
-        _SIMD["avx512"] = int(lib.pq_lut4_has_avx512())
+        lib.pq_lut4_simd_level.restype = ctypes.c_int
+        _SIMD["level"] = int(lib.pq_lut4_simd_level())
         _SIMD["argtypes"] = True
         _FN["mm"] = lib.pq_lut4_mm
     return lib
 
 
-def has_avx512() -> bool:
+def simd_level() -> int:
+    """The code path this CPU runs: 1 AVX-512F, 2 AVX2 + FMA, 0 the portable C loop."""
     _lib()
-    return bool(_SIMD["avx512"])
+    return _SIMD["level"]
+
+
+def simd_levels() -> list[int]:
+    """Every code path this CPU can run (tests cover each): 0, and 2 / 1 where available."""
+    lv = simd_level()
+    return [0] + ([2] if lv in (1, 2) else []) + ([1] if lv == 1 else [])
+
+
+def _level(simd: int | None) -> int:
+    return _SIMD["level"] if simd is None else int(simd)
 
 
 def _group(qw: QuantizedWeight) -> int | str:
@@ -89,7 +102,7 @@ def _zp(z: torch.Tensor | None) -> int | None:
 
 
 def lut4_mm(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, lut: torch.Tensor, z: torch.Tensor | None = None,
-            simd: bool | None = None, threads: int | None = None) -> torch.Tensor:
+            simd: int | None = None, threads: int | None = None) -> torch.Tensor:
     """``x [M, K] float32 @ W.T`` with ``W[n, k] = (lut[code] - z[n, k // G]) * s[n, k // G]`` (no ``z``:
     ``lut[code] * s``) -> ``[M, N]`` float32."""
     mm = _FN.get("mm") or _lib().pq_lut4_mm
@@ -99,18 +112,18 @@ def lut4_mm(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, lut: torch.Tensor
         x = x.contiguous()
     y = torch.empty(m, n, dtype=torch.float32)
     mm(m, n, k, k // s.shape[1], x.data_ptr(), k, w.data_ptr(), s.data_ptr(), _zp(z), lut.data_ptr(), y.data_ptr(),
-       n, threads or torch.get_num_threads(), _SIMD["avx512"] if simd is None else int(simd))
+       n, threads or torch.get_num_threads(), _level(simd))
     return y
 
 
 def lut4_dequantize(w: torch.Tensor, s: torch.Tensor, lut: torch.Tensor, z: torch.Tensor | None = None,
-                    simd: bool | None = None, threads: int | None = None) -> torch.Tensor:
+                    simd: int | None = None, threads: int | None = None) -> torch.Tensor:
     """The dense float32 weight ``[N, K]`` of the packed layout."""
     lib = _lib()
     n, k = w.shape[0], w.shape[1] * 2
     out = torch.empty(n, k, dtype=torch.float32)
     lib.pq_lut4_dequant(n, k, k // s.shape[1], w.data_ptr(), s.data_ptr(), _zp(z), lut.data_ptr(), out.data_ptr(),
-                        threads or torch.get_num_threads(), _SIMD["avx512"] if simd is None else int(simd))
+                        threads or torch.get_num_threads(), _level(simd))
     return out
 
 

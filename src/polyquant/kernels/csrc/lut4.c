@@ -10,7 +10,7 @@
  *
  * AVX-512: the 16-entry table lives in one register and _mm512_permutexvar_ps looks up 16 codes at
  * once (it reads only the low 4 bits of each index); the table is pre-multiplied by the group's
- * scale (and zero). Other CPUs run the portable loop. Threads: OpenMP over output rows when nthreads > 1.
+ * scale (and zero). AVX2: two 8-entry halves and a blend on bit 3. Other CPUs run the portable loop. Threads: OpenMP over output rows when nthreads > 1.
  */
 #include <stdint.h>
 #include <stddef.h>
@@ -22,13 +22,14 @@
 
 #define MB 4 /* activation rows per pass over a weight row */
 
-int pq_lut4_has_avx512(void) {
+/* the best code path this CPU runs: 1 = AVX-512F, 2 = AVX2 + FMA, 0 = portable C */
+int pq_lut4_simd_level(void) {
 #ifdef PQ_X86
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") ? 1 : 0;
-#else
-    return 0;
+    if (__builtin_cpu_supports("avx512f")) return 1;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 2;
 #endif
+    return 0;
 }
 
 /* ---- portable ---------------------------------------------------------------------------- */
@@ -192,10 +193,90 @@ __attribute__((target("avx512f"))) static void dequant_avx512(int64_t n0, int64_
         }
     }
 }
+
+/* ---- AVX2 + FMA -------------------------------------------------------------------------- */
+/* 16-entry lookup with 8-lane permutes: entries 0..7 and 8..15 looked up separately, bit 3 of the
+   index (moved to the sign bit) picks between them. */
+__attribute__((target("avx2,fma"))) static inline __m256 lookup8(__m256i idx, __m256 tlo, __m256 thi) {
+    const __m256 a = _mm256_permutevar8x32_ps(tlo, idx), b = _mm256_permutevar8x32_ps(thi, idx);
+    return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+__attribute__((target("avx2,fma"))) static void rows_avx2(int64_t M, int64_t n0, int64_t n1, int64_t K, int64_t G,
+                                                         const float *x, int64_t ldx, const uint8_t *w,
+                                                         const float *s, const float *z, const float *lut,
+                                                         float *y, int64_t ldy) {
+    const int64_t ng = K / G, kb = K / 2;
+    const __m256 llo = _mm256_loadu_ps(lut), lhi = _mm256_loadu_ps(lut + 8);
+    const __m256i nib = _mm256_set1_epi32(15);
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *wr = w + n * kb;
+        for (int64_t m0 = 0; m0 < M; m0 += MB) {
+            const int64_t mb = (M - m0) < MB ? (M - m0) : MB;
+            __m256 acc[MB][2];
+            for (int m = 0; m < MB; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+            for (int64_t g = 0; g < ng; g++) {
+                const __m256 sc = _mm256_set1_ps(s[n * ng + g]), zp = _mm256_set1_ps(z ? z[n * ng + g] : 0.f);
+                const __m256 tlo = _mm256_mul_ps(_mm256_sub_ps(llo, zp), sc);
+                const __m256 thi = _mm256_mul_ps(_mm256_sub_ps(lhi, zp), sc);
+                for (int64_t c = g * G; c < (g + 1) * G; c += 32) {
+                    const uint8_t *p = wr + c / 2;
+                    _mm_prefetch((const char *)(p + kb), _MM_HINT_T0);
+                    const __m256i q0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+                    const __m256i q1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)));
+                    const __m256 v0 = lookup8(_mm256_and_si256(q0, nib), tlo, thi);  /* codes 0..7 */
+                    const __m256 v1 = lookup8(_mm256_and_si256(q1, nib), tlo, thi);  /* 8..15 */
+                    const __m256 v2 = lookup8(_mm256_srli_epi32(q0, 4), tlo, thi);   /* 16..23 */
+                    const __m256 v3 = lookup8(_mm256_srli_epi32(q1, 4), tlo, thi);   /* 24..31 */
+                    for (int64_t m = 0; m < mb; m++) {
+                        const float *xm = x + (m0 + m) * ldx + c;
+                        acc[m][0] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(xm), acc[m][0]);
+                        acc[m][1] = _mm256_fmadd_ps(v1, _mm256_loadu_ps(xm + 8), acc[m][1]);
+                        acc[m][0] = _mm256_fmadd_ps(v2, _mm256_loadu_ps(xm + 16), acc[m][0]);
+                        acc[m][1] = _mm256_fmadd_ps(v3, _mm256_loadu_ps(xm + 24), acc[m][1]);
+                    }
+                }
+            }
+            for (int64_t m = 0; m < mb; m++) {
+                const __m256 a = _mm256_add_ps(acc[m][0], acc[m][1]);
+                __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+                h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+                h = _mm_add_ss(h, _mm_movehdup_ps(h));
+                y[(m0 + m) * ldy + n] = _mm_cvtss_f32(h);
+            }
+        }
+    }
+}
+
+__attribute__((target("avx2,fma"))) static void dequant_avx2(int64_t n0, int64_t n1, int64_t K, int64_t G,
+                                                            const uint8_t *w, const float *s, const float *z,
+                                                            const float *lut, float *out) {
+    const int64_t ng = K / G, kb = K / 2;
+    const __m256 llo = _mm256_loadu_ps(lut), lhi = _mm256_loadu_ps(lut + 8);
+    const __m256i nib = _mm256_set1_epi32(15);
+    for (int64_t n = n0; n < n1; n++) {
+        for (int64_t g = 0; g < ng; g++) {
+            const __m256 sc = _mm256_set1_ps(s[n * ng + g]), zp = _mm256_set1_ps(z ? z[n * ng + g] : 0.f);
+            const __m256 tlo = _mm256_mul_ps(_mm256_sub_ps(llo, zp), sc);
+            const __m256 thi = _mm256_mul_ps(_mm256_sub_ps(lhi, zp), sc);
+            for (int64_t c = g * G; c < (g + 1) * G; c += 32) {
+                const uint8_t *p = w + n * kb + c / 2;
+                float *o = out + n * K + c;
+                const __m256i q0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+                const __m256i q1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)));
+                _mm256_storeu_ps(o, lookup8(_mm256_and_si256(q0, nib), tlo, thi));
+                _mm256_storeu_ps(o + 8, lookup8(_mm256_and_si256(q1, nib), tlo, thi));
+                _mm256_storeu_ps(o + 16, lookup8(_mm256_srli_epi32(q0, 4), tlo, thi));
+                _mm256_storeu_ps(o + 24, lookup8(_mm256_srli_epi32(q1, 4), tlo, thi));
+            }
+        }
+    }
+}
 #endif
 
 /* ---- entry points ------------------------------------------------------------------------ */
-/* y[M][N] (row stride ldy) = x[M][K] (row stride ldx) @ W^T (z may be NULL). simd: 1 = AVX-512, 0 = portable. */
+/* y[M][N] (row stride ldy) = x[M][K] (row stride ldx) @ W^T (z may be NULL).
+   simd: 1 = AVX-512, 2 = AVX2, 0 = portable (the caller passes at most pq_lut4_simd_level's). */
 void pq_lut4_mm(int64_t M, int64_t N, int64_t K, int64_t G, const float *x, int64_t ldx, const uint8_t *w,
                 const float *s, const float *z, const float *lut, float *y, int64_t ldy, int64_t nthreads,
                 int64_t simd) {
@@ -205,10 +286,14 @@ void pq_lut4_mm(int64_t M, int64_t N, int64_t K, int64_t G, const float *x, int6
     for (int64_t i = 0; i < nchunks; i++) {
         const int64_t n0 = i * chunk, n1 = (n0 + chunk < N) ? n0 + chunk : N;
 #ifdef PQ_X86
-        if (simd) {
+        if (simd == 1) {
             int64_t n = n0;
             if (M == 1) n = gemv4_avx512(n0, n1, K, G, x, w, s, z, lut, y);
             if (n < n1) rows_avx512(M, n, n1, K, G, x, ldx, w, s, z, lut, y, ldy);
+            continue;
+        }
+        if (simd == 2) {
+            rows_avx2(M, n0, n1, K, G, x, ldx, w, s, z, lut, y, ldy);
             continue;
         }
 #endif
@@ -225,8 +310,12 @@ void pq_lut4_dequant(int64_t N, int64_t K, int64_t G, const uint8_t *w, const fl
     for (int64_t i = 0; i < nchunks; i++) {
         const int64_t n0 = i * chunk, n1 = (n0 + chunk < N) ? n0 + chunk : N;
 #ifdef PQ_X86
-        if (simd) {
+        if (simd == 1) {
             dequant_avx512(n0, n1, K, G, w, s, z, lut, out);
+            continue;
+        }
+        if (simd == 2) {
+            dequant_avx2(n0, n1, K, G, w, s, z, lut, out);
             continue;
         }
 #endif
