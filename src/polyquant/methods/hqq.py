@@ -36,7 +36,7 @@ int4 op), which computes with bf16 activations and bf16 scales / zeros. At 4 bit
 nothing measurable (16.745 vs hqq's 16.728); at 3 bits the model is fragile and the bf16 rounding
 costs +2.1% perplexity on the default model (121.69 vs hqq's 119.22, 40 windows), while the
 ``reference`` kernel (float32 dequantize + matmul, hqq's own numerics) gives 119.24 (x1.0002) but
-decodes at 3.4 tok/s against cpu-int4's 34 and hqq's own 4.4. The default stays the fast kernel;
+decodes at 3.4 tok/s against cpu-int4's 34 and hqq's own 4.4-5.3 (two runs). The default stays the fast kernel;
 for hqq's exact float32 numerics at 2-3 bits pass ``kernel="reference"`` (``--kernel reference``).
 
 The solver is vectorized over every group of a weight and processed in row chunks that stay in
