@@ -12,6 +12,9 @@ import torch
 
 from polyquant.kernels.base import Kernel, register_kernel
 from polyquant.kernels.cpu import CpuInt4Kernel
+
+_BF16 = torch.bfloat16
+_int4_mm = torch.ops.aten._weight_int4pack_mm_for_cpu.default
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
 __all__ = ["CpuInt4ActOrderKernel", "group_perm", "sort_by_group"]
@@ -70,7 +73,28 @@ class CpuInt4ActOrderKernel(Kernel):
         return buf
 
     def forward(self, module, x):
-        return self._int4.forward(module, x.index_select(-1, module._buffers["k_perm"]))
+        # cpu-int4's forward with the gather in front, inlined: at decode this runs 120-210 times
+        # per token, and the gather's cost depends on its form (torch 2.13, 1 thread, 1536 inputs,
+        # inference mode): ``x[..., perm]`` / ``index_select(-1)`` on [1, 1, n] 4.1-4.4 us, on the
+        # flat vector 1.4 us, on [m, n] along dim 1 1.9 us.
+        if module.act_quant is not None:
+            x = module.act_quant(x)  # before the gather: a quantizer sees the columns in their own order
+        b = module._buffers
+        perm = b["k_perm"]
+        dtype = x.dtype
+        n = x.shape[-1]
+        if x.numel() == n:  # one row (decode)
+            xg = x.reshape(n).index_select(0, perm).view(1, n)
+        else:
+            xg = x.reshape(-1, n).index_select(1, perm)
+        xb = xg if dtype == _BF16 else xg.to(_BF16)
+        sz = b["k_sz"]
+        y = _int4_mm(xb, b["k_w"], n // sz.shape[0], sz)
+        if dtype != _BF16:
+            y = y.to(dtype)
+        if module.bias is not None:
+            y = y + module.bias.to(dtype)
+        return y.view(*x.shape[:-1], y.shape[-1]) if x.dim() != 2 else y
 
 
 register_kernel(CpuInt4ActOrderKernel)

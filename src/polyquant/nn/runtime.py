@@ -211,9 +211,16 @@ class FusedSlice(nn.Module):
 
 
 def _concat(qws: list[QuantizedWeight]) -> QuantizedWeight | None:
+    """The members' rows stacked into one weight, or None when they cannot share one. Act-order
+    members (``g_idx``) stack only when their ``g_idx`` are equal: each input column then belongs
+    to the same group in every member, so the stacked weight has that one ``g_idx`` (and its kernel
+    gathers the input once for all of them). GPTQ gives siblings equal ``g_idx``: their Hessians
+    come from the same input, so ``argsort(diag(H))`` is the same."""
     a = qws[0]
     for q in qws:
-        if (q.qtype, q.block, q.shape[1]) != (a.qtype, a.block, a.shape[1]) or q.g_idx is not None or q.extras:
+        if (q.qtype, q.block, q.shape[1]) != (a.qtype, a.block, a.shape[1]) or q.extras:
+            return None
+        if (q.g_idx is None) != (a.g_idx is None) or (q.g_idx is not None and not torch.equal(q.g_idx, a.g_idx)):
             return None
         if (q.zero is None) != (a.zero is None) or q.scale.dtype != a.scale.dtype:
             return None
@@ -222,13 +229,15 @@ def _concat(qws: list[QuantizedWeight]) -> QuantizedWeight | None:
     cat = lambda ts: torch.cat(ts, dim=0)  # noqa: E731  (rows are packed independently)
     zero = cat([q.zero for q in qws]) if a.zero is not None else None
     return QuantizedWeight(a.qtype, (sum(q.shape[0] for q in qws), a.shape[1]), a.block,
-                           cat([q.data for q in qws]), cat([q.scale for q in qws]), zero)
+                           cat([q.data for q in qws]), cat([q.scale for q in qws]), zero,
+                           None if a.g_idx is None else a.g_idx.clone())
 
 
 def fuse_projections(model: nn.Module, groups: Iterable[tuple[str, ...]] = DEFAULT_FUSE_GROUPS) -> int:
     """Fuse sibling QuantLinears (same parent, names in ``groups``) into one packed matmul, in
-    place. A group is fused only when its members share the input size, qtype, block, kernel and
-    have no activation quantizer; the fused layer must be supported by the same kernel. Returns
+    place. A group is fused only when its members share the input size, qtype, block, kernel,
+    act-order ``g_idx`` (none, or equal) and have no activation quantizer; the fused layer must be
+    supported by the same kernel. Returns
     the number of groups fused (also recorded as ``fused_projections``)."""
     groups = [tuple(g) for g in groups]
     done = 0
@@ -285,7 +294,8 @@ def unfuse_projections(model: nn.Module) -> int:
                 r = qw.block[0]
                 z = qw.zero[a // r:b // r] if qw.zero is not None else None
                 part = QuantizedWeight(qw.qtype, (b - a, qw.shape[1]), qw.block, qw.data[a:b].clone(),
-                                       qw.scale[a // r:b // r].clone(), None if z is None else z.clone())
+                                       qw.scale[a // r:b // r].clone(), None if z is None else z.clone(),
+                                       None if qw.g_idx is None else qw.g_idx.clone())
                 bias = fused.bias[a:b] if fused.bias is not None and c.has_bias else None
                 setattr(parent, n, QuantLinear(part, bias, kernel=fused._kernel_request, method=fused.method))
             restored += 1
