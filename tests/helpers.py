@@ -53,3 +53,24 @@ def tiny_tokenizer_dir(path) -> str:
     fast = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", bos_token="<s>", eos_token="</s>")
     fast.save_pretrained(str(path))
     return str(path)
+
+
+def auto_int4_kernel() -> str:
+    """The kernel ``auto`` picks on this CPU for a 1- to 4-bit integer layout both fast kernels take:
+    ``cpu-lut4`` (compiled, float32) where it builds and the CPU has AVX-512, else ``cpu-int4``."""
+    from polyquant.kernels.cext import library_error
+    if library_error("lut4") is not None:
+        return "cpu-int4"
+    from polyquant.kernels.cpu_lut4 import simd_level
+    return "cpu-lut4" if simd_level() == 1 else "cpu-int4"
+
+
+AUTO_INT4 = auto_int4_kernel()
+
+
+def _have_lut4() -> bool:
+    from polyquant.kernels.cext import library_error
+    return library_error("lut4") is None
+
+
+HAVE_LUT4 = _have_lut4()  # the compiled cpu-lut4 kernel builds here (a C compiler, POLYQUANT_NO_CEXT unset)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import polyquant
-from helpers import tiny_bert, tiny_llama, tiny_tokenizer_dir
+from helpers import AUTO_INT4, tiny_bert, tiny_llama, tiny_tokenizer_dir
 from polyquant.eval import REQUIRED_KEYS, describe_model, evaluate, greedy_decode
 
 
@@ -23,8 +23,8 @@ def test_result_has_required_keys_and_is_json():
     missing = [k for k in REQUIRED_KEYS if k not in res]
     assert not missing
     json.loads(json.dumps(res))  # plain types only
-    assert (res["method"], res["bits"], res["group_size"], res["kernel"]) == ("rtn", 4, 32, "cpu-int4")
-    assert res["kernels"] == {"cpu-int4": 14}
+    assert (res["method"], res["bits"], res["group_size"], res["kernel"]) == ("rtn", 4, 32, AUTO_INT4)
+    assert res["kernels"] == {AUTO_INT4: 14}
     assert res["windows"] == 9 and res["tokens"] == 576 and res["text_tokens"] == 600
     assert res["prefill_tok_s"] > 0 and res["prefill_tokens"] == 64
     assert res["decode_tok_s"] > 0 and res["decode_tokens"] == 4
@@ -39,7 +39,7 @@ def test_describe_fp32_and_mixed_kernels():
     q = polyquant.quantize(model, polyquant.RTNConfig(bits=4, group_size=32), show_progress=False)
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj"):
         q.get_submodule(name).set_kernel("reference")
-    assert describe_model(q)["kernel"] == "cpu-int4:12,reference:2"
+    assert describe_model(q)["kernel"] == f"{AUTO_INT4}:12,reference:2"
 
 
 def test_greedy_decode_matches_generate():

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from helpers import tiny_llama, tiny_qwen2
+from helpers import AUTO_INT4, tiny_llama, tiny_qwen2
 from safetensors.torch import save_file
 from torch import nn
 
@@ -203,7 +203,7 @@ def test_save_load_gives_identical_logits(tmp_path, awq_models, fmt, version, wh
         if isinstance(m, QuantLinear):
             a, b = m.quantized_weight, q.get_submodule(n).quantized_weight
             assert torch.equal(a.dequantize(), b.dequantize()), n
-            assert m.kernel_name == "cpu-int4" and a.qtype == "uint4"
+            assert m.kernel_name == AUTO_INT4 and a.qtype == "uint4"
     if fmt == "awq":  # re-saving a loaded checkpoint keeps its layout
         again = save(loaded, tmp_path / "again", format="awq")
         assert json.loads((again / "config.json").read_text())["quantization_config"]["version"] == version
@@ -328,7 +328,7 @@ def test_foreign_checkpoints_load_and_match(tmp_path, layout, extra):
         a, b = loaded(x).logits, ref(x).logits
     assert (a - b).abs().max() < 1e-4
     loaded.get_submodule("model.layers.0.mlp.up_proj").set_kernel("auto")
-    assert loaded.get_submodule("model.layers.0.mlp.up_proj").kernel_name == "cpu-int4"  # the 4-bit fast path
+    assert loaded.get_submodule("model.layers.0.mlp.up_proj").kernel_name == AUTO_INT4  # the 4-bit fast path
 
 
 def _patch_config(folder, **changes):

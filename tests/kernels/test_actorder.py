@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import sqnr_db
+from helpers import AUTO_INT4, sqnr_db
 from polyquant.kernels.cpu_actorder import group_perm, sort_by_group
 from polyquant.nn import QuantLinear
 from polyquant.tensor.quantized_weight import QuantizedWeight
@@ -62,4 +62,4 @@ def test_irregular_groups_fall_back_to_reference():
 def test_plain_layers_keep_cpu_int4():
     qw = _actorder_weight()
     plain = QuantizedWeight(qw.qtype, qw.shape, qw.block, qw.data, qw.scale, qw.zero, None)
-    assert QuantLinear(plain).kernel_name == "cpu-int4"
+    assert QuantLinear(plain).kernel_name == AUTO_INT4

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import polyquant
-from helpers import sqnr_db, tiny_llama
+from helpers import AUTO_INT4, sqnr_db, tiny_llama
 from polyquant.kernels.quanto_act import QuantoActivation, calibrate_activations
 from polyquant.methods.quanto import QuantoConfig, quanto_group_size, quanto_quantize
 from polyquant.nn.quant_linear import QuantLinear
@@ -82,8 +82,8 @@ def test_weight_only_model_kernels():
     m = tiny_llama()
     with torch.no_grad():
         ref = m(X).logits
-        for cfg, kern, sq in ((QuantoConfig(bits=8), "cpu-int8", 25), (QuantoConfig(bits=4), "cpu-int4", 8),
-                              (QuantoConfig(bits=2), "cpu-int4", 0)):  # 2-bit codes ride on the int4 op
+        for cfg, kern, sq in ((QuantoConfig(bits=8), "cpu-int8", 25), (QuantoConfig(bits=4), AUTO_INT4, 8),
+                              (QuantoConfig(bits=2), AUTO_INT4, 0)):  # 2-bit codes ride on the int4 op
             q = polyquant.quantize(m, cfg, show_progress=False)
             assert set(kernel_summary(q)) == {kern}
             assert sqnr_db(ref, q(X).logits) > sq

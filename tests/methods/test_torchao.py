@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import polyquant
-from helpers import sqnr_db, tiny_llama
+from helpers import AUTO_INT4, sqnr_db, tiny_llama
 from polyquant.methods.torchao import (TorchAOFloat8Config, TorchAOInt4Config, TorchAOInt8Config,
                                        TorchAOInt8DynamicConfig, torchao_float8_weight, torchao_int4_weight,
                                        torchao_int8_weight)
@@ -110,7 +110,7 @@ def test_int4_group_must_divide_in_features():
 
 
 @pytest.mark.parametrize("cfg,kernel,min_sqnr", [
-    (TorchAOInt4Config(group_size=32), "cpu-int4", 10),
+    (TorchAOInt4Config(group_size=32), AUTO_INT4, 10),
     (TorchAOInt8Config(), "cpu-int8", 25),
     (TorchAOInt8DynamicConfig(), "int8-dynamic", 20),
     (TorchAOFloat8Config(), None, 20),  # whichever float8 kernel is registered

@@ -107,7 +107,7 @@ def test_without_results_the_prior_table_decides():
     assert r.ok and r.choice.evidence == "prior" and r.choice.weight_bytes <= 12_000_000
     best = min(o.ppl_increase for o in r.accepted)
     assert r.choice.ppl_increase == best
-    assert r.choice.fast and r.choice.kernel in ("cpu-int4", "cpu-int8")
+    assert r.choice.fast and r.choice.kernel in ("cpu-int4", "cpu-lut4", "cpu-int8")
     assert all(o.rejected for o in r.rejected)
     assert "fp32" in [o.method for o in r.rejected]  # 40 MB
     # the prior of the chosen setting is the table's entry

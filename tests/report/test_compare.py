@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import tiny_llama, tiny_tokenizer_dir
+from helpers import AUTO_INT4, tiny_llama, tiny_tokenizer_dir
 
 import polyquant
 import polyquant.eval
@@ -140,7 +140,7 @@ def test_one_record_per_run_failures_recorded_and_resume(tmp_path, tiny_dir, tex
         assert r["device"] == "cpu" and r["timings"]["eval_s"] > 0 and r["settings"]["max_windows"] == 2
     assert fp["metrics"]["kl"] is None
     assert 0 <= w8["metrics"]["kl"] < w4["metrics"]["kl"]  # 8 bits stay closer to the reference
-    assert w8["kernel"] == {"cpu-int8": 14} and w4["kernel"] == {"cpu-int4": 14}
+    assert w8["kernel"] == {"cpu-int8": 14} and w4["kernel"] == {AUTO_INT4: 14}
     model = polyquant.load_model(tiny_dir)[0]
     params = sum(m.weight.numel() for n, m in model.named_modules() if n.startswith("model.layers.")
                  and isinstance(m, __import__("torch").nn.Linear))

@@ -9,6 +9,7 @@ from html.parser import HTMLParser
 
 import pytest
 
+from helpers import AUTO_INT4, HAVE_LUT4
 from report_dummies import DUMMY, dummy_method, raising_kernel
 
 from polyquant.kernels import KERNELS
@@ -48,13 +49,16 @@ def test_representative_settings(declared):
 def test_cells_follow_the_kernels(declared):
     w4, w5 = _row(declared, "rtn", 4)["devices"], _row(declared, "rtn", 5)["devices"]
     assert "cpu-int4" in w4["cpu"]["fast"] and w4["cpu"]["reference"] and w4["cpu"]["quantize"]
-    assert w4["cpu"]["kernel"] == "cpu-int4"
-    assert _row(declared, "rtn", 3)["devices"]["cpu"]["kernel"] == "cpu-int4"  # 3-bit codes ride the int4 op
+    assert w4["cpu"]["kernel"] == AUTO_INT4
+    assert _row(declared, "rtn", 3)["devices"]["cpu"]["kernel"] == AUTO_INT4  # 3-bit codes ride a 4-bit kernel
     assert w5["cpu"]["fast"] == [] and w5["cpu"]["reference"] and w5["cpu"]["kernel"] == "reference"
     assert "cpu-int4" in w5["cpu"]["declined"]  # with the kernel's reason
     assert "4-bit" in w5["cpu"]["declined"]["cpu-int4"]
     nf4 = _row(declared, "bnb-nf4", 4)["devices"]["cpu"]
-    assert nf4["fast"] == ["cpu-lut4"] and nf4["kernel"] == "cpu-lut4"  # the compiled code-book kernel
+    if HAVE_LUT4:  # the compiled code-book kernel
+        assert nf4["fast"] == ["cpu-lut4"] and nf4["kernel"] == "cpu-lut4"
+    else:
+        assert nf4["fast"] == [] and "cpu-lut4" in nf4["declined"]  # with the reason (no compiler, disabled)
     assert "nf4" in nf4["declined"]["cpu-int4"]
     # CUDA: the Triton kernel with its minimum compute capability
     cap = KERNELS["triton-w4a16"].min_capability
@@ -105,7 +109,7 @@ def test_a_kernel_whose_supports_raises_is_recorded_not_fatal():
         rows = declared_matrix(["rtn"])
     cell = _row(rows, "rtn", 4)["devices"]["cpu"]
     assert "supports() raised RuntimeError: supports blew up" in cell["declined"][kname]
-    assert cell["kernel"] == "cpu-int4"
+    assert cell["kernel"] == AUTO_INT4
 
 
 def test_unknown_names_are_refused():
@@ -133,18 +137,18 @@ def _rec(name, config, status="ok", kernel=None, error=None, device="cpu", ppl=N
 
 def test_probed_matrix_from_records():
     recs = [_rec("fp32", None, kernel={"dense": 1}),
-            _rec("w4", RTNConfig(bits=4, group_size=64), kernel={"cpu-int4": 14}),
+            _rec("w4", RTNConfig(bits=4, group_size=64), kernel={AUTO_INT4: 14}),
             _rec("w4-ref", RTNConfig(bits=4, group_size=64, sym=False), kernel={"reference": 14}),
             _rec("w3", RTNConfig(bits=3, group_size=64), status="failed", error="RuntimeError: boom")]
     rows = probed_matrix({"runs": recs})
     assert [r["name"] for r in rows] == ["w4", "w4-ref", "w3"]  # the baseline is not a method
     w4, ref, w3 = rows
-    assert w4["kernels"] == {"cpu-int4": 14} and w4["fast"] is True and w4["as_declared"] is True
-    assert ref["fast"] is False and ref["as_declared"] is False and ref["declared_kernel"] == "cpu-int4"
+    assert w4["kernels"] == {AUTO_INT4: 14} and w4["fast"] is True and w4["as_declared"] is True
+    assert ref["fast"] is False and ref["as_declared"] is False and ref["declared_kernel"] == AUTO_INT4
     assert "layer shapes" in ref["note"] and ref["reference_layers"] == 14
     assert w3["status"] == "failed" and w3["error"] == "RuntimeError: boom" and w3["kernels"] == {}
     md = matrix_markdown(rows)
-    assert "failed: RuntimeError: boom" in md and "cpu-int4×14" in md
+    assert "failed: RuntimeError: boom" in md and f"{AUTO_INT4}×14" in md
     html = matrix_html(declared_matrix(["rtn"]), rows)
     assert 'class="pq-matrix-probed"' in html and html.count('<tr data-method="rtn">') == 6 + 3
 

@@ -128,15 +128,16 @@ def lut4_dequantize(w: torch.Tensor, s: torch.Tensor, lut: torch.Tensor, z: torc
 
 
 class CpuLut4Kernel(Kernel):
-    """Code books are its own layouts (auto picks it for them); 1- to 4-bit integer layouts are
-    ``cpu-int4``'s first (bf16, PyTorch's packed op) - this kernel takes them when ``cpu-int4`` declines
-    (e.g. ``out_features % 16``, groups outside 32..256) or when asked (float32 numerics)."""
+    """Code books (NF4, FP4) and, on CPUs with AVX-512, 1- to 4-bit integer codes: there it beats
+    ``cpu-int4`` (PyTorch's bf16 packed op) at decode and prefill and keeps float32 numerics. Without
+    AVX-512, integer layouts ``cpu-int4`` can run are left to it (the reason says so)."""
 
     name = "cpu-lut4"
     devices = ("cpu",)
-    priority = 15
-    layouts = ("4-bit code books (NF4, FP4) and 1- to 4-bit integer codes (with zero points) with one scale per "
-               "group of a multiple of 32 inputs (or whole rows); compiled C, AVX-512 when the CPU has it; float32")
+    priority = 25
+    layouts = ("4-bit code books (NF4, FP4), and 1- to 4-bit integer codes with zero points (AVX-512 CPUs, or "
+               "where cpu-int4 declines), one scale per group of a multiple of 32 inputs (or whole rows); "
+               "compiled C (AVX-512 / AVX2 / portable); float32")
 
     def supports(self, qw, device):
         if r := self._device_reason(device):
@@ -153,6 +154,10 @@ class CpuLut4Kernel(Kernel):
             return g
         if r := library_error(_LIB):
             return r
+        if qw.qt.kind == "int" and simd_level() != 1:
+            from polyquant.kernels.cpu import CpuInt4Kernel
+            if CpuInt4Kernel().supports(qw, device) is None:
+                return "without AVX-512 the integer layouts cpu-int4 runs are faster there"
         return None
 
     def prepare(self, qw):
