@@ -66,6 +66,7 @@ def auto_int4_kernel() -> str:
 
 
 AUTO_INT4 = auto_int4_kernel()
+AUTO_INT4_ACTORDER = "cpu-lut4" if AUTO_INT4 == "cpu-lut4" else "cpu-int4-actorder"  # 4-bit act-order (g_idx)
 
 
 def _have_lut4() -> bool:

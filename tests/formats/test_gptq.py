@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import AUTO_INT4, sqnr_db, tiny_llama
+from helpers import AUTO_INT4, AUTO_INT4_ACTORDER, sqnr_db, tiny_llama
 from polyquant.formats import CheckpointError, get_format
 from polyquant.formats.gptq import (gptq_layer_tensors, gptq_scale, gptq_weight_from_tensors,
                                     normalize_gptq_config, read_gptq_config)
@@ -226,7 +226,7 @@ def test_independent_checkpoint_loads_exactly(tmp_path, bits, v1, act_order, sym
             assert torch.equal(m2.get_submodule(name).quantized_weight.dequantize(), w), name
         if bits == 4:  # the fast CPU kernels take the loaded layers (act-order through the sorted path)
             kernels = {m.kernel_name for m in m2.modules() if isinstance(m, QuantLinear)}
-            assert kernels == {"cpu-int4-actorder" if act_order else AUTO_INT4}
+            assert kernels == {AUTO_INT4_ACTORDER if act_order else AUTO_INT4}
             ids = torch.randint(0, 256, (1, 8))
             fast = _logits(m2, ids)
             set_kernels(m2, "reference")

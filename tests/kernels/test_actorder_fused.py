@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from helpers import sqnr_db, tiny_llama, tiny_qwen2
+from helpers import AUTO_INT4_ACTORDER, sqnr_db, tiny_llama, tiny_qwen2
 
 import polyquant
 from polyquant.methods import GPTQConfig
@@ -56,7 +56,7 @@ def _reorder(qw: QuantizedWeight, seed: int) -> QuantizedWeight:
 @pytest.mark.parametrize("make", [tiny_llama, tiny_qwen2])
 def test_gptq_actorder_siblings_fuse_exactly(make):
     q = _gptq_actorder(make)
-    assert kernel_summary(q) == {"cpu-int4-actorder": 14}
+    assert kernel_summary(q) == {AUTO_INT4_ACTORDER: 14}
     for group in _siblings(q):  # one Hessian per shared input -> one act-order permutation
         g0 = group[0].quantized_weight.g_idx
         assert g0 is not None and not torch.equal(g0, torch.arange(128, dtype=g0.dtype) // 32)
@@ -66,9 +66,9 @@ def test_gptq_actorder_siblings_fuse_exactly(make):
     before = {k: v.clone() for k, v in q.state_dict().items()}
     f = copy.deepcopy(q)
     assert rt.fuse_projections(f) == 4
-    assert kernel_summary(f) == {"cpu-int4-actorder": 8}
+    assert kernel_summary(f) == {AUTO_INT4_ACTORDER: 8}
     fused = f.model.layers[0].self_attn.q_proj.fused
-    assert isinstance(fused, QuantLinear) and fused.kernel_name == "cpu-int4-actorder"
+    assert isinstance(fused, QuantLinear) and fused.kernel_name == AUTO_INT4_ACTORDER
     assert torch.equal(fused.quantized_weight.g_idx, q.model.layers[0].self_attn.q_proj.quantized_weight.g_idx)
     assert torch.equal(_logits(f, ids), ref)  # one gather + one matmul over stacked rows: bit-identical
     # and both agree with the reference kernel (dequantize + matmul in the original column order)
@@ -85,7 +85,7 @@ def test_gptq_actorder_siblings_fuse_exactly(make):
     assert sorted(after) == sorted(before)
     for k, v in before.items():
         assert torch.equal(after[k], v), k  # g_idx included
-    assert kernel_summary(f) == {"cpu-int4-actorder": 14}
+    assert kernel_summary(f) == {AUTO_INT4_ACTORDER: 14}
     assert torch.equal(_logits(f, ids), ref)
 
 
@@ -94,7 +94,7 @@ def test_siblings_with_different_g_idx_are_not_fused():
     attn = q.model.layers[0].self_attn
     k = attn.k_proj
     attn.k_proj = QuantLinear(_reorder(k.quantized_weight, seed=3), k.bias)
-    assert attn.k_proj.kernel_name == "cpu-int4-actorder"
+    assert attn.k_proj.kernel_name == AUTO_INT4_ACTORDER
     assert not torch.equal(attn.k_proj.quantized_weight.g_idx, attn.q_proj.quantized_weight.g_idx)
     ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(2))
     ref = _logits(q, ids)

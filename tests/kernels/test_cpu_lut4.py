@@ -97,6 +97,32 @@ def test_integer_layers_auto_choice():
         assert "AVX-512" in mods["1"].kernel_skipped["cpu-lut4"]
 
 
+@pytest.mark.parametrize("simd", SIMD)
+def test_act_order_weights_sorted_once_input_gathered(simd):
+    """GPTQ act-order (g_idx): the columns are sorted by group at prepare, the input gathered per call;
+    the product equals the reference's in the original column order."""
+    from polyquant.kernels.cpu_actorder import sort_by_group
+    g = torch.Generator().manual_seed(7)
+    codes = torch.randint(0, 16, (40, 256), generator=g, dtype=torch.uint8)
+    g_idx = (torch.arange(256) // 64)[torch.randperm(256, generator=g)].to(torch.int32)
+    qw = QuantizedWeight.from_codes(codes, "uint4", (1, 64), torch.rand(40, 4, generator=g) * 0.01 + 1e-3,
+                                    torch.randint(0, 16, (40, 4), generator=g).float(), g_idx)
+    assert KERNEL.supports(qw, CPU) is None
+    b = KERNEL.prepare(qw)
+    sorted_qw, perm = sort_by_group(qw)
+    assert torch.equal(b["perm"], perm)
+    assert torch.equal(lut4_dequantize(b["w"], b["s"], b["lut"], b.get("z"), simd=simd), sorted_qw.dequantize())
+    x = torch.randn(3, 256, generator=g)
+    exact = x.double() @ qw.dequantize().double().t()
+    for m in (1, 3):
+        from polyquant.nn.quant_linear import QuantLinear
+        y = QuantLinear(qw, None, kernel="cpu-lut4")(x[:m])
+        assert ((y.double() - exact[:m]).abs().max() / exact.abs().max()).item() < 2e-6
+    bad = QuantizedWeight.from_codes(codes, "uint4", (1, 64), torch.rand(40, 4), None,
+                                     torch.zeros(256, dtype=torch.int32))  # every column in group 0
+    assert "runs of group_size" in KERNEL.supports(bad, CPU)
+
+
 def test_threads_give_the_same_result():
     qw = _qw(96, 256, BnbFP4Config(blocksize=64))
     b = KERNEL.prepare(qw)

@@ -1,5 +1,7 @@
 """``cpu-lut4``: 4-bit code-book weights (bitsandbytes NF4 / FP4, any 16-entry table) on the CPU, and
-1- to 4-bit integer weights with float32 numerics (the table is ``code - offset``, minus the zero point).
+1- to 4-bit integer weights with float32 numerics (the table is ``code - offset``, minus the zero point),
+act-order (``g_idx``) included: columns sorted by group once, the input gathered per call (ExLlama's
+trick, as ``cpu-int4-actorder``).
 
 PyTorch has no packed op for non-uniform 4-bit codes, so this kernel is a small compiled C function
 (``kernels/csrc/lut4.c``, built once by :mod:`polyquant.kernels.cext`): the 16-entry table, scaled
@@ -135,8 +137,8 @@ class CpuLut4Kernel(Kernel):
     name = "cpu-lut4"
     devices = ("cpu",)
     priority = 25
-    layouts = ("4-bit code books (NF4, FP4), and 1- to 4-bit integer codes with zero points (AVX-512 CPUs, or "
-               "where cpu-int4 declines), one scale per group of a multiple of 32 inputs (or whole rows); "
+    layouts = ("4-bit code books (NF4, FP4), and 1- to 4-bit integer codes with zero points and act-order (AVX-512 "
+               "CPUs, or where cpu-int4 declines), one scale per group of a multiple of 32 inputs (or whole rows); "
                "compiled C (AVX-512 / AVX2 / portable); float32")
 
     def supports(self, qw, device):
@@ -147,8 +149,13 @@ class CpuLut4Kernel(Kernel):
                 return f"needs a 16-entry code book (nf4, fp4) or 1- to 4-bit integer codes, got {qw.qtype}"
         elif qw.qt.kind != "int" or qw.bits > 4:
             return f"needs a 16-entry code book (nf4, fp4) or 1- to 4-bit integer codes, got {qw.qtype}"
-        if qw.g_idx is not None or "outliers" in qw.extras:
-            return "act-order (g_idx) and outliers are not supported"
+        if "outliers" in qw.extras:
+            return "outliers are not supported"
+        if qw.g_idx is not None:  # act-order: columns sorted by group once, the input gathered per call
+            from polyquant.kernels.cpu_actorder import group_perm
+            perm = group_perm(qw)
+            if isinstance(perm, str):
+                return perm
         g = _group(qw)
         if isinstance(g, str):
             return g
@@ -156,26 +163,40 @@ class CpuLut4Kernel(Kernel):
             return r
         if qw.qt.kind == "int" and simd_level() != 1:
             from polyquant.kernels.cpu import CpuInt4Kernel
-            if CpuInt4Kernel().supports(qw, device) is None:
-                return "without AVX-512 the integer layouts cpu-int4 runs are faster there"
+            from polyquant.kernels.cpu_actorder import CpuInt4ActOrderKernel
+            other = CpuInt4ActOrderKernel() if qw.g_idx is not None else CpuInt4Kernel()
+            if other.supports(qw, device) is None:
+                return f"without AVX-512 the integer layouts {other.name} runs are faster there"
         return None
 
     def prepare(self, qw):
+        perm = None
+        if qw.g_idx is not None:
+            from polyquant.kernels.cpu_actorder import sort_by_group
+            qw, perm = sort_by_group(qw)
         g = _group(qw)
         # the table is the reference's decode() of every 4-bit code (code - offset for integers)
         lut = qw.qt.decode(torch.arange(16, dtype=torch.uint8)).to(torch.float32).contiguous()
         buf = {"w": pack_lut4(qw.codes), "s": lut4_scales(qw, g), "lut": lut}
         if qw.zero is not None:
             buf["z"] = lut4_scales(qw, g, qw.zero)
+        if perm is not None:
+            buf["perm"] = perm
         return buf
 
     def forward(self, module, x):
         if module.act_quant is not None:
             x = module.act_quant(x)
         b = module._buffers
-        w, s, lut, z = b["k_w"], b["k_s"], b["k_lut"], b.get("k_z")
+        w, s, lut, z, perm = b["k_w"], b["k_s"], b["k_lut"], b.get("k_z"), b.get("k_perm")
         dtype = x.dtype
-        x2 = x.reshape(-1, x.shape[-1])
+        n = x.shape[-1]
+        if perm is None:
+            x2 = x.reshape(-1, n)
+        elif x.numel() == n:  # act-order, one row: the gather on the flat vector is the cheapest form
+            x2 = x.reshape(n).index_select(0, perm).view(1, n)
+        else:
+            x2 = x.reshape(-1, n).index_select(1, perm)
         xf = x2 if dtype == torch.float32 else x2.to(torch.float32)
         if x2.shape[0] < DEQUANT_MIN_M:
             y = lut4_mm(xf, w, s, lut, z)
