@@ -176,3 +176,17 @@ def test_refusals_name_the_reason(monkeypatch):
     assert "POLYQUANT_NO_CEXT" in KERNEL.supports(ok, CPU)
     kern, reasons = select_kernel(ok, CPU)
     assert kern.name == "reference" and "POLYQUANT_NO_CEXT" in reasons["cpu-lut4"]
+
+
+def test_library_builds_into_a_fresh_cache_and_reports_a_missing_compiler(tmp_path, monkeypatch):
+    """The C file builds in a new cache folder (atomically: no temporary files left), and a machine
+    without a compiler gets a reason naming it instead of an exception."""
+    monkeypatch.setenv("POLYQUANT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cext, "_LIBS", {})
+    assert cext.library_error("lut4") is None
+    built = list((tmp_path / "cext").iterdir())
+    assert len(built) == 1 and built[0].name.startswith("lut4-") and built[0].suffix == ".so"
+    monkeypatch.setenv("POLYQUANT_CACHE_DIR", str(tmp_path / "other"))
+    monkeypatch.setattr(cext, "_LIBS", {})
+    monkeypatch.setattr(cext, "_compiler", lambda: None)
+    assert "no C compiler" in cext.library_error("lut4")

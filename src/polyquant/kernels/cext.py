@@ -5,7 +5,7 @@ No Python headers, no ninja, no torch C++ API: the C functions take raw pointers
 compiler (``$CC``, ``cc``, ``gcc``, ``clang``) builds them in about a second. The library is cached
 under ``$POLYQUANT_CACHE_DIR`` (default ``~/.cache/polyquant``)/``cext``, keyed by a hash of the
 source, the compiler and its flags; it is written to a temporary file and renamed (atomic, safe for
-parallel processes). A kernel that needs a library reports why it cannot run - no compiler, a build
+parallel processes; a read-only cache folder falls back to the temporary folder). A kernel that needs a library reports why it cannot run - no compiler, a build
 error, or ``POLYQUANT_NO_CEXT=1`` - through its ``supports`` reason; nothing falls back silently.
 """
 from __future__ import annotations
@@ -54,7 +54,15 @@ def _build(name: str) -> ctypes.CDLL:
         out = cache_dir() / f"{name}-{key}{suffix}"
         if out.exists():
             return ctypes.CDLL(str(out))
-        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(out.parent, os.W_OK):
+                raise PermissionError(str(out.parent))
+        except OSError:  # a read-only home: build in the temporary folder instead
+            out = Path(tempfile.gettempdir()) / f"polyquant-cext-{os.getuid() if hasattr(os, 'getuid') else 0}" / out.name
+            if out.exists():
+                return ctypes.CDLL(str(out))
+            out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             c_file = Path(tmp) / f"{name}.c"
             c_file.write_bytes(src)
