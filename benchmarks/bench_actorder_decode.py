@@ -14,6 +14,8 @@ q/k/v and gate/up fused into one packed matmul, the float lm_head computed in bf
 - ``gptq-w4-g64[-fast]``: GPTQ W4 g64 sym, group-aware column order (no ``g_idx``: ``cpu-int4``);
 - ``gptq-w4-g64-ao[-fast]``: GPTQ W4 g64 sym act-order (``desc_act``: ``g_idx``,
   ``cpu-int4-actorder``); fused, the q/k/v and gate/up siblings share one gather (equal ``g_idx``);
+- ``rtn-w4-g64-int4``, ``gptq-w4-g64-ao-int4[-fast]`` (not run by default): the same weights on
+  ``cpu-int4`` / ``cpu-int4-actorder`` (PyTorch's packed bf16 op) instead of auto's ``cpu-lut4``;
 - ``gptq-w4-g64-ao-prev[-fast]`` (not run by default): the same checkpoint with the act-order
   kernel's previous forward (gather on the 3-D input, then ``cpu-int4``) and, for ``-fast``, only
   the bf16 head (act-order layers did not fuse then): the state before, for comparison.
@@ -48,7 +50,8 @@ import _common as C  # noqa: E402
 
 FAST_RUNTIME = "fuse+bf16-head"  # as bench_rtn.FAST_RUNTIME
 ROWS = ("fp32", "rtn-w4-g64", "rtn-w4-g64-fast", "gptq-w4-g64", "gptq-w4-g64-fast", "gptq-w4-g64-ao",
-        "gptq-w4-g64-ao-fast", "gptq-w4-g64-ao-prev", "gptq-w4-g64-ao-prev-fast")
+        "gptq-w4-g64-ao-fast", "gptq-w4-g64-ao-prev", "gptq-w4-g64-ao-prev-fast",
+        "rtn-w4-g64-int4", "gptq-w4-g64-ao-int4", "gptq-w4-g64-ao-int4-fast")
 DEFAULT_ROWS = ROWS[:7]
 #: the ``-prev`` rows: act-order as it ran before the fused act-order runtime (the gather on the
 #: 3-D input, then cpu-int4's forward; no fusion: only the bf16 head for ``-fast``), for a
@@ -59,6 +62,7 @@ TARGET = 1.8
 
 def _base(row: str) -> str:
     row = row[:-len("-fast")] if row.endswith("-fast") else row
+    row = row[:-len("-int4")] if row.endswith("-int4") else row
     return row[:-len("-prev")] if row.endswith("-prev") else row
 
 
@@ -137,6 +141,8 @@ def build(row: str, args) -> tuple[Any, Any, dict[str, Any]]:
             model = _gptq(base, args, model, tok)
             info["source"] = f"quantized in-process ({args.calib_samples} x {args.calib_seqlen})"
     model.eval()
+    if "-int4" in row:  # PyTorch's packed bf16 int4 op instead of auto's choice (cpu-lut4 on AVX-512 CPUs)
+        polyquant.set_kernels(model, "cpu-int4-actorder" if "-ao" in row else "cpu-int4")
     if base != "fp32":
         info["kernel"] = ",".join(f"{k}:{v}" for k, v in kernel_summary(model).items())
     prev = "-prev" in row
