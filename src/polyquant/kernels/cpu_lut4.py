@@ -198,8 +198,9 @@ class CpuLut4Kernel(Kernel):
         else:
             x2 = x.reshape(-1, n).index_select(1, perm)
         xf = x2 if dtype == torch.float32 else x2.to(torch.float32)
-        if x2.shape[0] < DEQUANT_MIN_M:
-            y = lut4_mm(xf, w, s, lut, z)
+        if x2.shape[0] < DEQUANT_MIN_M and not (xf.requires_grad and torch.is_grad_enabled()):
+            y = lut4_mm(xf, w, s, lut, z)  # (the C loop records no autograd graph: inputs needing a
+            # gradient take the dequantize + matmul path below, differentiable in x)
         else:
             y = F.linear(xf, lut4_dequantize(w, s, lut, z))
         if dtype != torch.float32:
