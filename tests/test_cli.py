@@ -199,6 +199,17 @@ def test_quantize_info_eval_end_to_end(capsys, tmp_path, tiny_dir, text_file):
     assert code == 0, err
     res = json.loads(out)
     assert 0 <= res["kl"] < 0.05 and 0.5 <= res["top1"] <= 1
+    assert res["runtime"] == {"float_compute": "fp32", "float_compute_scope": None, "fused_projections": 0}
+
+    # the fast runtime: fusing is exact (same ppl to rounding), the bf16 head is recorded
+    code, out, err = run(capsys, *args, "--fuse", "--head-dtype", "bfloat16")
+    assert code == 0, err
+    fast = json.loads(out)
+    assert fast["runtime"] == {"float_compute": "bf16", "float_compute_scope": "lm_head", "fused_projections": 4}
+    assert fast["ppl"] == pytest.approx(ref["ppl"], rel=2e-2) and fast["ppl"] != ref["ppl"]
+    code, out, err = run(capsys, *args, "--fuse")
+    assert code == 0, err
+    assert json.loads(out)["ppl"] == pytest.approx(ref["ppl"], rel=1e-5)
 
 
 def test_eval_of_a_default_sourced_checkpoint_loads_default_as_reference(capsys, tmp_path, tiny_dir, text_file,

@@ -531,6 +531,12 @@ def cmd_eval(args) -> int:
         raise UsageError(f"{args.model} has no tokenizer files; evaluation needs one")
     if args.kernel:
         set_kernels(model, args.kernel)
+    from polyquant.nn import runtime as rt
+    if args.fuse:
+        rt.fuse_projections(model)  # exact: the members' codes and scales concatenated
+    if args.head_dtype:
+        import torch
+        rt.set_float_dtype(model, getattr(torch, args.head_dtype), scope="lm_head")
     reference = None
     if not args.no_reference:
         ref_spec = args.reference
@@ -545,6 +551,7 @@ def cmd_eval(args) -> int:
     res = polyquant.evaluate(model, tok, text=text, seqlen=args.seqlen, max_windows=args.max_windows,
                              reference=reference, threads=args.threads, decode_tokens=args.decode_tokens,
                              measure_speed=not args.no_speed)
+    res["runtime"] = rt.runtime_info(model)  # float compute dtype and fused groups, as measured
     if args.json:
         from polyquant.report.store import to_jsonable
         _out(json.dumps(to_jsonable(res), allow_nan=False))
@@ -820,6 +827,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--decode-tokens", type=_positive, default=64, help="tokens to decode for speed (default 64)")
     e.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
     e.add_argument("--kernel", help="run quantized layers with this kernel (default: auto)")
+    e.add_argument("--fuse", action="store_true",
+                   help="run q/k/v and gate/up as one packed matmul each (exact; faster decode)")
+    e.add_argument("--head-dtype", choices=("float32", "bfloat16"),
+                   help="compute the float lm_head in this dtype (bfloat16 is a lossy float cast, not "
+                        "quantization: faster decode, check the perplexity); recorded under 'runtime'")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=cmd_eval)
 
