@@ -31,13 +31,12 @@ perplexity to 0.03% (3-bit g64: 119.236 here, 119.216 with the legacy rule and h
 all on float32 dequantization; 4-bit g64 on the bf16 ``cpu-int4`` kernel: 16.745 vs 16.742 with the
 legacy rule, hqq 16.728 on its float32 one).
 
-Run time: ``auto`` puts every 1- to 4-bit HQQ weight on the ``cpu-int4`` kernel (PyTorch's packed
-int4 op), which computes with bf16 activations and bf16 scales / zeros. At 4 bits that costs
-nothing measurable (16.745 vs hqq's 16.728); at 3 bits the model is fragile and the bf16 rounding
-costs +2.1% perplexity on the default model (121.69 vs hqq's 119.22, 40 windows), while the
-``reference`` kernel (float32 dequantize + matmul, hqq's own numerics) gives 119.24 (x1.0002) but
-decodes at 3.4 tok/s against cpu-int4's 34 and hqq's own 4.4-5.3 (two runs). The default stays the fast kernel;
-for hqq's exact float32 numerics at 2-3 bits pass ``kernel="reference"`` (``--kernel reference``).
+Run time: on CPUs with AVX-512, ``auto`` runs 1- to 4-bit HQQ weights on ``cpu-lut4`` (compiled,
+float32 activations and tables: hqq's own numerics) - 3-bit g64 119.236 vs hqq's 119.216 (x1.0002),
+4-bit 16.734 vs 16.728, both decoding at ~40 tok/s against hqq's 5.6-6.5 on the default model.
+Elsewhere they run on ``cpu-int4`` (PyTorch's packed int4 op, bf16 activations and scales / zeros):
+free at 4 bits, but at 3 bits the bf16 rounding costs +2.1% perplexity (121.69); pass
+``kernel="cpu-lut4"`` or ``"reference"`` for float32 numerics there.
 
 The solver is vectorized over every group of a weight and processed in row chunks that stay in
 cache (the iterations are memory-bound); hqq's global early-stop decision is unchanged. ``W*s`` and
