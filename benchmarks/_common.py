@@ -239,6 +239,11 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def fmt(v, f: str = "{:.2f}") -> str:
+    """``f.format(v)``, or a right-aligned ``-`` of the same width for a missing value (tables)."""
+    return "-".rjust(len(f.format(0.0))) if v is None else f.format(v)
+
+
 def emit(result: dict[str, Any]) -> None:
     """Worker side: print the result line the parent reads."""
     print("RESULT " + json.dumps(result), flush=True)

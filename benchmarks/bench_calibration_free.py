@@ -452,8 +452,7 @@ def _checks(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _fmt(v, f="{:.2f}"):
-    return "-".rjust(len(f.format(0.0))) if v is None else f.format(v)
+_fmt = C.fmt
 
 
 def _table(results: list[dict[str, Any]]) -> str:

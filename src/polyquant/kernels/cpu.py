@@ -52,7 +52,8 @@ class CpuInt8Kernel(Kernel):
 
     def prepare(self, qw):
         # (code - offset - zero) * s == (code - 128) * s + (128 - offset - zero) * s
-        signed = torch.bitwise_xor(qw.codes.contiguous(), 0x80).view(torch.int8)  # code - 128, as int8
+        from polyquant.kernels.int8_dynamic import int8_codes
+        signed = int8_codes(qw)  # code - 128, as int8
         s = qw.scale[:, 0].float()
         buf = {"w": signed, "s": s.to(torch.bfloat16)}
         zero = qw.zero[:, 0].float() if qw.zero is not None else torch.zeros_like(s)

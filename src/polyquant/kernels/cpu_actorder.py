@@ -17,7 +17,7 @@ _BF16 = torch.bfloat16
 _int4_mm = torch.ops.aten._weight_int4pack_mm_for_cpu.default
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
-__all__ = ["CpuInt4ActOrderKernel", "group_perm", "sort_by_group"]
+__all__ = ["CpuInt4ActOrderKernel", "gather_columns", "group_perm", "sort_by_group"]
 
 
 def group_perm(qw: QuantizedWeight) -> torch.Tensor | str:
@@ -42,6 +42,17 @@ def sort_by_group(qw: QuantizedWeight) -> tuple[QuantizedWeight, torch.Tensor] |
     codes = qw.codes[:, perm]
     sorted_qw = QuantizedWeight.from_codes(codes, qw.qtype, qw.block, qw.scale, qw.zero, None, qw.extras)
     return sorted_qw, perm
+
+
+def gather_columns(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``x[..., perm]`` as ``[rows, n]``. At decode this runs for every act-order layer, and the cost
+    depends on the form (torch 2.13, 1 thread, n = 1536, inference mode): ``x[..., perm]`` /
+    ``index_select(-1)`` on ``[1, 1, n]`` 4.1-4.4 us, on the flat vector 1.4 us, on ``[m, n]`` along
+    dim 1 1.9 us."""
+    n = x.shape[-1]
+    if x.numel() == n:  # one row (decode)
+        return x.reshape(n).index_select(0, perm).view(1, n)
+    return x.reshape(-1, n).index_select(1, perm)
 
 
 class CpuInt4ActOrderKernel(Kernel):
@@ -73,20 +84,13 @@ class CpuInt4ActOrderKernel(Kernel):
         return buf
 
     def forward(self, module, x):
-        # cpu-int4's forward with the gather in front, inlined: at decode this runs 120-210 times
-        # per token, and the gather's cost depends on its form (torch 2.13, 1 thread, 1536 inputs,
-        # inference mode): ``x[..., perm]`` / ``index_select(-1)`` on [1, 1, n] 4.1-4.4 us, on the
-        # flat vector 1.4 us, on [m, n] along dim 1 1.9 us.
+        # cpu-int4's forward with the gather in front, inlined (120-210 calls per token at decode)
         if module.act_quant is not None:
             x = module.act_quant(x)  # before the gather: a quantizer sees the columns in their own order
         b = module._buffers
-        perm = b["k_perm"]
         dtype = x.dtype
         n = x.shape[-1]
-        if x.numel() == n:  # one row (decode)
-            xg = x.reshape(n).index_select(0, perm).view(1, n)
-        else:
-            xg = x.reshape(-1, n).index_select(1, perm)
+        xg = gather_columns(x, b["k_perm"])
         xb = xg if dtype == _BF16 else xg.to(_BF16)
         sz = b["k_sz"]
         y = _int4_mm(xb, b["k_w"], n // sz.shape[0], sz)

@@ -18,51 +18,45 @@ multiple of 32 dividing ``K``, or whole rows.
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 import torch.nn.functional as F
 
 from polyquant.kernels.base import Kernel, register_kernel
 from polyquant.kernels.cext import library_error, load_library
+from polyquant.kernels.cpu_actorder import gather_columns, group_perm, sort_by_group
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
 __all__ = ["CpuLut4Kernel", "simd_level", "simd_levels", "pack_lut4", "lut4_scales", "lut4_mm", "lut4_dequantize", "DEQUANT_MIN_M"]
 
 DEQUANT_MIN_M = 16  # activation rows from which the weight is dequantized and PyTorch's matmul runs
 _LIB = "lut4"
-_SIMD: dict[str, int] = {}
-_FN: dict[str, ctypes._CFuncPtr] = {}
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
 
+@functools.lru_cache(maxsize=None)
 def _lib() -> ctypes.CDLL:
+    """The compiled library with its signatures declared (once; RuntimeError when it cannot build)."""
     lib = load_library(_LIB)
-    if "argtypes" not in _SIMD:
-        lib.pq_lut4_mm.argtypes = [_i64, _i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64]
-        lib.pq_lut4_mm.restype = None
-        lib.pq_lut4_dequant.argtypes = [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64]
-        lib.pq_lut4_dequant.restype = None
-        lib.pq_lut4_simd_level.restype = ctypes.c_int
-        _SIMD["level"] = int(lib.pq_lut4_simd_level())
-        _SIMD["argtypes"] = True
-        _FN["mm"] = lib.pq_lut4_mm
+    lib.pq_lut4_mm.argtypes = [_i64, _i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64]
+    lib.pq_lut4_mm.restype = None
+    lib.pq_lut4_dequant.argtypes = [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64]
+    lib.pq_lut4_dequant.restype = None
+    lib.pq_lut4_simd_level.restype = ctypes.c_int
     return lib
 
 
+@functools.lru_cache(maxsize=None)
 def simd_level() -> int:
     """The code path this CPU runs: 1 AVX-512F, 2 AVX2 + FMA, 0 the portable C loop."""
-    _lib()
-    return _SIMD["level"]
+    return int(_lib().pq_lut4_simd_level())
 
 
 def simd_levels() -> list[int]:
     """Every code path this CPU can run (tests cover each): 0, and 2 / 1 where available."""
     lv = simd_level()
     return [0] + ([2] if lv in (1, 2) else []) + ([1] if lv == 1 else [])
-
-
-def _level(simd: int | None) -> int:
-    return _SIMD["level"] if simd is None else int(simd)
 
 
 def _group(qw: QuantizedWeight) -> int | str:
@@ -107,25 +101,23 @@ def lut4_mm(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, lut: torch.Tensor
             simd: int | None = None, threads: int | None = None) -> torch.Tensor:
     """``x [M, K] float32 @ W.T`` with ``W[n, k] = (lut[code] - z[n, k // G]) * s[n, k // G]`` (no ``z``:
     ``lut[code] * s``) -> ``[M, N]`` float32."""
-    mm = _FN.get("mm") or _lib().pq_lut4_mm
     m, k = x.shape
     n = w.shape[0]
     if not x.is_contiguous():
         x = x.contiguous()
     y = torch.empty(m, n, dtype=torch.float32)
-    mm(m, n, k, k // s.shape[1], x.data_ptr(), k, w.data_ptr(), s.data_ptr(), _zp(z), lut.data_ptr(), y.data_ptr(),
-       n, threads or torch.get_num_threads(), _level(simd))
+    _lib().pq_lut4_mm(m, n, k, k // s.shape[1], x.data_ptr(), k, w.data_ptr(), s.data_ptr(), _zp(z), lut.data_ptr(),
+                      y.data_ptr(), n, threads or torch.get_num_threads(), simd_level() if simd is None else int(simd))
     return y
 
 
 def lut4_dequantize(w: torch.Tensor, s: torch.Tensor, lut: torch.Tensor, z: torch.Tensor | None = None,
                     simd: int | None = None, threads: int | None = None) -> torch.Tensor:
     """The dense float32 weight ``[N, K]`` of the packed layout."""
-    lib = _lib()
     n, k = w.shape[0], w.shape[1] * 2
     out = torch.empty(n, k, dtype=torch.float32)
-    lib.pq_lut4_dequant(n, k, k // s.shape[1], w.data_ptr(), s.data_ptr(), _zp(z), lut.data_ptr(), out.data_ptr(),
-                        threads or torch.get_num_threads(), _level(simd))
+    _lib().pq_lut4_dequant(n, k, k // s.shape[1], w.data_ptr(), s.data_ptr(), _zp(z), lut.data_ptr(), out.data_ptr(),
+                           threads or torch.get_num_threads(), simd_level() if simd is None else int(simd))
     return out
 
 
@@ -152,7 +144,6 @@ class CpuLut4Kernel(Kernel):
         if "outliers" in qw.extras:
             return "outliers are not supported"
         if qw.g_idx is not None:  # act-order: columns sorted by group once, the input gathered per call
-            from polyquant.kernels.cpu_actorder import group_perm
             perm = group_perm(qw)
             if isinstance(perm, str):
                 return perm
@@ -172,7 +163,6 @@ class CpuLut4Kernel(Kernel):
     def prepare(self, qw):
         perm = None
         if qw.g_idx is not None:
-            from polyquant.kernels.cpu_actorder import sort_by_group
             qw, perm = sort_by_group(qw)
         g = _group(qw)
         # the table is the reference's decode() of every 4-bit code (code - offset for integers)
@@ -190,13 +180,7 @@ class CpuLut4Kernel(Kernel):
         b = module._buffers
         w, s, lut, z, perm = b["k_w"], b["k_s"], b["k_lut"], b.get("k_z"), b.get("k_perm")
         dtype = x.dtype
-        n = x.shape[-1]
-        if perm is None:
-            x2 = x.reshape(-1, n)
-        elif x.numel() == n:  # act-order, one row: the gather on the flat vector is the cheapest form
-            x2 = x.reshape(n).index_select(0, perm).view(1, n)
-        else:
-            x2 = x.reshape(-1, n).index_select(1, perm)
+        x2 = x.reshape(-1, x.shape[-1]) if perm is None else gather_columns(x, perm)
         xf = x2 if dtype == torch.float32 else x2.to(torch.float32)
         if x2.shape[0] < DEQUANT_MIN_M and not (xf.requires_grad and torch.is_grad_enabled()):
             y = lut4_mm(xf, w, s, lut, z)  # (the C loop records no autograd graph: inputs needing a

@@ -45,6 +45,23 @@ def int8_symmetric_scale(x: torch.Tensor, dims: tuple[int, ...] | None) -> torch
     return scale.to(torch.float32)
 
 
+def symmetric_int8_reason(qw, blocks: tuple[tuple[int, int], ...]) -> str | None:
+    """Why ``qw`` is not a signed symmetric 8-bit weight with one of ``blocks`` (None when it is):
+    the layout the int8 x int8 kernels take."""
+    if qw.qt.kind != "int" or qw.bits != 8 or not qw.qt.signed:
+        return f"needs signed 8-bit integer weights, got {qw.qtype}"
+    if qw.zero is not None or qw.g_idx is not None or qw.extras:
+        return "needs symmetric weights without act-order or extras"
+    if qw.block not in blocks:
+        return f"needs {'per-channel or per-tensor' if len(blocks) > 1 else 'per-channel'} scales, got block {qw.block}"
+    return None
+
+
+def int8_codes(qw) -> torch.Tensor:
+    """The stored offset-binary codes as signed int8 (``code - 128``, a sign-bit flip)."""
+    return torch.bitwise_xor(qw.codes.contiguous(), 0x80).view(torch.int8)
+
+
 def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Exact ``a [M, K] int8 @ b [N, K]^T int8`` -> int32 ``[M, N]``."""
     m, k = a.shape
@@ -96,17 +113,10 @@ class Int8DynamicKernel(Kernel):
     def supports(self, qw, device):
         if r := self._device_reason(device):
             return r
-        if qw.qt.kind != "int" or qw.bits != 8 or not qw.qt.signed:
-            return f"needs signed 8-bit integer weights, got {qw.qtype}"
-        if qw.zero is not None or qw.g_idx is not None or qw.extras:
-            return "needs symmetric weights without act-order or extras"
-        if qw.block not in ((1, qw.shape[1]), tuple(qw.shape)):
-            return f"needs per-channel or per-tensor scales, got block {qw.block}"
-        return None
+        return symmetric_int8_reason(qw, ((1, qw.shape[1]), tuple(qw.shape)))
 
     def prepare(self, qw):
-        w = torch.bitwise_xor(qw.codes.contiguous(), 0x80).view(torch.int8)  # code - 128, as int8
-        return {"w": w, "s": qw.scale.float().reshape(-1).contiguous()}
+        return {"w": int8_codes(qw), "s": qw.scale.float().reshape(-1).contiguous()}
 
     def forward(self, module, x):
         b = module._buffers

@@ -209,24 +209,19 @@ class QuantoInt8Kernel(Kernel):
     name = "quanto-int8"
     devices = ("cpu",)
     priority = 25
-    layouts = "8-bit symmetric per-channel or per-tensor weights with quanto's static qint8 activations (int8 x int8)"
+    layouts = "8-bit symmetric per-channel weights with quanto's static qint8 activations (int8 x int8)"
     act_rule = QuantoActivation
 
     def supports(self, qw, device):
         if r := self._device_reason(device):
             return r
-        if qw.qt.kind != "int" or qw.bits != 8 or not qw.qt.signed:
-            return f"needs signed 8-bit integer weights, got {qw.qtype}"
-        if qw.zero is not None or qw.g_idx is not None or qw.extras:
-            return "needs symmetric weights without act-order or extras"
-        if qw.block != (1, qw.shape[1]):
-            return f"needs per-channel scales, got block {qw.block}"
-        return None
+        from polyquant.kernels.int8_dynamic import symmetric_int8_reason
+        return symmetric_int8_reason(qw, ((1, qw.shape[1]),))
 
     def prepare(self, qw):
-        w = torch.bitwise_xor(qw.codes.contiguous(), 0x80).view(torch.int8)  # code - 128, as int8
+        from polyquant.kernels.int8_dynamic import int8_codes
         s = qw.scale[:, 0].float().contiguous()
-        return {"w": w, "s": s.to(torch.bfloat16), "sf": s}  # w, s: the cpu-int8 buffers (qfloat8 path)
+        return {"w": int8_codes(qw), "s": s.to(torch.bfloat16), "sf": s}  # w, s: the cpu-int8 buffers (qfloat8 path)
 
     def forward(self, module, x):
         rule = module.act_quant
