@@ -179,13 +179,20 @@ def test_refusals_name_the_reason(monkeypatch):
 
 
 def test_library_builds_into_a_fresh_cache_and_reports_a_missing_compiler(tmp_path, monkeypatch):
-    """The C file builds in a new cache folder (atomically: no temporary files left), and a machine
-    without a compiler gets a reason naming it instead of an exception."""
+    """The C file builds in a new cache folder (atomically: no temporary files left), a corrupt cached
+    file is rebuilt, and a machine without a compiler gets a reason naming it instead of an exception."""
     monkeypatch.setenv("POLYQUANT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(cext, "_LIBS", {})
     assert cext.library_error("lut4") is None
     built = list((tmp_path / "cext").iterdir())
     assert len(built) == 1 and built[0].name.startswith("lut4-") and built[0].suffix == ".so"
+    # a corrupt cached build (same name in another cache folder, never loaded in this process) is rebuilt
+    corrupt = tmp_path / "corrupt" / "cext" / built[0].name
+    corrupt.parent.mkdir(parents=True)
+    corrupt.write_bytes(b"not a shared library")
+    monkeypatch.setenv("POLYQUANT_CACHE_DIR", str(tmp_path / "corrupt"))
+    monkeypatch.setattr(cext, "_LIBS", {})
+    assert cext.library_error("lut4") is None and corrupt.read_bytes()[:4] == b"\x7fELF"
     monkeypatch.setenv("POLYQUANT_CACHE_DIR", str(tmp_path / "other"))
     monkeypatch.setattr(cext, "_LIBS", {})
     monkeypatch.setattr(cext, "_compiler", lambda: None)

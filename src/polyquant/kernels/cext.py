@@ -40,6 +40,18 @@ def _compiler() -> str | None:
     return None
 
 
+def _load_cached(path: Path) -> ctypes.CDLL | None:
+    """The cached library, or None when there is none or it does not load (a truncated or foreign
+    file: removed, so that it is built again)."""
+    if not path.exists():
+        return None
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError:
+        path.unlink(missing_ok=True)
+        return None
+
+
 def _build(name: str) -> ctypes.CDLL:
     if os.environ.get("POLYQUANT_NO_CEXT", "") not in ("", "0"):
         raise RuntimeError("compiled CPU kernels are disabled (POLYQUANT_NO_CEXT is set)")
@@ -52,16 +64,16 @@ def _build(name: str) -> ctypes.CDLL:
         flags = _FLAGS + omp
         key = hashlib.sha256(src + "\0".join([cc, *flags, platform.machine(), platform.system()]).encode()).hexdigest()[:16]
         out = cache_dir() / f"{name}-{key}{suffix}"
-        if out.exists():
-            return ctypes.CDLL(str(out))
+        if (lib := _load_cached(out)) is not None:
+            return lib
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             if not os.access(out.parent, os.W_OK):
                 raise PermissionError(str(out.parent))
         except OSError:  # a read-only home: build in the temporary folder instead
             out = Path(tempfile.gettempdir()) / f"polyquant-cext-{os.getuid() if hasattr(os, 'getuid') else 0}" / out.name
-            if out.exists():
-                return ctypes.CDLL(str(out))
+            if (lib := _load_cached(out)) is not None:
+                return lib
             out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             c_file = Path(tmp) / f"{name}.c"
