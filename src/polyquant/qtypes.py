@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["QType", "QTYPES", "get_qtype", "int_qtype", "e4m3fn_to_float32"]
+__all__ = ["QType", "QTYPES", "get_qtype", "int_qtype", "vector_qtype", "e4m3fn_to_float32"]
 
 # bitsandbytes' NF4 code book (normal-float quantiles, index order as stored on disk).
 NF4_VALUES = (
@@ -39,7 +39,9 @@ class QType:
         name: registry key (``int4``, ``uint4``, ``nf4``, ``float8_e4m3fn`` ...).
         bits: bits per stored element.
         kind: ``int`` (affine integer), ``codebook`` (index into ``values``), ``float``
-            (a torch float8 dtype), ``ternary``.
+            (a torch float8 dtype), ``ternary`` (values -1, 0, 1 stored as codes 0, 1, 2),
+            ``vector`` (an index into one of a weight's own learned code books of ``2**bits``
+            vectors, AQLM-style: the values live with the weight, see ``QuantizedWeight.codebooks``).
         signed: for ``int``: whether the *value* range is signed (codes are always unsigned).
         values: code book values for ``codebook`` types.
         torch_dtype: storage dtype for ``float`` types.
@@ -78,6 +80,8 @@ class QType:
             return max(abs(v) for v in self.values)
         if self.kind == "ternary":
             return 1.0
+        if self.kind == "vector":
+            raise ValueError(f"{self.name}: vector codes have no value range of their own (learned code books)")
         return float(self.qmax)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,6 +100,9 @@ class QType:
         if self.kind == "float":
             m = self.max_value
             return torch.clamp(x.float(), -m, m).to(self.torch_dtype)
+        if self.kind == "vector":
+            raise ValueError(f"{self.name}: vector codes are chosen by search against learned code books, "
+                             "not encoded element-wise")
         raise ValueError(f"unknown qtype kind {self.kind!r}")
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
@@ -113,6 +120,9 @@ class QType:
             if codes.dtype == torch.float8_e4m3fn:
                 return e4m3fn_to_float32(codes)
             return codes.to(torch.float32)
+        if self.kind == "vector":
+            raise ValueError(f"{self.name}: vector codes decode through the weight's code books "
+                             "(QuantizedWeight.dequantize)")
         raise ValueError(f"unknown qtype kind {self.kind!r}")
 
 
@@ -145,6 +155,8 @@ def _build() -> dict[str, QType]:
     table["fp4"] = QType("fp4", 4, "codebook", signed=True, values=FP4_VALUES)
     table["float8_e4m3fn"] = QType("float8_e4m3fn", 8, "float", True, torch_dtype=torch.float8_e4m3fn)
     table["float8_e5m2"] = QType("float8_e5m2", 8, "float", True, torch_dtype=torch.float8_e5m2)
+    for b in range(1, 17):  # indices into 2**b-entry learned code books (AQLM: 1x16, 2x8, ...)
+        table[f"vq{b}"] = QType(f"vq{b}", b, "vector")
     return table
 
 
@@ -160,3 +172,10 @@ def get_qtype(name: str) -> QType:
 
 def int_qtype(bits: int, signed: bool) -> QType:
     return get_qtype(f"{'int' if signed else 'uint'}{bits}")
+
+
+def vector_qtype(bits: int) -> QType:
+    """The index type of a ``2**bits``-entry code book (1 to 16 bits)."""
+    if not 1 <= int(bits) <= 16:
+        raise ValueError(f"code book index bits must be 1..16, got {bits}")
+    return get_qtype(f"vq{int(bits)}")

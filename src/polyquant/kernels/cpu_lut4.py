@@ -141,8 +141,6 @@ class CpuLut4Kernel(Kernel):
                 return f"needs a 16-entry code book (nf4, fp4) or 1- to 4-bit integer codes, got {qw.qtype}"
         elif qw.qt.kind != "int" or qw.bits > 4:
             return f"needs a 16-entry code book (nf4, fp4) or 1- to 4-bit integer codes, got {qw.qtype}"
-        if "outliers" in qw.extras:
-            return "outliers are not supported"
         if qw.g_idx is not None:  # act-order: columns sorted by group once, the input gathered per call
             perm = group_perm(qw)
             if isinstance(perm, str):

@@ -18,6 +18,8 @@ class ReferenceKernel(Kernel):
     priority = 0
     layouts = "every layout (dequantize + matmul)"
     fast = False
+    layout_kinds = ("scalar", "ternary", "vector")
+    sparse_outliers = True
 
     def supports(self, qw, device):
         return None

@@ -301,7 +301,7 @@ class TritonW4A16Kernel(Kernel):
         if qw.block[0] != 1:
             return f"needs row blocks of 1, got block {qw.block}"
         if qw.extras:
-            return "extras (outliers) not supported"
+            return "extras are not supported"
         if device.type == "cuda" and torch.cuda.is_available():
             cap = torch.cuda.get_device_capability(device)
             if cap < self.min_capability:

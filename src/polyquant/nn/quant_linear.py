@@ -35,9 +35,10 @@ class QuantLinear(nn.Module):
                  act_quant: Callable[[torch.Tensor], torch.Tensor] | None = None, method: str = "") -> None:
         super().__init__()
         self.out_features, self.in_features = qweight.shape
+        tensors = qweight.tensors()
         self._meta = {"qtype": qweight.qtype, "shape": qweight.shape, "block": qweight.block,
-                      "extras": sorted(qweight.extras)}
-        for k, v in qweight.tensors().items():
+                      "extras": sorted(qweight.extras), "tensors": tuple(tensors)}
+        for k, v in tensors.items():
             self.register_buffer(f"qw_{k}", v)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         self.act_quant = act_quant
@@ -50,9 +51,8 @@ class QuantLinear(nn.Module):
     @property
     def quantized_weight(self) -> QuantizedWeight:
         m = self._meta
-        return QuantizedWeight(m["qtype"], m["shape"], m["block"], self.qw_data, self.qw_scale,
-                               getattr(self, "qw_zero", None), getattr(self, "qw_g_idx", None),
-                               {k: getattr(self, f"qw_extra_{k}") for k in m["extras"]})
+        return QuantizedWeight.from_tensors(m["qtype"], m["shape"], m["block"],
+                                            {k: getattr(self, f"qw_{k}") for k in m["tensors"]})
 
     @property
     def kernel_name(self) -> str:

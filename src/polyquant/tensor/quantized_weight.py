@@ -16,6 +16,20 @@ block is allowed. With ``g_idx`` (act-order), input column ``k`` uses scale colu
 
 Dequantization: ``w = (decode(code) - zero) * scale`` where ``decode`` comes from the qtype
 table (for signed ints: ``code - 2**(bits-1)``; for code books: the table value).
+
+Three layout families share this one class (``layout``):
+
+``scalar``   one code per weight (int, nf4/fp4, float8), the table above.
+``ternary``  the same with qtype ``ternary`` (values -1, 0, 1); BitNet uses one per-tensor scale,
+             ``block = (out, in)``, ``scale [1, 1]``.
+``vector``   AQLM-style additive code books. ``codebooks [M, 2**b, og, ig]`` (float); ``data``
+             holds the codes ``[out/og, in/ig, M]``: uint8 for ``b <= 8``, int16 for ``b <= 16``
+             (two's complement of the unsigned index: AQLM's own signed storage), qtype ``vq{b}``;
+             ``scale [out/og, 1]`` with ``block = (og, in)`` (one scale per output group).
+             ``w[og-block o, ig-group i] = scale[o] * sum_m codebooks[m, codes[o, i, m]]``.
+
+Any layout may carry ``outliers`` (:class:`~polyquant.tensor.sparse.SparseOutliers`, SpQR-style
+CSR float corrections) which ``dequantize`` *adds* after the dense part.
 """
 from __future__ import annotations
 
@@ -24,8 +38,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from polyquant.qtypes import QType, get_qtype
+from polyquant.qtypes import QType, get_qtype, vector_qtype
 from polyquant.tensor.packing import pack, unpack
+from polyquant.tensor.sparse import SparseOutliers
 
 __all__ = ["QuantizedWeight", "expand_blocks"]
 
@@ -65,6 +80,8 @@ class QuantizedWeight:
     zero: torch.Tensor | None = None
     g_idx: torch.Tensor | None = None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    codebooks: torch.Tensor | None = None
+    outliers: SparseOutliers | None = None
 
     def __post_init__(self) -> None:
         self.shape = (int(self.shape[0]), int(self.shape[1]))
@@ -74,6 +91,12 @@ class QuantizedWeight:
         r, c = self.block
         if r < 1 or c < 1:
             raise ValueError(f"block must be positive, got {self.block}")
+        if self.outliers is not None and tuple(self.outliers.shape) != self.shape:
+            raise ValueError(f"outliers shape {self.outliers.shape} != weight shape {self.shape}")
+        if qt.kind == "vector":
+            self._check_vector()
+        elif self.codebooks is not None:
+            raise ValueError(f"codebooks belong to vector qtypes (vq*), not {self.qtype}")
         grid = (math.ceil(out / r), math.ceil(inp / c))
         if tuple(self.scale.shape) != grid:
             raise ValueError(f"scale shape {tuple(self.scale.shape)} does not match the block grid "
@@ -87,13 +110,53 @@ class QuantizedWeight:
         if tuple(self.data.shape) != expected:
             raise ValueError(f"data shape {tuple(self.data.shape)} != {expected} for {self.qtype}")
 
+    def _check_vector(self) -> None:
+        cb, qt = self.codebooks, self.qt
+        out, inp = self.shape
+        if cb is None or cb.dim() != 4:
+            raise ValueError(f"{self.qtype} needs codebooks [M, 2**b, og, ig], got "
+                             f"{None if cb is None else tuple(cb.shape)}")
+        m, k, og, ig = cb.shape
+        if k != qt.n_codes:
+            raise ValueError(f"{self.qtype} indexes {qt.n_codes}-entry code books, codebooks have {k} entries")
+        if out % og or inp % ig:
+            raise ValueError(f"code book groups {og}x{ig} must divide the weight {self.shape}")
+        if self.block != (og, inp):
+            raise ValueError(f"vector codes take block (out_group, in_features) = {(og, inp)}, got {self.block}")
+        if self.zero is not None or self.g_idx is not None:
+            raise ValueError("vector codes have no zero points or g_idx")
+        want = torch.uint8 if qt.bits <= 8 else torch.int16
+        if self.data.dtype != want:
+            raise ValueError(f"{self.qtype} codes are stored as {want}, got {self.data.dtype}")
+
     # -- construction -------------------------------------------------------------------
-    @staticmethod
-    def _data_shape(qt: QType, shape: tuple[int, int]) -> tuple[int, int]:
+    def _data_shape(self, qt: QType, shape: tuple[int, int]) -> tuple[int, ...]:
         out, inp = shape
+        if qt.kind == "vector":
+            m, _, og, ig = self.codebooks.shape
+            return (out // og, inp // ig, m)
         if qt.kind == "float" or qt.bits == 8:
             return (out, inp)
         return (out, (inp * qt.bits + 31) // 32)
+
+    @classmethod
+    def from_vector_codes(cls, codes: torch.Tensor, codebooks: torch.Tensor, scale: torch.Tensor,
+                          outliers: SparseOutliers | None = None) -> "QuantizedWeight":
+        """Build a ``vector`` weight from unsigned code indices ``[out/og, in/ig, M]`` (any int dtype),
+        code books ``[M, 2**b, og, ig]`` and per-output-group scales ``[out/og]`` or ``[out/og, 1]``."""
+        m, k, og, ig = codebooks.shape
+        bits = int(k).bit_length() - 1
+        if k != 1 << bits:
+            raise ValueError(f"code books must have a power-of-two number of entries, got {k}")
+        qt = vector_qtype(bits)
+        c = codes.to(torch.int32)
+        if c.numel() and (int(c.min()) < 0 or int(c.max()) >= k):
+            raise ValueError(f"codes must lie in [0, {k}), got [{int(c.min())}, {int(c.max())}]")
+        data = c.to(torch.uint8) if bits <= 8 else torch.where(c >= 32768, c - 65536, c).to(torch.int16)
+        ob, ib, _ = codes.shape
+        shape = (ob * og, ib * ig)
+        return cls(qt.name, shape, (og, shape[1]), data, scale.reshape(ob, 1), codebooks=codebooks,
+                   outliers=outliers)
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, qtype: str, block: tuple[int, int],
@@ -135,13 +198,35 @@ class QuantizedWeight:
         return -1 if c >= self.shape[1] else c
 
     @property
+    def layout(self) -> str:
+        """``scalar``, ``ternary`` or ``vector`` (see the module docstring)."""
+        kind = self.qt.kind
+        return kind if kind in ("ternary", "vector") else "scalar"
+
+    @property
     def symmetric(self) -> bool:
         return self.zero is None
 
+    def zero_points(self) -> torch.Tensor:
+        """Zero points in the *code* domain ``[rows, cols]`` (float32) such that
+        ``w = (code - z) * scale`` for integer qtypes: the code offset plus ``zero``
+        (the convention GPTQ, AWQ and compressed-tensors store)."""
+        qt = self.qt
+        if qt.kind != "int":
+            raise ValueError(f"zero points are defined for integer qtypes, not {self.qtype}")
+        z = torch.full(tuple(self.scale.shape), float(qt.code_offset), device=self.scale.device)
+        if self.zero is not None:
+            z = z + self.zero.detach().float()
+        return z
+
     @property
     def codes(self) -> torch.Tensor:
-        """Unpacked codes ``[out, in]`` (uint8; float8 for float types)."""
+        """Unpacked codes ``[out, in]`` (uint8; float8 for float types); for vector codes the
+        unsigned indices ``[out/og, in/ig, M]`` as int32."""
         qt = self.qt
+        if qt.kind == "vector":
+            c = self.data.to(torch.int32)
+            return c if qt.bits <= 8 else c & 0xFFFF
         if qt.kind == "float" or qt.bits == 8:
             return self.data
         cached = self.__dict__.get("_unpacked")
@@ -159,8 +244,25 @@ class QuantizedWeight:
             return None
         return expand_blocks(self.zero, self.block, self.shape, self.g_idx)
 
+    def _dequantize_vector(self) -> torch.Tensor:
+        cb = self.codebooks.to(torch.float32)
+        m, k, og, ig = cb.shape
+        codes = self.codes.long()  # [ob, ib, m]
+        ob, ib, _ = codes.shape
+        flat = cb.reshape(m * k, og * ig)
+        idx = codes + torch.arange(m, device=codes.device) * k
+        blocks = flat[idx.reshape(-1, m)].sum(dim=1)  # codebook order, then sum: [ob*ib, og*ig]
+        blocks = blocks.view(ob, ib, og, ig) * self.scale.to(torch.float32).view(ob, 1, 1, 1)
+        return blocks.permute(0, 2, 1, 3).reshape(self.shape)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The ground truth: ``(decode(code) - zero) * scale`` as a dense ``[out, in]`` tensor."""
+        """The ground truth: ``(decode(code) - zero) * scale`` as a dense ``[out, in]`` tensor
+        (through the code books for vector codes), plus the sparse outliers."""
+        if self.qt.kind == "vector":
+            w = self._dequantize_vector()
+            if self.outliers is not None:
+                self.outliers.add_to(w)
+            return w.to(dtype)
         codes = self.codes
         v = self.qt.decode(codes)
         if v.data_ptr() == codes.data_ptr():  # never scale the stored codes in place
@@ -180,15 +282,28 @@ class QuantizedWeight:
             if z is not None:
                 v.sub_(z.to(torch.float32))
             w = v.mul_(self.full_scale().to(torch.float32))
-        if "outliers" in self.extras:  # sparse float corrections (SpQR-style): [3, n] (row, col, value)
-            o = self.extras["outliers"]
-            w[o[0].long(), o[1].long()] = o[2].to(torch.float32)
+        if self.outliers is not None:
+            self.outliers.add_to(w)
         return w.to(dtype)
 
+    def without_outliers(self) -> "QuantizedWeight":
+        """The dense part alone (same tensors)."""
+        if self.outliers is None:
+            return self
+        return QuantizedWeight(self.qtype, self.shape, self.block, self.data, self.scale, self.zero,
+                               self.g_idx, dict(self.extras), self.codebooks, None)
+
     def nbytes(self) -> int:
-        """Bytes this weight occupies when stored (codes, scales, zeros, index, extras)."""
-        tensors = [self.data, self.scale, self.zero, self.g_idx, *self.extras.values()]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        """Bytes this weight occupies when stored (codes, scales, zeros, index, extras, code books,
+        sparse outliers)."""
+        tensors = [self.data, self.scale, self.zero, self.g_idx, self.codebooks, *self.extras.values()]
+        n = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return n + (self.outliers.nbytes() if self.outliers is not None else 0)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits per weight, everything counted (:meth:`nbytes` x 8 / weights)."""
+        return self.nbytes() * 8 / (self.shape[0] * self.shape[1])
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The tensors, by field name (for ``QuantLinear`` buffers)."""
@@ -197,15 +312,37 @@ class QuantizedWeight:
             d["zero"] = self.zero
         if self.g_idx is not None:
             d["g_idx"] = self.g_idx
+        if self.codebooks is not None:
+            d["codebooks"] = self.codebooks
+        if self.outliers is not None:
+            d.update({f"outliers_{k}": v for k, v in self.outliers.tensors().items()})
         d.update({f"extra_{k}": v for k, v in self.extras.items()})
         return d
+
+    @classmethod
+    def from_tensors(cls, qtype: str, shape: tuple[int, int], block: tuple[int, int],
+                     t: dict[str, torch.Tensor]) -> "QuantizedWeight":
+        """Inverse of :meth:`tensors`."""
+        outliers = None
+        if "outliers_row_offsets" in t:
+            outliers = SparseOutliers(shape, t["outliers_row_offsets"], t["outliers_cols"], t["outliers_values"])
+        extras = {k[len("extra_"):]: v for k, v in t.items() if k.startswith("extra_")}
+        return cls(qtype, shape, block, t["data"], t["scale"], t.get("zero"), t.get("g_idx"), extras,
+                   t.get("codebooks"), outliers)
 
     def to(self, device: torch.device | str) -> "QuantizedWeight":
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
         return QuantizedWeight(self.qtype, self.shape, self.block, mv(self.data), mv(self.scale),
                                mv(self.zero), mv(self.g_idx),
-                               {k: v.to(device) for k, v in self.extras.items()})
+                               {k: v.to(device) for k, v in self.extras.items()}, mv(self.codebooks),
+                               None if self.outliers is None else self.outliers.to(device))
 
     def __repr__(self) -> str:
+        extra = ""
+        if self.codebooks is not None:
+            m, k, og, ig = self.codebooks.shape
+            extra = f", codebooks={m}x{k.bit_length() - 1}bit {og}x{ig}"
+        if self.outliers is not None:
+            extra += f", outliers={self.outliers.nnz}"
         return (f"QuantizedWeight({self.qtype}, shape={self.shape}, block={self.block}, "
-                f"{'sym' if self.symmetric else 'asym'}{', act-order' if self.g_idx is not None else ''})")
+                f"{'sym' if self.symmetric else 'asym'}{', act-order' if self.g_idx is not None else ''}{extra})")
