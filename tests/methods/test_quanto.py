@@ -10,7 +10,8 @@ import torch
 
 import polyquant
 from helpers import AUTO_INT4, sqnr_db, tiny_llama
-from polyquant.kernels.quanto_act import QuantoActivation, calibrate_activations
+from polyquant.activations.quanto import QuantoActivation
+from polyquant.calibration.activations import calibrate_activations
 from polyquant.methods.quanto import QuantoConfig, quanto_group_size, quanto_quantize
 from polyquant.nn.quant_linear import QuantLinear
 from polyquant.nn.quantize import kernel_summary
@@ -130,7 +131,7 @@ def test_calibration_follows_quantos_momentum_rule():
     ql[0].act_quant = rule
     xs = [torch.zeros(1, 64), torch.zeros(1, 64)]
     xs[0][0, 0], xs[1][0, 5] = 1.27, -2.54
-    from polyquant.kernels.quanto_act import _calibrating
+    from polyquant.activations.quanto import calibrating as _calibrating
     with torch.no_grad(), _calibrating([(ql[0], rule)]):
         for x in xs:
             ql(x)
@@ -231,7 +232,7 @@ def test_calibration_quantizes_outputs_until_the_parent_returns():
     lin = model[0].a
     x1 = torch.randn(2, 64, generator=torch.Generator().manual_seed(1))
     outs = []
-    from polyquant.kernels.quanto_act import _calibrating, _parents
+    from polyquant.activations.quanto import calibrating as _calibrating, parents as _parents
     rules = [(lin, lin.act_quant)]
     with torch.no_grad(), _calibrating(rules, _parents(model, rules)):
         assert lin.act_quant.quantize_outputs

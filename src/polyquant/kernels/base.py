@@ -7,14 +7,12 @@ priority order for a device; the choice is explicit and recorded on the module, 
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable
 
 import torch
 
+from polyquant.activations.base import rule_of
 from polyquant.tensor.quantized_weight import QuantizedWeight
-
-if TYPE_CHECKING:  # pragma: no cover
-    from polyquant.nn.quant_linear import QuantLinear
 
 __all__ = ["Kernel", "register_kernel", "get_kernel", "list_kernels", "select_kernel", "KERNELS"]
 
@@ -30,9 +28,30 @@ class Kernel:
     fast: bool = True
     min_capability: tuple[int, int] | None = None
     # A kernel that computes an activation rule natively (e.g. int8 x int8 with per-token dynamic
-    # activations) names the rule's class here: ``auto`` offers it only to layers whose
-    # ``act_quant`` is such a rule (an explicit request still gets it).
-    act_rule: type | tuple[type, ...] | None = None
+    # activations) describes the rules it runs: patterns of ``ActRule`` fields (``{"kind":
+    # "int8-dynamic"}``); ``auto`` offers it only to layers whose ``act_quant`` matches one (an
+    # explicit request still gets it). Empty: the kernel does not depend on the activation rule.
+    act_rules: tuple[dict[str, Any], ...] = ()
+
+    def runs_act(self, act_quant: object) -> bool:
+        """Whether ``auto`` may pick this kernel for a layer with this activation rule."""
+        if not self.act_rules:
+            return True
+        rule = rule_of(act_quant)
+        return rule is not None and any(rule.matches(p) for p in self.act_rules)
+
+    # Layout families this kernel runs (``QuantizedWeight.layout``: scalar, ternary, vector) and
+    # whether it adds sparse outliers itself; ``select_kernel`` refuses the rest before ``supports``.
+    layout_kinds: tuple[str, ...] = ("scalar", "ternary")
+    sparse_outliers: bool = False
+
+    def layout_reason(self, qw: QuantizedWeight) -> str | None:
+        """Why this kernel's layout families exclude ``qw`` (None when they include it)."""
+        if qw.layout not in self.layout_kinds:
+            return f"{qw.layout} codes are not supported ({self.name} runs {'/'.join(self.layout_kinds)})"
+        if qw.outliers is not None and not self.sparse_outliers:
+            return "sparse outliers are not supported"
+        return None
 
     def supports(self, qw: QuantizedWeight, device: torch.device) -> str | None:
         """None when this kernel can run ``qw`` on ``device``; otherwise the reason it cannot."""
@@ -42,7 +61,7 @@ class Kernel:
         """Kernel-specific buffers, built once (e.g. a packed tile layout)."""
         return {}
 
-    def forward(self, module: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
+    def forward(self, module: Any, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def _device_reason(self, device: torch.device) -> str | None:
@@ -76,21 +95,21 @@ def list_kernels() -> list[Kernel]:
 def select_kernel(qw: QuantizedWeight, device: torch.device | str, requested: str = "auto",
                   act_quant: object = None) -> tuple[Kernel, dict[str, str]]:
     """Pick the kernel. ``requested='auto'``: the highest-priority kernel that supports the layout
-    on the device (kernels with an ``act_rule`` only for layers whose ``act_quant`` is that rule);
+    on the device (kernels with ``act_rules`` only for layers whose ``act_quant`` matches one);
     otherwise exactly the named kernel (ValueError with the reason if it cannot).
     Returns the kernel and, for auto, why each faster kernel was passed over."""
     device = torch.device(device)
     if requested != "auto":
         k = get_kernel(requested)
-        reason = k.supports(qw, device)
+        reason = k.layout_reason(qw) or k.supports(qw, device)
         if reason:
             raise ValueError(f"kernel {requested!r} cannot run this layer: {reason}")
         return k, {}
     skipped: dict[str, str] = {}
     for k in list_kernels():
-        if k.act_rule is not None and not isinstance(act_quant, k.act_rule):
+        if not k.runs_act(act_quant):
             continue  # a different computation (its activation rule), not a faster kernel passed over
-        reason = k.supports(qw, device)
+        reason = k.layout_reason(qw) or k.supports(qw, device)
         if reason is None:
             return k, skipped
         if k._device_reason(device) is None:

@@ -24,65 +24,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from polyquant.activations.llm_int8 import LLMInt8Activation
 from polyquant.kernels.base import Kernel, register_kernel
 
 __all__ = ["LLMInt8Activation", "LLMInt8Kernel", "int8_matmul"]
 
 _INV_127SQ = 1.0 / (127.0 * 127.0)
-
-
-class LLMInt8Activation(nn.Module):
-    """Per-token int8 activation quantization with LLM.int8's outlier columns.
-
-    Args:
-        threshold: outlier magnitude (``llm_int8_threshold``); 0 or inf disables the decomposition.
-        quant_dtype: ``float16`` (bitsandbytes) or ``float32``: the dtype X is cast to before its
-            absmax and codes are computed.
-    """
-
-    def __init__(self, threshold: float = 6.0, quant_dtype: str = "float16") -> None:
-        super().__init__()
-        if not float(threshold) >= 0:
-            raise ValueError(f"threshold must be >= 0, got {threshold}")
-        if quant_dtype not in ("float16", "float32"):
-            raise ValueError(f"quant_dtype must be 'float16' or 'float32', got {quant_dtype!r}")
-        self.threshold = float(threshold)
-        self.quant_dtype = quant_dtype
-
-    @property
-    def decomposes(self) -> bool:
-        return 0.0 < self.threshold < float("inf")
-
-    def quantize(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``x2 [M, K]`` -> ``CA`` int8 ``[M, K]``, ``SCA`` fp32 ``[M]``, outlier column indices (or None)."""
-        a = x2.to(getattr(torch, self.quant_dtype))
-        cols = None
-        if self.decomposes:
-            outliers = a.abs() >= self.threshold
-            if bool(outliers.any()):
-                cols = outliers.any(dim=0).nonzero().flatten()
-                a = a.masked_fill(outliers, 0)
-        sca = a.abs().amax(dim=1).float()
-        safe = torch.where(sca > 0, sca, torch.ones_like(sca))
-        ca = torch.round(a * (127.0 / safe).unsqueeze(-1)).to(torch.int8)
-        if cols is not None:
-            ca[:, cols] = 0
-        return ca, sca, cols
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Fake quantization (the reference path): ``CA * SCA / 127`` outside the outlier columns."""
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        ca, sca, cols = self.quantize(x2)
-        fq = ca.float() * (sca / 127.0).unsqueeze(-1)
-        if cols is not None:
-            fq[:, cols] = x2[:, cols].float()
-        return fq.to(x.dtype).reshape(shape)
-
-    def extra_repr(self) -> str:
-        return f"threshold={self.threshold:g}, quant_dtype={self.quant_dtype}"
 
 
 def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -122,7 +70,7 @@ class LLMInt8Kernel(Kernel):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         cb, s = module.kbuf("CB"), module.kbuf("s")
-        if not isinstance(rule, LLMInt8Activation):  # weight-only use of the int8 layout
+        if getattr(rule, "kind", None) != LLMInt8Activation.kind:  # weight-only use of the int8 layout
             w = (cb.float() * s.unsqueeze(-1)).to(x.dtype)
             return F.linear(x, w, module.bias)
         ca, sca, cols = rule.quantize(x2)

@@ -21,28 +21,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from polyquant.activations.int8 import Int8DynamicActivation, int8_symmetric_scale
 from polyquant.kernels.base import Kernel, register_kernel
 
 __all__ = ["Int8DynamicActivation", "Int8DynamicKernel", "int8_mm", "int8_symmetric_scale"]
-
-_F32_EPS = torch.finfo(torch.float32).eps
-
-
-def int8_symmetric_scale(x: torch.Tensor, dims: tuple[int, ...] | None) -> torch.Tensor:
-    """torchao's symmetric int8 scale (``choose_qparams_affine``, quant range [-128, 127]) over
-    ``dims`` (None: the whole tensor), computed in ``x``'s dtype and returned as float32 (keepdim)."""
-    if dims is None:
-        lo, hi = x.amin(), x.amax()
-        lo, hi = lo.reshape([1] * x.dim()), hi.reshape([1] * x.dim())
-    else:
-        lo, hi = x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
-    lo = torch.minimum(lo, torch.zeros_like(lo))
-    hi = torch.maximum(hi, torch.zeros_like(hi))
-    amax = torch.maximum(-lo, hi)
-    scale = torch.clamp(amax / 127.5, min=_F32_EPS)
-    return scale.to(torch.float32)
 
 
 def symmetric_int8_reason(qw, blocks: tuple[tuple[int, int], ...]) -> str | None:
@@ -77,38 +60,13 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.double() @ b.double().t()).round().to(torch.int32)
 
 
-class Int8DynamicActivation(nn.Module):
-    """Dynamic symmetric int8 activations, one scale per token (``granularity="row"``) or per
-    input tensor (``"tensor"``), as torchao quantizes them."""
-
-    def __init__(self, granularity: str = "row") -> None:
-        super().__init__()
-        if granularity not in ("row", "tensor"):
-            raise ValueError(f"granularity must be 'row' or 'tensor', got {granularity!r}")
-        self.granularity = granularity
-
-    def quantize(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x2 [M, K]`` -> int8 codes ``[M, K]`` and float32 scales ``[M, 1]`` (``[1, 1]`` per tensor)."""
-        scale = int8_symmetric_scale(x2, (-1,) if self.granularity == "row" else None)
-        q = torch.clamp(torch.round(x2 * (1.0 / scale)), -128, 127).to(torch.int8)
-        return q, scale
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Fake quantization (the reference path): ``q * scale`` in the input's dtype."""
-        shape = x.shape
-        q, scale = self.quantize(x.reshape(-1, shape[-1]))
-        return (q.to(torch.float32) * scale).to(x.dtype).reshape(shape)
-
-    def extra_repr(self) -> str:
-        return f"int8 dynamic, per {'token' if self.granularity == 'row' else 'tensor'}"
-
 
 class Int8DynamicKernel(Kernel):
     name = "int8-dynamic"
     devices = ("cpu", "cuda")
     priority = 25
     layouts = "8-bit symmetric per-channel or per-tensor weights with int8 dynamic activations (int8 x int8)"
-    act_rule = Int8DynamicActivation
+    act_rules = ({"kind": Int8DynamicActivation.kind},)
 
     def supports(self, qw, device):
         if r := self._device_reason(device):
@@ -124,7 +82,7 @@ class Int8DynamicKernel(Kernel):
         shape, dtype = x.shape, x.dtype
         x2 = x.reshape(-1, shape[-1])
         rule = module.act_quant
-        if not isinstance(rule, Int8DynamicActivation):  # explicitly requested without the rule
+        if getattr(rule, "kind", None) != Int8DynamicActivation.kind:  # explicitly requested without the rule
             if rule is not None:
                 x2 = rule(x2)
             y = F.linear(x2, (w.float() * s.unsqueeze(-1)).to(dtype))

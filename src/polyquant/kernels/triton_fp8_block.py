@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from polyquant.kernels.base import Kernel, register_kernel
-from polyquant.kernels.fp8 import Fp8ActQuant
+from polyquant.activations.fp8 import Fp8ActQuant
 
 __all__ = ["TritonFp8BlockKernel", "fp8_block_matmul", "tile_k", "triton_available"]
 
@@ -168,8 +168,9 @@ class TritonFp8BlockKernel(Kernel):
         act = module.act_quant
         m = module._meta
         K = shape[-1]
-        fits = isinstance(act, Fp8ActQuant) and (act.static or act.group_size is None or act.group_size >= K
-                                                 or tile_k(K, m["block"][1], act.group_size) is not None)
+        fits = getattr(act, "kind", None) == Fp8ActQuant.kind and (
+            act.static or act.group_size is None or act.group_size >= K
+            or tile_k(K, m["block"][1], act.group_size) is not None)
         if fits:
             xq, xs = act.quantize(x2)
             odt = x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32

@@ -295,7 +295,7 @@ def bnb_quantize_int8(weight: torch.Tensor, config: BnbInt8Config, stats: dict |
 
 
 def _llm_int8_rule(config: BnbInt8Config):
-    from polyquant.kernels.bnb_int8 import LLMInt8Activation
+    from polyquant.activations.llm_int8 import LLMInt8Activation
     return LLMInt8Activation(float(config.threshold), config.quant_dtype)
 
 

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from polyquant.kernels.fp8 import Fp8ActQuant, fp8_saturate
+from polyquant.activations.fp8 import Fp8ActQuant, fp8_saturate
 from polyquant.methods.base import MethodConfig, check_choice, check_int
 from polyquant.methods.registry import MethodSpec, register_method
 from polyquant.tensor.quantized_weight import QuantizedWeight, expand_blocks

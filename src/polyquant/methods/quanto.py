@@ -128,7 +128,7 @@ def quanto_quantize(weight: torch.Tensor, config: QuantoConfig, stats: dict | No
             # the int8 code c stored with offset 128 is c + 128 = the byte of int8 c with its top bit flipped
             codes = torch.bitwise_xor(x.to(torch.int8).view(torch.uint8), 0x80)
             return QuantizedWeight.from_codes(codes, "int8", (1, inp), scale)
-        from polyquant.kernels.float8 import float8_codes
+        from polyquant.activations.float8 import float8_codes
         q = float8_codes(w, safe)  # (w / s) in w's dtype, clamp(-448, 448), e4m3fn
         return QuantizedWeight.from_codes(q, "float8_e4m3fn", (1, inp), scale)
     bits = config.bits
@@ -152,7 +152,7 @@ def _activation_rule(config: QuantoConfig):
     chosen for it: ``quanto-int8`` for qint8 activations on int8 weights)."""
     if config.activations == "none":
         return None
-    from polyquant.kernels.quanto_act import QuantoActivation
+    from polyquant.activations.quanto import QuantoActivation
     return QuantoActivation(config.activations, momentum=config.momentum)
 
 
@@ -160,7 +160,7 @@ def _after_quantize(model, config: QuantoConfig, calibration, names: list[str]) 
     """Calibrate the static activation rules of the quantized layers."""
     if config.activations == "none":
         return
-    from polyquant.kernels.quanto_act import calibrate_activations
+    from polyquant.calibration.activations import calibrate_activations
     if calibration is None:
         warnings.warn("quanto activations without calibration data use dynamic per-tensor scales until "
                       "calibrate_activations(model, data) runs; pass calibration= to quantize", stacklevel=3)

@@ -121,7 +121,7 @@ def _small_uint8(y: torch.Tensor) -> torch.Tensor:
 
 
 def _int8_scale(w: torch.Tensor, granularity: str) -> torch.Tensor:
-    from polyquant.kernels.int8_dynamic import int8_symmetric_scale
+    from polyquant.activations.int8 import int8_symmetric_scale
     return int8_symmetric_scale(w, (-1,) if granularity == "row" else None)
 
 
@@ -139,7 +139,7 @@ def torchao_int8_weight(weight: torch.Tensor, granularity: str = "row") -> Quant
 
 def torchao_float8_weight(weight: torch.Tensor, granularity: str = "row") -> QuantizedWeight:
     """torchao ``Float8Tensor.from_hp(weight, float8_e4m3fn, PerRow() | PerTensor())``."""
-    from polyquant.kernels.float8 import float8_codes, float8_scale
+    from polyquant.activations.float8 import float8_codes, float8_scale
     w = weight.detach()
     _check_weight(w, "torchao-float8")
     scale = float8_scale(w, (-1,) if granularity == "row" else None)
@@ -261,14 +261,14 @@ def _float8(weight, config: TorchAOFloat8Config, stats=None) -> QuantizedWeight:
 
 
 def _int8_dynamic_rule(config: TorchAOInt8DynamicConfig):
-    from polyquant.kernels.int8_dynamic import Int8DynamicActivation
+    from polyquant.activations.int8 import Int8DynamicActivation
     return Int8DynamicActivation(config.granularity)
 
 
 def _float8_rule(config: TorchAOFloat8Config):
     if config.activations != "float8":
         return None
-    from polyquant.kernels.float8 import Float8DynamicActivation
+    from polyquant.activations.float8 import Float8DynamicActivation
     return Float8DynamicActivation(config.granularity, config.activation_value_lb, config.activation_value_ub)
 
 

@@ -29,6 +29,8 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
+from polyquant.activations import ACT_RULES
+
 __all__ = ["DeviceClass", "DEVICE_CLASSES", "device_class", "representative_configs", "sample_layer",
            "device_cell", "declared_row", "declared_matrix", "record_kernels", "probed_matrix", "matrix_markdown",
            "matrix_json", "matrix_html", "SAMPLE_SHAPE"]
@@ -219,13 +221,13 @@ def device_cell(qw, act_quant, dc: DeviceClass | str, capability: tuple[int, int
     for k in list_kernels():
         if dc.torch_type not in k.devices:
             continue
-        if k.act_rule is not None and not isinstance(act_quant, k.act_rule):
-            rules = k.act_rule if isinstance(k.act_rule, tuple) else (k.act_rule,)
-            cell["declined"][k.name] = (f"computes another activation rule ({', '.join(r.__name__ for r in rules)}); "
+        if not k.runs_act(act_quant):
+            rules = [ACT_RULES[p["kind"]].__name__ if p.get("kind") in ACT_RULES else str(p) for p in k.act_rules]
+            cell["declined"][k.name] = (f"computes another activation rule ({', '.join(rules)}); "
                                         f"this setting's is {type(act_quant).__name__ if act_quant else 'none'}")
             continue
         try:
-            reason = k.supports(qw, device)
+            reason = k.layout_reason(qw) or k.supports(qw, device)
         except Exception as e:  # a kernel's supports() must not break the matrix
             reason = f"supports() raised {type(e).__name__}: {e}"
         if reason is None and capability is not None and k.min_capability is not None \
