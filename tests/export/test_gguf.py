@@ -1,0 +1,221 @@
+"""GGUF export: blocks decode (with gguf's own dequantizer) to polyquant's weights, transformers' GGUF
+loader runs the file with our logits, the tokenizer round-trips, refusals name the layer, writes are atomic."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import polyquant
+from polyquant.export import ExportError, export
+from polyquant.export.gguf import gguf_blocks, llama_permutation
+from polyquant.nn.quant_linear import QuantLinear
+from polyquant.nn.quantize import replace_module
+from polyquant.tensor import QuantizedWeight
+VOCAB = 320  # tests/export/conftest.py: the BPE tokenizer's vocab size
+from helpers import tiny_llama
+
+gguf = pytest.importorskip("gguf")
+GT = gguf.GGMLQuantizationType
+
+
+def _fp16_scales(model):
+    """Round every quantized layer's scales (and zeros) to fp16 values: GGUF's d is fp16, so only then
+    can the stored blocks equal polyquant's dequantized weight bit for bit."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.qw_scale.copy_(m.qw_scale.half().float())
+            m.set_kernel("reference")  # the ground truth: dequantize + float32 matmul
+    return model
+
+
+def _quantized(cfg, seed=0, hidden=64):
+    m = tiny_llama(seed=seed, hidden=hidden, vocab=VOCAB)
+    return _fp16_scales(polyquant.quantize(m, cfg, show_progress=False))
+
+
+def _weight(cfg, shape=(48, 128), seed=0):
+    from polyquant.methods import get_method
+    torch.manual_seed(seed)
+    w = torch.randn(*shape)
+    qw = get_method(cfg.method).quantize_weight(w, cfg, None)
+    qw.scale = qw.scale.half().float()
+    return qw
+
+
+@pytest.mark.parametrize("cfg,gtype", [
+    (polyquant.RTNConfig(bits=4, group_size=32), "Q4_0"),
+    (polyquant.RTNConfig(bits=4, group_size=64), "Q4_0"),      # a group of 64 = two Q4_0 blocks
+    (polyquant.RTNConfig(bits=4, group_size=-1), "Q4_0"),      # per channel
+    (polyquant.RTNConfig(bits=3, group_size=32), "Q4_0"),      # int3 codes re-centred on 8
+    (polyquant.RTNConfig(bits=8, group_size=-1), "Q8_0"),
+    (polyquant.RTNConfig(bits=4, group_size=128), "Q8_0"),     # int4 values fit int8
+    (polyquant.RTNConfig(bits=4, group_size=64, sym=False), "Q8_0"),  # integer zero points
+])
+def test_blocks_decode_exactly_with_ggufs_dequantizer(cfg, gtype):
+    qw = _weight(cfg)
+    data, why = gguf_blocks(qw, gtype)
+    assert why is None
+    assert data.shape == (48, 128 // 32 * {"Q4_0": 18, "Q8_0": 34}[gtype])
+    got = torch.from_numpy(gguf.quants.dequantize(data, GT[gtype]))
+    assert torch.equal(got, qw.dequantize())
+
+
+def test_q4_1_decodes_to_our_grid_up_to_the_fp16_offset():
+    qw = _weight(polyquant.RTNConfig(bits=4, group_size=32, sym=False))
+    data, why = gguf_blocks(qw, "Q4_1")
+    assert why is None and data.shape == (48, 4 * 20)
+    got = torch.from_numpy(gguf.quants.dequantize(data, GT.Q4_1)).double()
+    # the block's definition: d q + m with d = scale, m = -zero * scale, both fp16
+    d = qw.full_scale().double()
+    m16 = (-qw.full_zero().double() * d).half().double()
+    assert torch.allclose(got, d * qw.codes.double() + m16, rtol=0, atol=1e-6 * float(d.max()))
+    ours = qw.dequantize().double()
+    bound = (m16 - (-qw.full_zero().double() * d)).abs() + 1e-6 * float(d.max())
+    assert ((got - ours).abs() <= bound).all()
+    assert (got - ours).abs().max() > 0  # the fp16 rounding of m is real ...
+    assert (got - ours).abs().max() < 2e-3 * float(d.max()) * 16  # ... and small
+
+
+def test_q4_0_refuses_asymmetric_and_codebook_grids():
+    asym = _weight(polyquant.RTNConfig(bits=4, group_size=32, sym=False))
+    data, why = gguf_blocks(asym, "Q4_0")
+    assert data is None and "zero points" in why
+    g48 = _weight(polyquant.RTNConfig(bits=4, group_size=48), shape=(16, 96))
+    data, why = gguf_blocks(g48, "Q4_0")
+    assert data is None and "group size 48" in why
+
+
+def test_llama_permutation_matches_llama_cpp_converter():
+    # llama.cpp: w.reshape(n_head, 2, rows // n_head // 2, ...).swapaxes(1, 2).reshape(w.shape)
+    w = torch.arange(16 * 3).reshape(16, 3)
+    ref = w.reshape(2, 2, 4, 3).swapaxes(1, 2).reshape(16, 3)
+    assert torch.equal(w[llama_permutation(16, 2)], ref)
+
+
+@pytest.mark.parametrize("cfg,gtype", [
+    (polyquant.RTNConfig(bits=4, group_size=32), "Q4_0"),
+    (polyquant.RTNConfig(bits=4, group_size=32, sym=False), "Q4_1"),
+    (polyquant.RTNConfig(bits=8, group_size=-1), "Q8_0"),
+])
+def test_transformers_gguf_loader_gives_our_logits(tmp_path, bpe, cfg, gtype):
+    from transformers import AutoModelForCausalLM
+    q = _quantized(cfg)
+    r = export(q, "gguf", tmp_path / "m.gguf", tokenizer=bpe, float_type="F32", type=gtype)
+    qinfo = {n: i for n, i in r.layers.items() if i["source"] != "float"}
+    assert len(qinfo) == 14 and all(i["source"] == "codes" and i["type"] == gtype for i in qinfo.values())
+    if gtype != "Q4_1":
+        assert all(i["exact"] for i in qinfo.values())  # every block decodes to our weight bit for bit
+    else:
+        assert max(i["max_abs_err"] for i in qinfo.values()) < 1e-3
+    g = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32).eval()
+    x = torch.tensor([bpe.encode("the quick brown fox jumps over the lazy dog. perplexity measures")])
+    with torch.no_grad():
+        ours, theirs = q(x).logits, g(x).logits
+    # stated tolerance: same weights, float32 matmuls in a different order (Q4_1: plus fp16 offsets)
+    tol = 2e-3 if gtype == "Q4_1" else 1e-4
+    assert (ours - theirs).abs().max() < tol * ours.abs().max()
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+
+
+def test_tokenizer_metadata_round_trips(tmp_path, bpe, bpe_dir):
+    import json
+    from transformers import AutoTokenizer
+    q = _quantized(polyquant.RTNConfig(bits=4, group_size=32))
+    export(q, "gguf", tmp_path / "m.gguf", tokenizer=bpe, tokenizer_pre="smollm")
+    rd = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    f = rd.fields
+    assert f["tokenizer.ggml.model"].contents() == "gpt2"
+    assert f["tokenizer.ggml.pre"].contents() == "smollm"
+    tokens = f["tokenizer.ggml.tokens"].contents()
+    vocab = bpe.get_vocab()
+    assert len(tokens) == VOCAB
+    assert all(tokens[i] == t for t, i in vocab.items())
+    assert all(tokens[i] == f"[PAD{i}]" for i in range(len(vocab), VOCAB))  # ids the tokenizer lacks
+    types = f["tokenizer.ggml.token_type"].contents()
+    assert types[vocab["<|im_start|>"]] == gguf.TokenType.CONTROL and types[vocab["the"]] == gguf.TokenType.NORMAL
+    assert types[VOCAB - 1] == gguf.TokenType.UNUSED
+    merges = json.loads((Path(bpe_dir) / "tokenizer.json").read_text())["model"]["merges"]
+    assert f["tokenizer.ggml.merges"].contents() == [" ".join(m) if isinstance(m, list) else m for m in merges]
+    assert f["tokenizer.ggml.bos_token_id"].contents() == bpe.bos_token_id
+    assert f["tokenizer.ggml.eos_token_id"].contents() == bpe.eos_token_id
+    assert f["llama.attention.head_count_kv"].contents() == 2 and f["llama.block_count"].contents() == 2
+    tok2 = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    text = "the lazy dog jumps; quantization keeps weights small."
+    assert tok2.encode(text, add_special_tokens=False) == bpe.encode(text, add_special_tokens=False)
+
+
+def _act_order_model():
+    q = _quantized(polyquant.RTNConfig(bits=4, group_size=32))
+    name = "model.layers.1.mlp.down_proj"
+    layer = q.get_submodule(name)
+    qw = layer.quantized_weight
+    g = torch.arange(qw.shape[1]) // 32
+    g_idx = g[torch.randperm(qw.shape[1], generator=torch.Generator().manual_seed(0))]
+    qw2 = QuantizedWeight(qw.qtype, qw.shape, qw.block, qw.data, qw.scale, qw.zero, g_idx.to(torch.int32))
+    replace_module(q, name, QuantLinear(qw2, kernel="reference"))
+    return q, name
+
+
+def test_act_order_is_refused_by_layer_name(tmp_path, bpe):
+    q, name = _act_order_model()
+    with pytest.raises(ExportError, match=rf"{name}: act-order"):
+        export(q, "gguf", tmp_path / "m.gguf", tokenizer=bpe, type="Q4_0")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_a_grid_the_type_cannot_hold_is_refused_or_requantized_with_its_loss(tmp_path, bpe):
+    from polyquant.methods.bnb import BnbNF4Config
+    q = polyquant.quantize(tiny_llama(vocab=VOCAB), BnbNF4Config(), show_progress=False)
+    with pytest.raises(ExportError, match=r"model\.layers\.0\.self_attn\.q_proj: cannot be stored as Q4_0 "
+                                          r"without re-rounding: qtype nf4"):
+        export(q, "gguf", tmp_path / "m.gguf", tokenizer=bpe, type="Q4_0", requantize=False)
+    r = export(q, "gguf", tmp_path / "m.gguf", tokenizer=bpe, type="Q4_0")
+    info = r.layers["model.layers.0.self_attn.q_proj"]
+    assert info["source"] == "requantized" and "nf4" in info["reason"]
+    assert 0 < info["max_abs_err"] and 5 < info["sqnr_db"] < 40  # re-rounding NF4 onto Q4_0 loses something
+
+
+def test_other_architectures_are_refused(tmp_path, bpe):
+    from helpers import tiny_bert
+    with pytest.raises(ExportError, match="model_type 'bert'"):
+        export(tiny_bert(), "gguf", tmp_path / "m.gguf", tokenizer=bpe)
+
+
+def test_interrupted_export_leaves_no_file(tmp_path, bpe, monkeypatch):
+    q = _quantized(polyquant.RTNConfig(bits=4, group_size=32))
+    out = tmp_path / "m.gguf"
+    real = gguf.GGUFWriter.write_tensors_to_file
+    calls = {"n": 0}
+
+    def half_way(self, *a, **k):  # write part of the tensors, then the user presses Ctrl-C
+        self.fout[0].write(b"\0" * 4096)
+        calls["n"] += 1
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", half_way)
+    with pytest.raises(KeyboardInterrupt):
+        export(q, "gguf", out, tokenizer=bpe)
+    assert calls["n"] == 1
+    assert list(tmp_path.iterdir()) == []  # neither the output nor a temporary file
+    out.write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt):
+        export(q, "gguf", out, tokenizer=bpe, overwrite=True)
+    assert out.read_bytes() == b"old" and list(tmp_path.iterdir()) == [out]
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", real)
+    with pytest.raises(FileExistsError):
+        export(q, "gguf", out, tokenizer=bpe)
+    export(q, "gguf", out, tokenizer=bpe, overwrite=True)
+    assert gguf.GGUFReader(str(out)).fields["general.architecture"].contents() == "llama"
+
+
+def test_float_model_is_quantized_by_ggufs_reference_quantizer(tmp_path, bpe):
+    m = tiny_llama(vocab=VOCAB)
+    r = export(m, "gguf", tmp_path / "m.gguf", tokenizer=bpe, type="Q4_0")
+    info = r.layers["model.layers.0.mlp.up_proj"]
+    assert info["source"] == "requantized" and info["type"] == "Q4_0"
+    w = m.model.layers[0].mlp.up_proj.weight.detach().numpy()
+    ref = gguf.quants.dequantize(gguf.quants.quantize(w, GT.Q4_0), GT.Q4_0)
+    assert info["max_abs_err"] == pytest.approx(float(np.abs(ref - w).max()))
