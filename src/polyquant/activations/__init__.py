@@ -13,12 +13,13 @@ calibrated).
 """
 from polyquant.activations.base import (ACT_RULES, ActivationQuantizer, ActRule, act_from_dict, register_act_rule,
                                         rule_of)
+from polyquant.activations.bitnet import BitNetActivation
 from polyquant.activations.float8 import Float8DynamicActivation
 from polyquant.activations.fp8 import Fp8ActQuant
 from polyquant.activations.int8 import Int8DynamicActivation
 from polyquant.activations.llm_int8 import LLMInt8Activation
 from polyquant.activations.quanto import QuantoActivation
 
-__all__ = ["ACT_RULES", "ActRule", "ActivationQuantizer", "Float8DynamicActivation", "Fp8ActQuant",
+__all__ = ["ACT_RULES", "ActRule", "ActivationQuantizer", "BitNetActivation", "Float8DynamicActivation", "Fp8ActQuant",
            "Int8DynamicActivation", "LLMInt8Activation", "QuantoActivation", "act_from_dict", "register_act_rule",
            "rule_of"]
