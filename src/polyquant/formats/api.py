@@ -31,7 +31,8 @@ from polyquant.formats.base import FORMATS, CheckpointError, Format, get_format,
 from polyquant.formats.io import (DEFAULT_MAX_SHARD_BYTES, SafetensorsIndex, atomic_dir, check_output_dir,
                                   read_config, read_json, write_json, write_safetensors)
 
-__all__ = ["save", "load", "detect_format", "checkpoint_info", "POLYQUANT_FILE"]
+__all__ = ["save", "load", "detect_format", "checkpoint_info", "check_layer_tensors", "foreign_hint",
+           "POLYQUANT_FILE"]
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,103 @@ def _config_dict(model: nn.Module, float_dtype: torch.dtype | None) -> dict[str,
     if float_dtype is not None:
         d["dtype"] = str(float_dtype).removeprefix("torch.")
     return d
+
+
+# -- accounting for every tensor ---------------------------------------------------------------
+def _few(keys: list[str], n: int = 5) -> str:
+    return f"{keys[:n]}" + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def foreign_hint(keys: set[str] | list[str]) -> str:
+    """What a set of tensor keys the model does not have looks like: the formats whose per-layer
+    tensors they are (judged by each format's ``layers_from_keys``), or ''."""
+    keys = set(keys)
+    hits = []
+    for fmt in list_formats():
+        try:
+            found = fmt.layers_from_keys({}, keys)
+        except Exception:  # a format's key reader must not hide the real error
+            found = None
+        if found:
+            hits.append((fmt.name, found))
+    if not hits:
+        return ""
+    names = "/".join(n for n, _ in hits)
+    layer = hits[0][1][0]
+    sample = sorted(k[len(layer) + 1:] for k in keys if k.startswith(layer + "."))
+    return (f"; these are {names} per-layer tensors (e.g. {layer!r}: {', '.join(sample[:4])}), but config.json has "
+            f"no quantization_config that says so: this is a quantized checkpoint written without its config "
+            f"(add the quantization_config the writing tool produces, or re-save it with that tool)")
+
+
+def _account_for_tensors(folder: Path, model: nn.Module, index: SafetensorsIndex, names: list[str]
+                         ) -> tuple[dict[str, torch.Tensor], set[str], set[str]]:
+    """Check, from the safetensors headers alone, that the folder holds exactly the float tensors
+    the model skeleton expects outside the quantized layers ``names``: nothing missing, nothing
+    extra, every shape equal, no float parameter stored as integers. Raises ``CheckpointError``
+    naming a few of the offending tensors and what they look like. Returns ``(expected, float_keys,
+    tied)`` for the loader."""
+    keys = index.keys()
+    modules = dict(model.named_modules())
+    prefixes = tuple(n + "." for n in names)
+    expected = {k: v for k, v in model.state_dict().items() if not _under(k, prefixes)}
+    persistent = set(model.state_dict())
+    transient = {n for n, _ in model.named_buffers()} - persistent
+    float_keys = {k for k in keys if not _under(k, prefixes)}
+    extra = sorted(k for k in float_keys - set(expected) if k not in transient)
+    if extra:
+        hint = foreign_hint(extra) if not names else ""
+        layer_hint = [k for k in extra if k.rsplit(".", 1)[0] in modules]
+        if not hint and layer_hint and not layer_hint[0].endswith((".weight", ".bias")):
+            hint = (f" (e.g. {layer_hint[0]!r}: quantized tensors for a layer the quantization_config does not "
+                    "quantize)")
+        raise CheckpointError(f"{folder}: {len(extra)} tensor(s) the model does not have: {_few(extra)}{hint}")
+    tied = _tied_keys(model) if getattr(model.config, "tie_word_embeddings", False) else set()
+    if tied and any(k.rsplit(".", 1)[0] in names for k in tied):
+        # a quantized output head cannot share the float embedding: keep both, untied
+        log.warning("%s: the config ties the output head, which is stored quantized; loading it untied", folder)
+        model.config.tie_word_embeddings = False
+        tied = set()
+    missing = sorted(k for k in set(expected) - float_keys if k not in tied)
+    if missing:
+        raise CheckpointError(f"{folder}: missing tensor(s) {_few(missing)}: the model needs them and nothing is "
+                              "initialised at random (a partial or foreign checkpoint)")
+    for k in sorted(float_keys & set(expected)):
+        info = index.tensors[k]
+        if tuple(info.shape) != tuple(expected[k].shape):
+            raise CheckpointError(f"{info.file}: tensor {k!r} has shape {list(info.shape)}, the model expects "
+                                  f"{list(expected[k].shape)}")
+        if expected[k].is_floating_point() != info.is_float:
+            raise CheckpointError(f"{info.file}: tensor {k!r} is stored as {info.dtype}, the model expects a "
+                                  f"{str(expected[k].dtype).removeprefix('torch.')} tensor")
+    return expected, float_keys, tied
+
+
+def _shape_dtype(t: torch.Tensor) -> str:
+    return f"{str(t.dtype).removeprefix('torch.')} {list(t.shape)}"
+
+
+def check_layer_tensors(fmt: Format, name: str, found: dict[str, torch.Tensor], module: nn.Module,
+                        where: Any = "") -> None:
+    """The generic shape / dtype check of every quantized layer read: the format writes the layer
+    it just built (``fmt.layer_tensors``) and every tensor it would write must have the shape and
+    dtype of the tensor found under the same key (``fmt.tensor_mismatch`` may accept a documented
+    variant, e.g. a byte view). A layout the format reads but cannot write is not compared."""
+    if not found:
+        return
+    try:
+        written = fmt.layer_tensors(name, module)
+    except (ValueError, NotImplementedError, TypeError, KeyError, RuntimeError):
+        return
+    for k, ref in written.items():
+        t = found.get(k)
+        if t is None or not isinstance(ref, torch.Tensor):
+            continue
+        why = fmt.tensor_mismatch(k, t, ref)
+        if why is not None:
+            prefix = f"{where}: " if where else ""
+            raise CheckpointError(f"{prefix}{fmt.name} layer {name!r}, tensor {k!r}: expected "
+                                  f"{_shape_dtype(ref)}, found {_shape_dtype(t)}{why}")
 
 
 # -- save ---------------------------------------------------------------------------------------
@@ -174,6 +272,11 @@ def save(model: nn.Module, out_dir: str | os.PathLike, format: str | None = None
     extra = fmt.extra_files(model, layers)
     record = {"polyquant_version": _version(), "method": rec.method, "config": rec.config, "format": fmt.name,
               "modules": sorted(layers)}
+    if rec.source:  # the model it was quantized from ('default' or a resolved path)
+        record["source"] = rec.source
+    for key in ("calibration", "runtime"):  # calibration settings; kernel and threads of the run
+        if isinstance((rec.extra or {}).get(key), dict):
+            record[key] = rec.extra[key]
 
     with atomic_dir(out, overwrite) as tmp:
         write_json(tmp / "config.json", config)
@@ -308,13 +411,16 @@ def load(path: str | os.PathLike, kernel: str = "auto", device: str | torch.devi
     qcfg = _qcfg(config_dict, folder)
     if qcfg is None:
         from polyquant.models import load_model
-        index = SafetensorsIndex(folder)  # clear errors for missing / pickle-only weights
-        del index
+        index = SafetensorsIndex(folder)  # clear errors for missing / pickle-only / truncated weights
+        skeleton = _skeleton(folder, config_dict, trust_remote_code)
+        _account_for_tensors(folder, skeleton, index, [])  # every tensor, before any weight is read
+        del index, skeleton
         model, tok = load_model(folder, dtype=dtype, trust_remote_code=trust_remote_code)
         return model.to(device), tok
     fmt = _find_format(qcfg)
     if fmt is None:
         raise _unknown(qcfg)
+    fmt = fmt.for_config(qcfg)
     record = _read_record(folder)
     index = SafetensorsIndex(folder)
     keys = index.keys()
@@ -326,32 +432,7 @@ def load(path: str | os.PathLike, kernel: str = "auto", device: str | torch.devi
         if not isinstance(modules.get(n), nn.Linear):
             raise CheckpointError(f"the checkpoint stores {n!r} quantized, but the model has no Linear layer "
                                   "of that name")
-    prefixes = tuple(n + "." for n in names)
-    expected = {k: v for k, v in model.state_dict().items() if not _under(k, prefixes)}
-    persistent = set(model.state_dict())
-    transient = {n for n, _ in model.named_buffers()} - persistent
-    float_keys = {k for k in keys if not _under(k, prefixes)}
-    extra = sorted(k for k in float_keys - set(expected) if k not in transient)
-    if extra:
-        layer_hint = [k for k in extra if k.rsplit(".", 1)[0] in modules]
-        what = (f" (e.g. {layer_hint[0]!r}: quantized tensors for a layer the quantization_config does not "
-                "quantize)" if layer_hint and not layer_hint[0].endswith((".weight", ".bias")) else "")
-        raise CheckpointError(f"{folder}: {len(extra)} tensor(s) the model does not have: {extra[:5]}{what}")
-    tied = _tied_keys(model) if getattr(model.config, "tie_word_embeddings", False) else set()
-    if tied and any(k.rsplit(".", 1)[0] in names for k in tied):
-        # a quantized output head cannot share the float embedding: keep both, untied
-        log.warning("%s: the config ties the output head, which is stored quantized; loading it untied", folder)
-        model.config.tie_word_embeddings = False
-        tied = set()
-    missing = sorted(k for k in set(expected) - float_keys if k not in tied)
-    if missing:
-        raise CheckpointError(f"{folder}: missing tensor(s) {missing[:5]}" + (f" and {len(missing) - 5} more"
-                                                                             if len(missing) > 5 else ""))
-    for k in sorted(float_keys & set(expected)):
-        info = index.tensors[k]
-        if tuple(info.shape) != tuple(expected[k].shape):
-            raise CheckpointError(f"tensor {k!r} has shape {list(info.shape)} in the checkpoint, the model "
-                                  f"expects {list(expected[k].shape)}")
+    expected, float_keys, tied = _account_for_tensors(folder, model, index, names)
 
     with index:
         for n in names:
@@ -363,6 +444,8 @@ def load(path: str | os.PathLike, kernel: str = "auto", device: str | torch.devi
                 raise
             except (ValueError, RuntimeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"layer {n!r}: {e}") from None
+            files = sorted({str(index.tensors[n + "." + k].file) for k in rel})
+            check_layer_tensors(fmt, n, rel, new, where=files[0] if len(files) == 1 else folder)
             if getattr(new, "bias", None) is not None and new.bias.is_floating_point():
                 new.bias.data = new.bias.data.to(dtype)
             replace_module(model, n, new)
@@ -371,6 +454,8 @@ def load(path: str | os.PathLike, kernel: str = "auto", device: str | torch.devi
             t = index.get(k)
             if t.is_floating_point() and expected[k].is_floating_point():
                 t = t.to(dtype)
+            elif t.dtype != expected[k].dtype:  # _account_for_tensors refused float <-> non-float already
+                t = t.to(expected[k].dtype)
             state[k] = t
         model.load_state_dict(state, strict=False, assign=True)
         del state
@@ -391,7 +476,7 @@ def load(path: str | os.PathLike, kernel: str = "auto", device: str | torch.devi
         spec = get_method(method)
     except ValueError:
         spec = None
-    rule, mcfg = (spec.extra.get("act_quant") if spec is not None else None), None
+    rule, mcfg = (spec.act_rule if spec is not None else None), None
     if callable(rule) and mconfig:
         try:
             mcfg = config_from_dict(mconfig)

@@ -372,6 +372,12 @@ class AWQFormat(Format):
         """A copy writing the model's ``version`` (its AWQ config's, or the layout it was loaded from)."""
         return AWQFormat(_version_of(model))
 
+    def for_config(self, qcfg: dict[str, Any]) -> "AWQFormat":
+        """A copy for the checkpoint's layout (gemm / gemv), so the generic tensor check compares
+        against that layout; llm-awq's (read only) keeps this one, whose check it does not run."""
+        layout = normalize_awq_config(qcfg).get("layout")
+        return AWQFormat(layout) if layout in WRITE_VERSIONS else _ReadOnlyAWQ(self.version)
+
     def check_layer(self, name: str, qw: QuantizedWeight, module: nn.Module) -> str | None:
         return check_awq_weight(qw, self.version)
 
@@ -444,6 +450,13 @@ class AWQFormat(Format):
             if wdt is not None and wdt.dtype.is_floating_point:
                 bias = bias.to(wdt.dtype)
         return QuantLinear(qw, bias, kernel="reference", method="awq")
+
+
+class _ReadOnlyAWQ(AWQFormat):
+    """AWQ for a layout polyquant reads but does not write (llm-awq): its reader checks every shape."""
+
+    def tensor_mismatch(self, key: str, found: torch.Tensor, written: torch.Tensor) -> str | None:
+        return None
 
 
 register_format(AWQFormat())

@@ -83,6 +83,11 @@ class Format:
         return {}
 
     # -- loading --------------------------------------------------------------------------
+    def for_config(self, qcfg: dict[str, Any]) -> "Format":
+        """The format object that reads (and, for the generic tensor check, re-writes) a checkpoint
+        with this ``quantization_config``. Default ``self``; AWQ returns a copy for its layout."""
+        return self
+
     def implied_config(self, folder: Any) -> dict[str, Any] | None:
         """For a folder whose config.json has no ``quantization_config``: the config this format
         reads it with when a file of its own marks the folder as quantized (default: None)."""
@@ -99,6 +104,16 @@ class Format:
         the float skeleton (on the meta device: use only its shapes / class). Raise
         ``CheckpointError`` naming the layer and the problem if the tensors are inconsistent."""
         raise NotImplementedError
+
+    def tensor_mismatch(self, key: str, found: torch.Tensor, written: torch.Tensor) -> str | None:
+        """The generic loader's check of every tensor read (``api.check_layer_tensors``): ``found``
+        is the tensor stored under ``key``, ``written`` what this format's ``layer_tensors`` writes
+        for the layer it built from them. None when they agree; otherwise a (possibly empty) note
+        appended to the error. Default: shape and dtype must be equal. A format that reads
+        documented variants (a byte view in another dtype, a legacy shape) accepts them here."""
+        if tuple(found.shape) == tuple(written.shape) and found.dtype == written.dtype:
+            return None
+        return ""
 
     # -- inspection (optional; used by checkpoint_info) -------------------------------------
     def layers_from_keys(self, qcfg: dict[str, Any], keys: set[str]) -> list[str] | None:

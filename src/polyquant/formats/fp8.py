@@ -89,6 +89,12 @@ class FineGrainedFp8Format(Format):
     writers = ("deepseek", "transformers")
     description = "float8_e4m3fn weights with fp32 128x128 block scales (weight_scale_inv); fp8 1x128 activations"
 
+    def tensor_mismatch(self, key: str, found: torch.Tensor, written: torch.Tensor) -> str | None:
+        """A per-tensor ``weight_scale_inv`` may be stored as a scalar ``[]`` or as ``[1, 1]``."""
+        if found.dtype == written.dtype and found.numel() == written.numel() == 1:
+            return None
+        return super().tensor_mismatch(key, found, written)
+
     # -- saving ---------------------------------------------------------------------------
     def check_layer(self, name: str, qw: QuantizedWeight, module: nn.Module) -> str | None:
         if qw.qtype != "float8_e4m3fn":

@@ -270,6 +270,38 @@ def hqq_weight_from_tensors(name: str, tensors: dict[str, torch.Tensor], in_feat
                                       zero.reshape(grid).contiguous())
 
 
+# -- hqq's own loader ------------------------------------------------------------------------------
+
+QMODEL_FILE = "qmodel.pt"
+
+
+def hqq_qmodel_bytes(model: nn.Module, layers: dict[str, nn.Module]) -> bytes:
+    """The ``qmodel.pt`` that ``AutoHQQHFModel.from_quantized`` reads: ``{module name: state dict}``
+    for every leaf module with tensors (hqq's ``serialize_weights``), quantized layers as their
+    encoded ``HQQLinear`` state dict (``HQQLinear.load_state_dict`` decodes it) plus ``bias``.
+    Only tensors, in dicts: ``torch.load(weights_only=True)``, which hqq uses, reads it without
+    running any pickled code."""
+    import io
+    weights: dict[str, dict[str, torch.Tensor]] = {}
+    inside = tuple(n + "." for n in layers)
+    for name, mod in model.named_modules():
+        if not name or name.startswith(inside):
+            continue
+        if name in layers:
+            sd = dict(hqq_layer_tensors(mod.quantized_weight))
+            if getattr(mod, "bias", None) is not None:
+                sd["bias"] = mod.bias.detach().cpu().clone()
+        elif next(mod.children(), None) is None:
+            sd = {k: v.detach().cpu().clone() for k, v in mod.state_dict().items()}
+        else:
+            continue
+        if sd:
+            weights[name] = sd
+    buf = io.BytesIO()
+    torch.save(weights, buf)
+    return buf.getvalue()
+
+
 # -- the Format ---------------------------------------------------------------------------------
 
 def _wqp(qw: QuantizedWeight, optimize: bool, round_zero: bool | None) -> dict[str, Any]:
@@ -333,8 +365,38 @@ class HQQFormat(Format):
             quant_config = {t: wrap(p) for t, p in sorted(by_tag.items())}
         return {"quant_method": "hqq", "quant_config": quant_config, "skip_modules": skip}
 
+    def extra_files(self, model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, Any]:
+        """``qmodel.pt`` for hqq's own loader (see the module docstring): every leaf module's
+        state dict by module name, the quantized ones as the same encoded tensors as the safetensors."""
+        return {QMODEL_FILE: hqq_qmodel_bytes(model, layers)}
+
     def layers_from_keys(self, qcfg: dict[str, Any], keys: set[str]) -> list[str] | None:
         return sorted(k[: -len(".W_q")] for k in keys if k.endswith(".W_q"))
+
+    def implied_config(self, folder: Any) -> dict[str, Any] | None:
+        """hqq's ``AutoHQQHFModel.save_to_safetensors`` writes the encoded ``HQQLinear`` state dicts
+        with the model's plain config.json (no quantization_config): a folder whose tensors hold
+        ``<layer>.W_q`` with its ``nbits`` / ``packing`` / ``encoded_state_dict`` siblings is read as
+        hqq, with the settings of its first layer (every layer's own tensors are read anyway)."""
+        from pathlib import Path
+        from polyquant.formats.io import SafetensorsIndex
+        folder = Path(folder)
+        if not any(folder.glob("*.safetensors")):
+            return None
+        index = SafetensorsIndex(folder)
+        keys = index.keys()
+        layers = [n for n in self.layers_from_keys({}, keys) or []
+                  if all(f"{n}.{k}" in keys for k in ("nbits", "group_size", "axis", "packing"))]
+        if not layers:
+            return None
+        with index:
+            first = {k: index.get(f"{layers[0]}.{k}") for k in ("nbits", "group_size", "axis")}
+        params = {"nbits": _dec_int(layers[0], first["nbits"], "nbits"),
+                  "group_size": _dec_int(layers[0], first["group_size"], "group_size"),
+                  "axis": _dec_int(layers[0], first["axis"], "axis")}
+        return {"quant_method": "hqq", "quant_config": {"weight_quant_params": params},
+                "implied_by": f"{len(layers)} layers of hqq tensors (W_q, scale, zero, ...) without a "
+                              "quantization_config in config.json (hqq's save_to_safetensors)"}
 
     def quantized_layers(self, qcfg: dict[str, Any], model: nn.Module, keys: set[str]) -> list[str]:
         names = self.layers_from_keys(qcfg, keys) or []
