@@ -17,10 +17,12 @@ from polyquant.tensor import QuantizedWeight
 __version__ = "0.1.0"
 
 
-def quantize(model, config, calibration=None, *, inplace: bool = False, show_progress: bool = True):
+def quantize(model, config, calibration=None, *, inplace: bool = False, show_progress: bool = True,
+             kernel: str = "auto"):
     """Quantize ``model`` with a method config (e.g. ``RTNConfig(bits=4)``); returns the quantized
-    model (a copy unless ``inplace=True``)."""
-    return quantize_model(model, config, calibration, inplace=inplace, show_progress=show_progress)
+    model (a copy unless ``inplace=True``). ``kernel``: ``auto`` or a kernel name (a runtime
+    choice: ``set_kernels`` changes it later)."""
+    return quantize_model(model, config, calibration, inplace=inplace, show_progress=show_progress, kernel=kernel)
 
 
 def __getattr__(name):  # lazy: keep `import polyquant` light

@@ -277,6 +277,11 @@ def save(model: nn.Module, out_dir: str | os.PathLike, format: str | None = None
     for key in ("calibration", "runtime"):  # calibration settings; kernel and threads of the run
         if isinstance((rec.extra or {}).get(key), dict):
             record[key] = rec.extra[key]
+    if rec.source:  # the model it was quantized from ('default' or a resolved path)
+        record["source"] = rec.source
+    for key in ("calibration", "runtime"):  # calibration settings; kernel and threads of the run
+        if isinstance((rec.extra or {}).get(key), dict):
+            record[key] = rec.extra[key]
 
     with atomic_dir(out, overwrite) as tmp:
         write_json(tmp / "config.json", config)

@@ -66,6 +66,7 @@ def register_method(spec: MethodSpec) -> MethodSpec:
     if not spec.formats:
         raise ValueError(f"method {spec.name!r} must name at least one format")
     spec.config_cls.method = spec.name
+    spec.config_cls.allowed_bits = tuple(spec.bits)  # configs refuse widths the method does not list
     METHODS[spec.name] = spec
     return spec
 
@@ -92,6 +93,7 @@ def config_from_dict(d: dict[str, Any]) -> MethodConfig:
         raise ValueError("config dict has no 'method' key")
     spec = get_method(d["method"])
     fields = {f for f in spec.config_cls.__dataclass_fields__}
+    d = {k: v for k, v in d.items() if k != "kernel"}  # records before the kernel became a runtime choice
     unknown = set(d) - fields - {"method"}
     if unknown:
         raise ValueError(f"unknown {spec.name} config fields: {sorted(unknown)}")

@@ -58,10 +58,12 @@ def _untie_if_needed(model: nn.Module, names: list[str]) -> None:
 
 
 def quantize_model(model: nn.Module, config: MethodConfig, calibration: Any = None, *, inplace: bool = False,
-                   show_progress: bool = True) -> nn.Module:
+                   show_progress: bool = True, kernel: str = "auto") -> nn.Module:
     """Quantize ``model`` with ``config``; returns the quantized model.
 
-    The source model is left untouched unless ``inplace=True``.
+    The source model is left untouched unless ``inplace=True``. ``kernel`` (a runtime choice,
+    ``auto`` or a kernel name) runs the quantized layers; a name is recorded in
+    ``model.polyquant.extra["kernel"]``.
     """
     if not isinstance(config, MethodConfig):
         raise ValueError(f"config must be a polyquant method config, got {type(config).__name__}")
@@ -88,6 +90,9 @@ def quantize_model(model: nn.Module, config: MethodConfig, calibration: Any = No
             bar.set_postfix_str(name)
             qw = spec.quantize_weight(lin.weight.data, config, None)
             replace_module(model, name, make_quant_linear(spec, config, qw, lin))
+    if kernel != "auto":
+        set_kernels(model, kernel)
+        extra["kernel"] = kernel
     finish = spec.extra.get("after_quantize")
     if callable(finish):  # e.g. static activation scales calibrated on the quantized model
         finish(model, config, calibration, names)
@@ -95,13 +100,13 @@ def quantize_model(model: nn.Module, config: MethodConfig, calibration: Any = No
     return model
 
 
-def make_quant_linear(spec, config: MethodConfig, qw, lin: nn.Linear) -> QuantLinear:
+def make_quant_linear(spec, config: MethodConfig, qw, lin: nn.Linear, kernel: str = "auto") -> QuantLinear:
     act = spec.extra.get("act_quant")
     act_quant = act(config) if callable(act) else None
     bind = spec.extra.get("layer_act_quant")  # (config, qw, act) -> (qw, act): per-layer activation
     if callable(bind):                        # parameters carried in qw.extras (e.g. static input scales)
         qw, act_quant = bind(config, qw, act_quant)
-    return QuantLinear(qw, lin.bias.data if lin.bias is not None else None, kernel=config.kernel,
+    return QuantLinear(qw, lin.bias.data if lin.bias is not None else None, kernel=kernel,
                        act_quant=act_quant, method=spec.name)
 
 
