@@ -24,7 +24,7 @@ from polyquant.nn.quant_linear import QuantLinear
 from polyquant.nn.quantize import get_record, replace_module
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
-__all__ = ["set_float_dtype", "fuse_projections", "unfuse_projections", "runtime_info", "FusedSlice", "FloatHead",
+__all__ = ["set_float_dtype", "fuse_projections", "concat_weights", "unfuse_projections", "runtime_info", "FusedSlice", "FloatHead",
            "DEFAULT_FUSE_GROUPS"]
 
 #: Sibling projections that transformers' decoder blocks feed with the same tensor, in call order.
@@ -220,6 +220,8 @@ def _concat(qws: list[QuantizedWeight]) -> QuantizedWeight | None:
     for q in qws:
         if (q.qtype, q.block, q.shape[1]) != (a.qtype, a.block, a.shape[1]) or q.extras:
             return None
+        if q.codebooks is not None or q.outliers is not None:  # own code books / sparse parts
+            return None
         if (q.g_idx is None) != (a.g_idx is None) or (q.g_idx is not None and not torch.equal(q.g_idx, a.g_idx)):
             return None
         if (q.zero is None) != (a.zero is None) or q.scale.dtype != a.scale.dtype:
@@ -231,6 +233,10 @@ def _concat(qws: list[QuantizedWeight]) -> QuantizedWeight | None:
     return QuantizedWeight(a.qtype, (sum(q.shape[0] for q in qws), a.shape[1]), a.block,
                            cat([q.data for q in qws]), cat([q.scale for q in qws]), zero,
                            None if a.g_idx is None else a.g_idx.clone())
+
+
+#: public name: the exact row-wise concatenation of sibling weights (None when they cannot share one)
+concat_weights = _concat
 
 
 def fuse_projections(model: nn.Module, groups: Iterable[tuple[str, ...]] = DEFAULT_FUSE_GROUPS) -> int:
