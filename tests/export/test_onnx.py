@@ -1,0 +1,167 @@
+"""ONNX export: MatMulNBits layers give the reference kernel's output in onnxruntime, the exported
+decoder (KV cache) gives polyquant's logits, layouts MatMulNBits cannot hold are refused by name."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import polyquant
+from polyquant.export import ExportError, export
+from polyquant.nn.quant_linear import QuantLinear
+from polyquant.nn.quantize import replace_module
+from polyquant.tensor import QuantizedWeight
+from helpers import tiny_llama
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+from polyquant.export.onnx import IR_VERSION, feeds, matmulnbits_tensors  # noqa: E402
+
+VOCAB = 320
+
+
+def _session(model_bytes):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+
+
+def _one_layer_graph(qw):
+    """A graph of the one MatMulNBits node (and its Gather for act-order) the exporter puts in."""
+    from onnx import TensorProto, helper, numpy_helper
+    t = matmulnbits_tensors(qw)
+    inits = [numpy_helper.from_array(t["B"], "B"), numpy_helper.from_array(t["scales"], "S")]
+    nodes, a = [], "A"
+    if "perm" in t:
+        inits.append(numpy_helper.from_array(t["perm"], "P"))
+        nodes.append(helper.make_node("Gather", ["A", "P"], ["AP"], axis=-1))
+        a = "AP"
+    ins = [a, "B", "S"]
+    if "zero_points" in t:
+        inits.append(numpy_helper.from_array(t["zero_points"], "Z"))
+        ins.append("Z")
+    if "g_idx" in t:
+        ins += ([] if "zero_points" in t else [""]) + ["G"]
+        inits.append(numpy_helper.from_array(t["g_idx"], "G"))
+    nodes.append(helper.make_node("MatMulNBits", ins, ["Y"], domain="com.microsoft", accuracy_level=0, **t["attrs"]))
+    n, k = qw.shape
+    g = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, k])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, n])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    m.ir_version = IR_VERSION
+    return m.SerializeToString(), t
+
+
+def _qw(cfg, shape=(48, 128), act_order=False, seed=0):
+    from polyquant.methods import get_method
+    torch.manual_seed(seed)
+    qw = get_method(cfg.method).quantize_weight(torch.randn(*shape), cfg, None)
+    if act_order:  # the same codes with their groups scattered over the columns (as GPTQ's desc_act)
+        g = torch.arange(shape[1]) // qw.block[1]
+        g_idx = g[torch.randperm(shape[1], generator=torch.Generator().manual_seed(1))].to(torch.int32)
+        qw = QuantizedWeight(qw.qtype, qw.shape, qw.block, qw.data, qw.scale, qw.zero, g_idx)
+    return qw
+
+
+@pytest.mark.parametrize("cfg,act_order,route", [
+    (polyquant.RTNConfig(bits=4, group_size=32), False, None),
+    (polyquant.RTNConfig(bits=4, group_size=16, sym=False), False, None),
+    (polyquant.RTNConfig(bits=4, group_size=-1), False, None),             # per channel: repeated scales
+    (polyquant.RTNConfig(bits=8, group_size=-1), False, None),             # int8 per channel
+    (polyquant.RTNConfig(bits=2, group_size=32, sym=False), False, None),
+    (polyquant.RTNConfig(bits=4, group_size=32), True, "g_idx"),           # act-order: onnxruntime's g_idx
+    (polyquant.RTNConfig(bits=4, group_size=32, sym=False), True, "perm"),  # act-order with zeros: gather
+])
+def test_matmulnbits_layer_matches_the_reference_kernel(cfg, act_order, route):
+    qw = _qw(cfg, act_order=act_order)
+    data, t = _one_layer_graph(qw)
+    assert ("g_idx" in t, "perm" in t) == (route == "g_idx", route == "perm")
+    x = torch.randn(5, 128)
+    ref = QuantLinear(qw, kernel="reference")(x).detach().numpy()
+    got = _session(data).run(None, {"A": x.numpy()})[0]
+    # stated tolerance: the same weights, float32 accumulation in another order
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_last_partial_group_is_padded():
+    qw = _qw(polyquant.RTNConfig(bits=4, group_size=32, sym=False), shape=(16, 100))
+    data, _ = _one_layer_graph(qw)
+    x = torch.randn(3, 100)
+    ref = QuantLinear(qw, kernel="reference")(x).detach().numpy()
+    assert np.abs(_session(data).run(None, {"A": x.numpy()})[0] - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def _model(cfg, seed=0):
+    return polyquant.quantize(tiny_llama(seed=seed, vocab=VOCAB), cfg, show_progress=False, kernel="reference")
+
+
+@pytest.mark.parametrize("cfg", [polyquant.RTNConfig(bits=4, group_size=32, sym=False),
+                                 polyquant.RTNConfig(bits=8, group_size=-1)])
+def test_exported_decoder_gives_polyquants_logits_with_kv_cache(tmp_path, bpe, cfg):
+    q = _model(cfg)
+    out = tmp_path / "m.onnx"
+    r = export(q, "onnx", out, tokenizer=bpe)
+    assert len(r.layers) == 14 and all(i["type"] == f"MatMulNBits{cfg.bits}" for i in r.layers.values())
+    proto = onnx.load(str(out))
+    assert proto.ir_version == IR_VERSION
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("MatMulNBits") == 14
+    sess = _session(str(out))
+    ids = torch.randint(0, VOCAB, (1, 10))
+    with torch.no_grad():
+        ref = q(ids).logits.numpy()
+    full = sess.run(["logits"], feeds(q.config, ids.numpy()))[0]
+    assert np.abs(full - ref).max() <= 1e-5 * np.abs(ref).max()
+    # prefill 6 tokens, then decode one at a time through the cache outputs
+    o = sess.run(None, feeds(q.config, ids[:, :6].numpy()))
+    steps = [o[0]]
+    for j in range(6, 10):
+        o = sess.run(None, feeds(q.config, ids[:, j:j + 1].numpy(), o[1:], j))
+        steps.append(o[0])
+    assert np.abs(np.concatenate(steps, 1) - ref).max() <= 1e-5 * np.abs(ref).max()
+    assert (tmp_path / "m.onnx.tokenizer" / "config.json").is_file()
+
+
+def test_act_order_model_exports_exactly(tmp_path):
+    q = _model(polyquant.RTNConfig(bits=4, group_size=32, sym=False))
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        qw = q.get_submodule(name).quantized_weight
+        g = torch.arange(qw.shape[1]) // 32
+        g_idx = g[torch.randperm(qw.shape[1], generator=torch.Generator().manual_seed(2))].to(torch.int32)
+        replace_module(q, name, QuantLinear(QuantizedWeight(qw.qtype, qw.shape, qw.block, qw.data, qw.scale,
+                                                            qw.zero, g_idx), kernel="reference"))
+    r = export(q, "onnx", tmp_path / "m.onnx", tokenizer_dir=False)
+    assert r.layers["model.layers.1.mlp.down_proj"]["act_order"] == "gather"
+    ids = torch.randint(0, VOCAB, (1, 7))
+    with torch.no_grad():
+        ref = q(ids).logits.numpy()
+    got = _session(str(tmp_path / "m.onnx")).run(["logits"], feeds(q.config, ids.numpy()))[0]
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_layouts_matmulnbits_cannot_hold_are_refused_by_name(tmp_path):
+    from polyquant.methods.bnb import BnbNF4Config
+    from polyquant.methods.hqq import HQQConfig
+    cases = [(polyquant.RTNConfig(bits=4, group_size=48), "group size 48 is not a power of two >= 16"),
+             (polyquant.RTNConfig(bits=3, group_size=32), "3-bit codes"),
+             (BnbNF4Config(), "qtype nf4"),
+             (HQQConfig(bits=4, group_size=32), "non-integer zero points")]
+    for cfg, why in cases:
+        m = tiny_llama(vocab=VOCAB, hidden=96) if cfg.method == "rtn" and cfg.group_size == 48 else tiny_llama(vocab=VOCAB)
+        q = polyquant.quantize(m, cfg, show_progress=False, kernel="reference")
+        with pytest.raises(ExportError, match=rf"model\.layers\.0\.self_attn\.q_proj: .*{why}"):
+            export(q, "onnx", tmp_path / "m.onnx")
+        assert not (tmp_path / "m.onnx").exists()
+
+
+def test_interrupted_export_leaves_no_file(tmp_path, monkeypatch):
+    import polyquant.export.onnx as mod
+    q = _model(polyquant.RTNConfig(bits=4, group_size=32))
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mod, "_swap_matmuls", boom)
+    with pytest.raises(KeyboardInterrupt):
+        export(q, "onnx", tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
