@@ -84,3 +84,13 @@ def test_decode_steps_allocate_nothing_that_grows():
     tracemalloc.stop()
     assert dec.k_cache.data_ptr() == cache_ptr  # the static cache is never reallocated
     assert b - a < 64 * 1024  # Python-side memory does not grow with the tokens decoded
+
+
+def test_eval_decode_runtime_is_recorded():
+    from polyquant.eval.speed import decode_tok_s
+    model = tiny_llama(layers=1)
+    fast = decode_tok_s(model, _prompt(), 8, runs=1, runtime="fast")
+    assert fast["decode_runtime"] == "fast" and fast["decode_runtime_fallbacks"] == []
+    from tests.helpers import tiny_bert  # noqa: F401
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        decode_tok_s(model, _prompt(), 8, runtime="turbo")

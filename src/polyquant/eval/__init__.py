@@ -111,7 +111,7 @@ def evaluate(model: nn.Module, tokenizer=None, *, text: str | os.PathLike | None
              max_windows: int | None = None, reference: nn.Module | None = None, threads: int | None = None,
              decode_tokens: int = 64, measure_speed: bool = True, prompt: str | None = None,
              tokens: torch.Tensor | None = None, holdout: bool | None = None,
-             show_progress: bool = True) -> dict[str, Any]:
+             show_progress: bool = True, runtime: str = "plain") -> dict[str, Any]:
     """Evaluate a (quantized or float) model; returns one flat JSON-serialisable dict.
 
     Args:
@@ -132,6 +132,8 @@ def evaluate(model: nn.Module, tokenizer=None, *, text: str | os.PathLike | None
         holdout: leave the last 10% of the text's tokens (the calibration slice) out; default:
             yes for the default text, no for a user's text.
         show_progress: progress bar over windows.
+        runtime: decode runtime, ``plain`` (the model's own forward) or ``fast``
+            (:class:`polyquant.nn.decode.FastDecoder`: same tokens, less per-token overhead).
 
     Returns keys (None where they do not apply): ``model method bits group_size format kernel
     kernels dtype`` (what was measured), ``ppl nll kl top1`` (accuracy), ``windows``, ``tokens``
@@ -194,7 +196,7 @@ def evaluate(model: nn.Module, tokenizer=None, *, text: str | os.PathLike | None
                 if p.numel() == 0:
                     raise ValueError("the decode prompt is empty")
                 try:
-                    res.update(decode_tok_s(model, p, decode_tokens))
+                    res.update(decode_tok_s(model, p, decode_tokens, runtime=runtime))
                 except (TypeError, ValueError, AttributeError) as e:  # a model without a usable KV cache
                     log.warning("decode speed not measured for %s: %s", type(model).__name__, e)
             res["speed_seconds"] = time.perf_counter() - t0

@@ -104,15 +104,36 @@ def greedy_decode(model: nn.Module, prompt: torch.Tensor, n: int) -> tuple[torch
     return torch.cat(new, dim=1).reshape(-1).cpu(), seconds
 
 
+RUNTIMES = ("plain", "fast")
+
+
 def decode_tok_s(model: nn.Module, prompt: torch.Tensor, n: int = 64, runs: int = 3, budget_s: float = 9.0,
-                 warmup_tokens: int = 8) -> dict:
-    """Decode throughput: ``{"decode_tok_s", "decode_tokens", "decode_runs"}``."""
+                 warmup_tokens: int = 8, runtime: str = "plain") -> dict:
+    """Decode throughput: ``{"decode_tok_s", "decode_tokens", "decode_runs", "decode_runtime"}``.
+
+    ``runtime="fast"`` decodes with :class:`polyquant.nn.decode.FastDecoder` (static KV cache, fused
+    projections; same tokens); a model it cannot run is measured on its own forward and the reason
+    is recorded as ``decode_runtime_fallback``."""
     if n < 1:
         raise ValueError(f"decode_tokens must be >= 1, got {n}")
-    greedy_decode(model, prompt, min(n, warmup_tokens))  # warm-up
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    extra: dict = {"decode_runtime": "plain"}
+    run = lambda k: greedy_decode(model, prompt, k)  # noqa: E731
+    if runtime == "fast":
+        from polyquant.nn.decode import FastDecoder, fast_decode_reason, fast_greedy_decode
+        max_len = int(prompt.numel()) + n + 1
+        reason = fast_decode_reason(model, max_len)
+        if reason is None:
+            dec = FastDecoder(model, max_len=max_len)
+            run = lambda k: fast_greedy_decode(dec, prompt, k)  # noqa: E731
+            extra = {"decode_runtime": "fast", "decode_runtime_fallbacks": list(dec.fallbacks)}
+        else:
+            extra["decode_runtime_fallback"] = reason
+    run(min(n, warmup_tokens))  # warm-up
     times: list[float] = []
     while len(times) < runs:
-        times.append(greedy_decode(model, prompt, n)[1])
+        times.append(run(n)[1])
         if sum(times) + times[-1] > budget_s:
             break
-    return {"decode_tok_s": n / statistics.median(times), "decode_tokens": n, "decode_runs": len(times)}
+    return {"decode_tok_s": n / statistics.median(times), "decode_tokens": n, "decode_runs": len(times), **extra}
