@@ -35,7 +35,8 @@ def spec_pack(values: torch.Tensor) -> torch.Tensor:
     return torch.tensor(packed, dtype=torch.uint8)
 
 
-def write_spec_checkpoint(model, folder: Path, linear_class: str, use_rms_norm: bool = False) -> Path:
+def write_spec_checkpoint(model, folder: Path, linear_class: str, use_rms_norm: bool = False,
+                          scale_dtype: torch.dtype = torch.float32, mode: str = "offline") -> Path:
     """A BitNet checkpoint of ``model`` in transformers' layout, written from the specification (not by
     polyquant): absmean per tensor, every decoder Linear converted, lm_head in modules_to_not_convert."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -44,12 +45,14 @@ def write_spec_checkpoint(model, folder: Path, linear_class: str, use_rms_norm: 
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
     for k, t in model.state_dict().items():
         mod = k.rsplit(".", 1)[0]
-        if mod in linears and k.endswith(".weight"):
+        if mod in linears and k.endswith(".weight") and mode == "online":
+            tensors[k] = t.detach().clone().contiguous()
+        elif mod in linears and k.endswith(".weight"):
             w = t.float()
             ws = 1.0 / w.abs().mean().clamp(min=1e-5)
             vals = (w * ws).round().clamp(-1, 1)
             tensors[k] = spec_pack(vals)
-            tensors[f"{mod}.weight_scale"] = (ws if linear_class == "bitlinear" else 1.0 / ws).reshape(1).float()
+            tensors[f"{mod}.weight_scale"] = (ws if linear_class == "bitlinear" else 1.0 / ws).reshape(1).to(scale_dtype)
             if use_rms_norm:
                 tensors[f"{mod}.rms_norm.weight"] = 1 + 0.1 * torch.randn(w.shape[1], generator=g)
         elif k == "lm_head.weight" and model.config.tie_word_embeddings:
@@ -59,7 +62,7 @@ def write_spec_checkpoint(model, folder: Path, linear_class: str, use_rms_norm: 
     save_file(tensors, str(folder / "model.safetensors"))
     cfg = model.config.to_dict()
     cfg["quantization_config"] = {"quant_method": "bitnet", "linear_class": linear_class,
-                                  "quantization_mode": "offline", "use_rms_norm": use_rms_norm,
+                                  "quantization_mode": mode, "use_rms_norm": use_rms_norm,
                                   "rms_norm_eps": 1e-6, "modules_to_not_convert": ["lm_head"]}
     (folder / "config.json").write_text(json.dumps(cfg))
     return folder
@@ -165,6 +168,20 @@ def test_spec_checkpoint_loads_with_transformers_logits(tmp_path, cls, norm):
         assert torch.equal(st[f"{k}.weight"], ref[f"{k}.weight"])
         if cls == "bitlinear":
             assert torch.equal(st[f"{k}.weight_scale"], ref[f"{k}.weight_scale"])
+
+
+def test_bf16_scales_and_online_checkpoints_load(tmp_path):
+    model = tiny_llama(tie=True)
+    folder = write_spec_checkpoint(model, tmp_path / "bf16", "autobitlinear", scale_dtype=torch.bfloat16)
+    ours, _ = load(folder)
+    st = load_file(str(folder / "model.safetensors"))
+    k = "model.layers.0.mlp.up_proj"
+    assert float(ours.get_submodule(k).quantized_weight.scale) == float(st[f"{k}.weight_scale"])
+    assert _cos(_logits(ours), hf_logits(folder)) > 0.9999
+    online = write_spec_checkpoint(model, tmp_path / "online", "autobitlinear", mode="online")
+    ours, _ = load(online)  # float weights ternarized once with the same absmean rule
+    assert {m.kernel_name for m in ours.modules() if hasattr(m, "kernel_name")} == {"cpu-ternary"}
+    assert _cos(_logits(ours), hf_logits(online)) > 0.9999
 
 
 # -- refusals ---------------------------------------------------------------------------------

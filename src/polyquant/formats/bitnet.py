@@ -118,10 +118,11 @@ class BitNetFormat(Format):
     description = ("BitNet b1.58: ternary weights 4 per byte (output rows in 4 chunks), one weight_scale per "
                    "tensor (bitlinear: 1/mean|W|, autobitlinear: mean|W|), int8 per-token activations")
 
-    def __init__(self, linear_class: str = DEFAULT_CLASS) -> None:
+    def __init__(self, linear_class: str = DEFAULT_CLASS, mode: str = "offline") -> None:
         if linear_class not in LINEAR_CLASSES:
             raise ValueError(f"linear_class must be one of {list(LINEAR_CLASSES)}, got {linear_class!r}")
         self.linear_class = linear_class
+        self.mode = mode
 
     # -- saving ---------------------------------------------------------------------------
     def for_model(self, model: nn.Module) -> "BitNetFormat":
@@ -181,6 +182,21 @@ class BitNetFormat(Format):
                 "modules_to_not_convert": floats}
 
     # -- loading --------------------------------------------------------------------------
+    def for_config(self, qcfg: dict[str, Any]) -> "BitNetFormat":
+        cls, mode = self._settings(qcfg)
+        return BitNetFormat(cls, mode)
+
+    def tensor_mismatch(self, key: str, found: torch.Tensor, written: torch.Tensor) -> str | None:
+        """Documented variants: ``weight_scale`` / ``rms_norm.weight`` in any float dtype (the model's:
+        bf16 in Microsoft's checkpoints), and the float ``weight`` of ``online`` checkpoints."""
+        if key in ("weight_scale", "rms_norm.weight"):
+            if found.is_floating_point() and found.numel() == written.numel():
+                return None
+            return ""
+        if key == "weight" and self.mode == "online" and found.is_floating_point():
+            return None
+        return super().tensor_mismatch(key, found, written)
+
     @staticmethod
     def _settings(qcfg: dict[str, Any]) -> tuple[str, str]:
         cls = qcfg.get("linear_class", "bitlinear")
