@@ -165,3 +165,21 @@ def test_interrupted_export_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         export(q, "onnx", tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_onnx_runtime_model_scores_and_decodes_like_polyquant(tmp_path, bpe):
+    from polyquant.eval.perplexity import score_windows
+    from polyquant.eval.speed import greedy_decode
+    from polyquant.export.onnx import OnnxCausalLM
+    q = _model(polyquant.RTNConfig(bits=4, group_size=32))
+    export(q, "onnx", tmp_path / "m.onnx", tokenizer=bpe, verify=False)
+    om = OnnxCausalLM(tmp_path / "m.onnx")  # config from m.onnx.tokenizer/
+    assert om.config.num_hidden_layers == 2
+    windows = torch.randint(0, VOCAB, (3, 16), generator=torch.Generator().manual_seed(3))
+    ours = score_windows(q, windows, show_progress=False)["ppl"]
+    theirs = score_windows(om, windows, show_progress=False)["ppl"]
+    assert abs(theirs / ours - 1) < 1e-5
+    prompt = windows[0, :5]
+    toks, _ = om.greedy(prompt, 6)
+    ref, _ = greedy_decode(q, prompt.reshape(1, -1), 6)
+    assert toks == ref.tolist()

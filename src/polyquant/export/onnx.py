@@ -426,3 +426,54 @@ register_exporter(Exporter(
     options={"accuracy_level": "0 (float activations) .. 4 (int8 activations)", "dynamo": "torch.export exporter",
              "opset": "ONNX opset (17)"},
 ))
+
+
+# -- running an exported file ------------------------------------------------------------------
+class OnnxCausalLM(nn.Module):
+    """An exported decoder run by onnxruntime behind the small part of the transformers interface
+    polyquant's perplexity scoring uses (``model(input_ids=..., labels=...)`` -> ``.loss``, ``.logits``),
+    plus :meth:`greedy` (KV-cache decode through the graph's ``present.*`` outputs).
+
+    ``config`` defaults to ``<path>.tokenizer/config.json`` (written by the exporter)."""
+
+    def __init__(self, path: str | Path, config=None, threads: int = 1):
+        super().__init__()
+        import onnxruntime as ort
+        from transformers import AutoConfig
+        self.path = Path(path)
+        self.config = config if config is not None else AutoConfig.from_pretrained(str(self.path) + ".tokenizer")
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
+        self.name_or_path = str(self.path)
+
+    def can_generate(self) -> bool:
+        return True
+
+    def get_output_embeddings(self):  # noqa: D401 - for is_causal_lm
+        return True
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **_: Any):
+        from transformers.modeling_outputs import CausalLMOutput
+        logits = torch.from_numpy(self.session.run(["logits"], feeds(self.config, input_ids.cpu().numpy()))[0])
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                               labels[:, 1:].reshape(-1).to(logits.device))
+        return CausalLMOutput(loss=loss, logits=logits)
+
+    def greedy(self, prompt: torch.Tensor, n: int) -> tuple[list[int], float]:
+        """Greedy decode ``n`` tokens after ``prompt`` (1-D) with the KV cache; returns the tokens and
+        the seconds of the ``n - 1`` single-token steps after the first (prefill excluded)."""
+        ids = prompt.reshape(1, -1).numpy()
+        o = self.session.run(None, feeds(self.config, ids))
+        tok = int(o[0][0, -1].argmax())
+        out, past, pos = [tok], o[1:], ids.shape[1]
+        t0 = time.perf_counter()
+        for _ in range(n - 1):
+            o = self.session.run(None, feeds(self.config, np.array([[tok]], np.int64), past, pos))
+            past, pos = o[1:], pos + 1
+            tok = int(o[0][0, -1].argmax())
+            out.append(tok)
+        return out, time.perf_counter() - t0
