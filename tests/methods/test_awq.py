@@ -77,7 +77,7 @@ def test_config_defaults_validation_and_registry():
     assert config_from_dict(AWQConfig(bits=3, version="GEMV").to_dict()) == AWQConfig(bits=3, version="gemv")
     spec = get_method("awq")
     assert spec.needs_calibration and spec.formats == ("awq", "compressed-tensors")
-    assert callable(spec.extra["quantize_block"])
+    assert callable(spec.quantize_block)
     for kw, field in [({"bits": 7}, "bits"), ({"bits": True}, "bits"), ({"group_size": 0}, "group_size"),
                       ({"version": "marlin"}, "version"), ({"n_grid": 0}, "n_grid"),
                       ({"clip_max_shrink": 1.0}, "clip_max_shrink"), ({"zero_point": 1}, "zero_point"),

@@ -139,7 +139,7 @@ def test_registry():
         assert spec.default_format == "bitsandbytes" and not spec.needs_calibration
         cfg = spec.config_cls()
         assert config_from_dict(cfg.to_dict()) == cfg
-    assert callable(get_method("bnb-int8").extra["act_quant"])
+    assert callable(get_method("bnb-int8").act_rule)
     assert BnbFP4Config().quant_type == "fp4" and BnbNF4Config().quant_type == "nf4"
 
 

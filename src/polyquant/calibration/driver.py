@@ -6,7 +6,7 @@
    Gemma's sliding/global layers), passes the hidden states through untouched and stops the
    forward (a "Catcher" exception) at the last block. No graph tracing, no block weights touched.
 2. Per block: hook the block's target Linears to accumulate the statistics the method asks for
-   (``spec.extra["collect"]``, default GPTQ's Hessian), run the block's inputs through it,
+   (``spec.collect``, default GPTQ's Hessian), run the block's inputs through it,
    quantize with ``spec.quantize_weight(weight, config, stats)``. True-sequential (default): the
    Linears go group by group (``arch.block_groups``) and each group's statistics are collected
    with the earlier groups already quantized; a statistics pass stops as soon as the group's
@@ -17,7 +17,7 @@
    whose blocks replay the recorded final hidden states.
 
 A method that works on a whole block at once (AWQ: scales shared by a group of Linears, folded
-into the module that feeds them) sets ``spec.extra["quantize_block"]``: a callable taking a
+into the module that feeds them) sets ``spec.quantize_block``: a callable taking a
 :class:`BlockJob` and returning ``{name: (QuantizedWeight, reference float weight, stats)}`` for
 every target Linear of the block; it replaces step 2's group loop and may change the block's
 float modules in place (the driver restores them if anything fails, and a resume folder keeps
@@ -102,7 +102,7 @@ def resolve_autocast(autocast: torch.dtype | str | None, model: nn.Module,
 
 @dataclass
 class BlockJob:
-    """One block handed to a method's ``spec.extra["quantize_block"]``.
+    """One block handed to a method's ``spec.quantize_block``.
 
     Attributes:
         model: the whole model (for ``config.model_type`` / the architecture table).
@@ -435,7 +435,7 @@ def _process_block(model, blk, i, lins, spec, config, factory, true_seq, inps, r
     originals = dict(lins)
     qws: dict[str, QuantizedWeight] = {}
     errs: dict[str, float] = {}
-    block_fn = spec.extra.get("quantize_block") if lins else None
+    block_fn = spec.quantize_block if lins else None
     snapshot = floats = None
     if callable(block_fn):  # the method may change float modules of the block: keep a copy
         snapshot = {k: v.detach().clone() for k, v in blk.state_dict().items()}

@@ -1,6 +1,6 @@
 """Statistics collected from a Linear's calibration inputs (the driver feeds every input batch).
 
-A method says what it needs with ``MethodSpec.extra["collect"]``: a name from ``COLLECTORS``
+A method says what it needs with ``MethodSpec.collect``: a name from ``COLLECTORS``
 (default ``"hessian"``) or a callable ``(linear) -> collector``. A collector has ``add(x)`` (x:
 the Linear's input ``[..., in_features]``) and ``result() -> dict`` (handed to
 ``spec.quantize_weight`` as ``stats``). A collector whose class sets ``shareable = True`` depends
@@ -54,8 +54,8 @@ COLLECTORS: dict[str, Callable[[nn.Module], Collector]] = {
 
 
 def collector_factory(spec) -> Callable[[nn.Module], Collector]:
-    """The collector constructor a method asks for (``spec.extra["collect"]``)."""
-    want = spec.extra.get("collect", "hessian")
+    """The collector constructor a method asks for (``spec.collect``)."""
+    want = spec.collects()
     if callable(want):
         return want
     if want not in COLLECTORS:

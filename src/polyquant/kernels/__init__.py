@@ -11,3 +11,8 @@ from polyquant.kernels import cpu_lut4  # noqa: F401,E402  (registers cpu-lut4)
 from polyquant.kernels import cpu_ternary  # noqa: F401,E402  (registers cpu-ternary)
 
 __all__ = ["KERNELS", "Kernel", "get_kernel", "list_kernels", "register_kernel", "select_kernel"]
+
+from polyquant.plugins import load_plugins as _load_plugins  # noqa: E402
+
+# third-party kernels (entry points ``polyquant.kernels``), after the built-ins
+_load_plugins("polyquant.kernels", register_kernel, lambda obj: isinstance(obj, type) and issubclass(obj, Kernel))

@@ -15,3 +15,8 @@ from polyquant.methods.rtn import RTNConfig
 
 __all__ = ["MethodConfig", "MethodSpec", "METHODS", "RTNConfig", "config_from_dict", "get_method",
            "list_methods", "register_method", "unregister_method"]
+
+from polyquant.plugins import load_plugins as _load_plugins  # noqa: E402
+
+# third-party methods (entry points ``polyquant.methods``), after the built-ins
+_load_plugins("polyquant.methods", register_method, lambda obj: isinstance(obj, MethodSpec))

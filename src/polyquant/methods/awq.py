@@ -30,7 +30,7 @@ As in AutoAWQ (``awq/quantize/quantizer.py``) / llm-awq (``auto_scale.py``, ``au
   signed codes (qtype ``intB``). Scales are rounded to ``scale_dtype`` (fp16, what AWQ checkpoints
   store) before the codes are computed, so saving is exact.
 
-The calibration driver hands each block to :func:`awq_quantize_block` (``extra["quantize_block"]``);
+The calibration driver hands each block to :func:`awq_quantize_block` (``MethodSpec.quantize_block``);
 blocks are calibrated on the outputs of the already quantized blocks (AutoAWQ uses the float
 outputs). Linears outside the blocks (``quantize_lm_head``) get the clipping search and the
 quantizer, no scaling.
@@ -48,6 +48,7 @@ from torch import nn
 
 from polyquant.methods.base import MethodConfig, check_choice, check_int
 from polyquant.methods.registry import MethodSpec, register_method
+from polyquant.methods.traits import BENCH, Preset, Prior, rel
 from polyquant.methods.rtn import validate_group_size
 from polyquant.tensor.affine import block_view
 from polyquant.tensor.quantized_weight import QuantizedWeight
@@ -462,5 +463,10 @@ register_method(MethodSpec(
     formats=("awq", "compressed-tensors"),
     description="activation-aware per-channel scales folded into the previous op, clipping search, asym RTN",
     reference="Lin et al. 2023, AWQ (arXiv 2306.00978); mit-han-lab/llm-awq, AutoAWQ",
-    extra={"collect": _collector, "quantize_block": awq_quantize_block},
+    collect=_collector,
+    quantize_block=awq_quantize_block,
+    order=30,
+    presets=(Preset("awq-w4-g64", {"bits": 4, "group_size": 64}),),
+    priors=(Prior(8, None, None, rel(14.041), "assumed: as int8 per-row absmax (" + BENCH + ": pq-torchao-int8 14.041)"),
+            Prior(4, None, None, rel(15.578), BENCH + ": AWQ W4 g64, exact fp32 calibration, 128 x 512: 15.578")),
 ))

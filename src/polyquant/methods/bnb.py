@@ -35,6 +35,7 @@ import torch
 
 from polyquant.methods.base import MethodConfig, check_choice, check_int
 from polyquant.methods.registry import MethodSpec, register_method
+from polyquant.methods.traits import BENCH, Preset, Prior, rel
 from polyquant.qtypes import get_qtype
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
@@ -304,16 +305,19 @@ register_method(MethodSpec(
     name="bnb-nf4", config_cls=BnbNF4Config, quantize_weight=bnb_quantize_4bit, needs_calibration=False,
     family="codebook", bits=(4,), formats=("bitsandbytes",),
     description="bitsandbytes NF4: normal-float code book, absmax blocks of 64 flattened values, optional double quant",
-    reference=_REF))
+    reference=_REF, order=50, presets=(Preset("bnb-nf4"),),
+    priors=(Prior(4, None, None, rel(18.204), BENCH + ": bitsandbytes NF4 (bnb-nf4-dq) 18.204"),)))
 register_method(MethodSpec(
     name="bnb-fp4", config_cls=BnbFP4Config, quantize_weight=bnb_quantize_4bit, needs_calibration=False,
     family="codebook", bits=(4,), formats=("bitsandbytes",),
     description="bitsandbytes FP4 (e2m1): absmax blocks of 64 flattened values, optional double quant",
-    reference=_REF))
+    reference=_REF, order=51, presets=(Preset("bnb-fp4"),),
+    priors=(Prior(4, None, None, rel(20.900), BENCH + ": bitsandbytes FP4 20.900"),)))
 register_method(MethodSpec(
     name="bnb-int8", config_cls=BnbInt8Config, quantize_weight=bnb_quantize_int8, needs_calibration=False,
     family="integer weight-only", bits=(8,), formats=("bitsandbytes",),
     activations="int8 dynamic per token, outlier columns in float (LLM.int8)",
     description="LLM.int8(): row-wise absmax int8 weights; int8 x int8 matmul with float outlier columns",
     reference="LLM.int8() arXiv 2208.07339; bitsandbytes",
-    extra={"act_quant": _llm_int8_rule}))
+    act_rule=_llm_int8_rule, order=52, presets=(Preset("bnb-llm.int8"),),
+    priors=(Prior(8, None, None, rel(14.233), BENCH + ": bitsandbytes LLM.int8 14.233"),)))

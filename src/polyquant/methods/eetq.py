@@ -20,6 +20,7 @@ import torch
 
 from polyquant.methods.base import MethodConfig, check_choice
 from polyquant.methods.registry import MethodSpec, register_method
+from polyquant.methods.traits import BENCH, Preset, Prior, rel
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
 __all__ = ["EETQConfig", "eetq_quantize", "round_half_away"]
@@ -70,4 +71,6 @@ register_method(MethodSpec(
     name="eetq", config_cls=EETQConfig, quantize_weight=eetq_quantize, needs_calibration=False,
     family="integer weight-only", bits=(8,), formats=("eetq",),
     description="EETQ int8 weight-only: per-channel absmax/128, round half away from zero, fp16 scales",
-    reference="NetEase-FuXi/EETQ (FasterTransformer symmetric_quantize); transformers EetqConfig"))
+    reference="NetEase-FuXi/EETQ (FasterTransformer symmetric_quantize); transformers EetqConfig",
+    order=60, presets=(Preset("eetq-int8"),),
+    priors=(Prior(8, None, None, rel(14.083), BENCH + ": pq-eetq 14.083"),)))

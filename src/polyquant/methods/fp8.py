@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from polyquant.activations.fp8 import Fp8ActQuant, fp8_saturate
 from polyquant.methods.base import MethodConfig, check_choice, check_int
 from polyquant.methods.registry import MethodSpec, register_method
+from polyquant.methods.traits import BENCH, Preset, Prior, rel
 from polyquant.tensor.quantized_weight import QuantizedWeight, expand_blocks
 
 __all__ = ["FbgemmFp8Config", "Fp8BlockConfig", "Fp8Config", "Fp8StaticConfig", "FP8_PRESETS", "fp8_preset",
@@ -283,25 +284,29 @@ register_method(MethodSpec(
     activations=f"{_ACTS} per token (amax <= activation_scale_ub)",
     description="FBGEMM FP8: per-channel e4m3 weights, per-token dynamic fp8 activations",
     reference="pytorch/FBGEMM quantize_fp8_per_row; transformers FbgemmFp8Config",
-    extra={"act_quant": _fbgemm_act}))
+    act_rule=_fbgemm_act, order=90, presets=(Preset("fbgemm-fp8"),),
+    priors=(Prior(8, None, None, rel(14.441), BENCH + ": fbgemm-fp8 14.441"),)))
 register_method(MethodSpec(
     name="fp8-block", config_cls=Fp8BlockConfig, quantize_weight=_block_quantize, needs_calibration=False,
     family="float8", bits=(8,), formats=("fp8",),
     activations=f"{_ACTS} per token and 1 x 128 group",
     description="fine-grained FP8: e4m3 weights in 128x128 blocks, 1x128 dynamic activation groups",
     reference="DeepSeek-V3 (arXiv 2412.19437); transformers FineGrainedFP8Config",
-    extra={"act_quant": _block_act}))
+    act_rule=_block_act, order=91, presets=(Preset("fp8-block"),),
+    priors=(Prior(8, None, None, rel(14.213), BENCH + ": fp8-block 14.213"),)))
 register_method(MethodSpec(
     name="fp8", config_cls=Fp8Config, quantize_weight=_ct_quantize, needs_calibration=False,
     family="float8", bits=(8,), formats=("compressed-tensors",),
     activations=f"{_ACTS} per token (per 128-group for block weights), or none",
     description="compressed-tensors FP8_DYNAMIC / FP8_BLOCK / weight-only e4m3",
     reference="vllm-project/compressed-tensors quant_scheme.py presets",
-    extra={"act_quant": _ct_act}))
+    act_rule=_ct_act, order=92, presets=(Preset("fp8-dynamic"),),
+    priors=(Prior(8, None, None, rel(14.462), BENCH + ": ct-fp8-dynamic 14.462"),)))
 register_method(MethodSpec(
     name="fp8-static", config_cls=Fp8StaticConfig, quantize_weight=_static_quantize, needs_calibration=True,
     family="float8", bits=(8,), formats=("compressed-tensors",),
     activations="fp8 e4m3 static per tensor (calibrated max |x| / 448)",
     description="compressed-tensors FP8: e4m3 weights, static per-tensor fp8 activation scales from data",
     reference="vllm-project/compressed-tensors FP8 preset; llm-compressor static_minmax observer",
-    extra={"collect": lambda lin: AbsMaxCollector(), "layer_act_quant": _bind_static}))
+    collect=lambda lin: AbsMaxCollector(), layer_act_rule=_bind_static, order=93, presets=(Preset("fp8-static"),),
+    priors=(Prior(8, None, None, rel(14.424), BENCH + ": ct-fp8-static 14.424"),)))

@@ -29,6 +29,7 @@ import torch
 
 from polyquant.methods.base import MethodConfig, check_choice, check_int
 from polyquant.methods.registry import MethodSpec, register_method
+from polyquant.methods.traits import BENCH, Preset, Prior, rel
 from polyquant.methods.rtn import validate_group_size
 from polyquant.qtypes import QType, int_qtype
 from polyquant.tensor.affine import choose_qparams
@@ -327,5 +328,9 @@ register_method(MethodSpec(
     formats=("gptq", "compressed-tensors"),
     description="Hessian-aware column-by-column rounding with error feedback (optional act-order)",
     reference="Frantar et al. 2022, GPTQ (arXiv 2210.17323); IST-DASLab/gptq, AutoGPTQ",
-    extra={"collect": "hessian"},
+    collect="hessian",
+    order=20,
+    presets=(Preset("gptq-w4-g64", {"bits": 4, "group_size": 64}),),
+    priors=(Prior(8, None, None, rel(14.041), "assumed: as RTN int8 per-row absmax (" + BENCH + ": pq-torchao-int8 14.041)"),
+            Prior(4, None, None, rel(16.245), BENCH + ": GPTQ W4 g64 sym, exact fp32 calibration, 32 x 512: 16.245")),
 ))

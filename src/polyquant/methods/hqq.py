@@ -52,6 +52,7 @@ import torch
 
 from polyquant.methods.base import MethodConfig, check_choice, check_int
 from polyquant.methods.registry import MethodSpec, register_method
+from polyquant.methods.traits import BENCH, Preset, Prior, rel
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
 __all__ = ["HQQConfig", "hqq_quantize", "hqq_grouping", "hqq_init_params", "hqq_optimize_zero"]
@@ -239,4 +240,10 @@ register_method(MethodSpec(
     formats=("hqq",),
     description="half-quadratic zero-point optimization (l_p, p=0.7) of min-max affine groups; no data",
     reference="Badri & Shaji 2023, mobiusml/hqq",
+    order=40,
+    presets=(Preset("hqq-w4-g64", {"bits": 4, "group_size": 64}),),
+    priors=(Prior(8, None, None, rel(14.041), "assumed: as int8 per-row absmax (" + BENCH + ": pq-torchao-int8 14.041)"),
+            Prior(4, None, None, rel(16.734), BENCH + ": pq-hqq-w4-g64 16.734 (hqq 0.2 itself: 16.728)"),
+            Prior(2, None, None, rel(6e5), "assumed: 2-bit round-to-nearest collapses (" + BENCH
+                  + ": quanto qint2 6.06e6)")),
 ))

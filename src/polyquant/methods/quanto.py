@@ -37,6 +37,7 @@ import torch
 
 from polyquant.methods.base import MethodConfig, check_choice, check_int
 from polyquant.methods.registry import MethodSpec, register_method
+from polyquant.methods.traits import BENCH, Preset, Prior, rel
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
 __all__ = ["QuantoConfig", "quanto_quantize", "quanto_group_size", "WEIGHTS", "ACTIVATIONS"]
@@ -174,4 +175,7 @@ register_method(MethodSpec(
     activations="none, or static per-tensor int8 / float8 (calibrated)",
     description="optimum-quanto: int2/int4 group-wise affine (float shift), int8 / float8 per-row absmax",
     reference="huggingface/optimum-quanto 0.2.7",
-    extra={"act_quant": _activation_rule, "after_quantize": _after_quantize}))
+    act_rule=_activation_rule, after_quantize=_after_quantize, order=70,
+    presets=(Preset("quanto-int8", {"bits": 8}), Preset("quanto-int4-g64", {"bits": 4, "group_size": 64})),
+    priors=(Prior(8, None, None, rel(14.018), BENCH + ": optimum-quanto qint8 14.018"),
+            Prior(4, None, None, rel(21.885), BENCH + ": optimum-quanto qint4, lm_head float 21.885"))))

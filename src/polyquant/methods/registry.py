@@ -5,15 +5,17 @@ reads this table. Register with :func:`register_method`; names are never reused.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
 from polyquant.methods.base import MethodConfig
+from polyquant.methods.traits import Preset, Prior
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
-__all__ = ["MethodSpec", "register_method", "get_method", "list_methods", "config_from_dict", "METHODS"]
+__all__ = ["MethodSpec", "Preset", "Prior", "register_method", "get_method", "list_methods", "config_from_dict", "METHODS"]
 
 QuantizeFn = Callable[[torch.Tensor, Any, "dict[str, torch.Tensor] | None"], QuantizedWeight]
 
@@ -36,6 +38,21 @@ class MethodSpec:
         activations: activation quantization it applies at run time (``none``, ``int8 dynamic`` ...).
         description: one line for tables.
         reference: paper / original library.
+        collect: the calibration statistics it needs: a name from ``polyquant.calibration.COLLECTORS``
+            or a factory ``linear -> collector`` (None: the Hessian, for a method that needs data).
+        quantize_block: the block hook of the sequential driver: ``(BlockJob) -> {name: QuantizedWeight}``
+            quantizes a whole block at once (AWQ's scale search); None: Linear by Linear.
+        act_rule: ``config -> activation rule or None``: the run-time activation quantization of
+            every layer (an :class:`polyquant.activations.ActivationQuantizer`).
+        layer_act_rule: ``(config, qw, act) -> (qw, act)``: per-layer activation parameters carried
+            in ``qw.extras`` (e.g. static input scales measured during calibration).
+        after_quantize: ``(model, config, calibration, names) -> None`` run on the quantized model
+            (e.g. calibrating static activation scales).
+        presets: the named settings ``compare`` runs by default (none: one run at the defaults).
+        order: where its presets stand in the default sweep and in tables (lower first, then name).
+        priors: the expected perplexity increase of its settings, for the advisor (with sources).
+        extra: anything else, method-specific (the keys above given in ``extra`` are moved to
+            their fields).
     """
 
     name: str
@@ -48,11 +65,51 @@ class MethodSpec:
     activations: str = "none"
     description: str = ""
     reference: str = ""
+    collect: str | Callable[[Any], Any] | None = None
+    quantize_block: Callable[[Any], dict[str, QuantizedWeight]] | None = None
+    act_rule: Callable[[Any], Any] | None = None
+    layer_act_rule: Callable[..., tuple[QuantizedWeight, Any]] | None = None
+    after_quantize: Callable[..., None] | None = None
+    presets: tuple[Preset, ...] = ()
+    priors: tuple[Prior, ...] = ()
+    order: int = 1000
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        extra = dict(self.extra)
+        for key, name in _EXTRA_FIELDS.items():  # the untyped spellings of earlier registrations
+            if key in extra:
+                if getattr(self, name) is not None:
+                    raise ValueError(f"method {self.name!r}: {name} given twice (field and extra[{key!r}])")
+                object.__setattr__(self, name, extra.pop(key))
+        object.__setattr__(self, "extra", extra)
+        for name in ("quantize_block", "act_rule", "layer_act_rule", "after_quantize"):
+            v = getattr(self, name)
+            if v is not None and not callable(v):
+                raise ValueError(f"method {self.name!r}: {name} must be callable, got {v!r}")
+        presets = tuple(self.presets)
+        if any(not isinstance(p, Preset) for p in presets):
+            raise ValueError(f"method {self.name!r}: presets must be Preset objects")
+        if len({p.name for p in presets}) != len(presets):
+            raise ValueError(f"method {self.name!r}: preset names repeat")
+        object.__setattr__(self, "presets", presets)
+        priors = tuple(self.priors)
+        if any(not isinstance(p, Prior) for p in priors):
+            raise ValueError(f"method {self.name!r}: priors must be Prior objects")
+        object.__setattr__(self, "priors", tuple(dataclasses.replace(p, method=self.name) for p in priors))
 
     @property
     def default_format(self) -> str:
         return self.formats[0]
+
+    def collects(self) -> str | Callable[[Any], Any]:
+        """The statistics collector the sequential driver builds for this method."""
+        return self.collect if self.collect is not None else "hessian"
+
+
+#: ``extra`` keys of earlier registrations -> the typed field that holds them now
+_EXTRA_FIELDS = {"collect": "collect", "quantize_block": "quantize_block", "act_quant": "act_rule",
+                 "layer_act_quant": "layer_act_rule", "after_quantize": "after_quantize"}
 
 
 METHODS: dict[str, MethodSpec] = {}

@@ -14,6 +14,7 @@ import torch
 
 from polyquant.methods.base import MethodConfig, check_int
 from polyquant.methods.registry import MethodSpec, register_method
+from polyquant.methods.traits import BENCH, Preset, Prior, rel
 from polyquant.qtypes import int_qtype
 from polyquant.tensor.affine import choose_qparams, quantize_codes
 from polyquant.tensor.quantized_weight import QuantizedWeight, expand_blocks
@@ -125,4 +126,14 @@ register_method(MethodSpec(
     formats=("compressed-tensors",),
     description="round-to-nearest integer weights, per channel or group, optional clipping search",
     reference="baseline (GPTQ paper, Frantar et al. 2022, 'RTN')",
+    order=10,
+    presets=(Preset("rtn-w8-pc", {"bits": 8, "group_size": -1, "sym": True}),
+             Preset("rtn-w4-g64-sym", {"bits": 4, "group_size": 64, "sym": True}),
+             Preset("rtn-w4-g64-asym", {"bits": 4, "group_size": 64, "sym": False}),
+             Preset("rtn-w3-g64", {"bits": 3, "group_size": 64, "sym": True})),
+    priors=(Prior(8, "pc", None, rel(14.041), "assumed: as int8 per-row absmax (" + BENCH + ": pq-torchao-int8 14.041)"),
+            Prior(4, "pc", True, rel(27.518), BENCH + ": RTN W4 per-channel 27.518"),
+            Prior(4, "g64", True, rel(20.249), BENCH + ": RTN W4 g64 sym 20.249"),
+            Prior(4, "g64", False, rel(18.129), BENCH + ": RTN W4 g64 asym 18.129"),
+            Prior(3, "g64", None, rel(97.748), BENCH + ": RTN W3 g64 sym 97.748")),
 ))

@@ -36,6 +36,7 @@ import torch
 
 from polyquant.methods.base import MethodConfig, check_choice
 from polyquant.methods.registry import MethodSpec, register_method
+from polyquant.methods.traits import BENCH, Preset, Prior, rel
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
 __all__ = ["TorchAOInt4Config", "TorchAOInt8Config", "TorchAOInt8DynamicConfig", "TorchAOFloat8Config",
@@ -277,21 +278,25 @@ register_method(MethodSpec(
     name="torchao-int4", config_cls=TorchAOInt4Config, quantize_weight=_int4, needs_calibration=False,
     family="integer weight-only", bits=(4,), formats=("torchao",),
     description="torchao int4 weight-only: asymmetric min/max groups, float zero (w = (u-8)*s + z)",
-    reference=_REF))
+    reference=_REF, order=81, presets=(Preset("torchao-int4-g64", {"group_size": 64}),),
+    priors=(Prior(4, None, None, rel(18.492), BENCH + ": torchao int4 g64, lm_head float 18.492"),)))
 register_method(MethodSpec(
     name="torchao-int8", config_cls=TorchAOInt8Config, quantize_weight=_int8, needs_calibration=False,
     family="integer weight-only", bits=(8,), formats=("torchao",),
     description="torchao int8 weight-only: symmetric absmax/127.5 per row",
-    reference=_REF))
+    reference=_REF, order=80, presets=(Preset("torchao-int8"),),
+    priors=(Prior(8, None, None, rel(14.037), BENCH + ": torchao int8 weight-only 14.037"),)))
 register_method(MethodSpec(
     name="torchao-int8-dynamic", config_cls=TorchAOInt8DynamicConfig, quantize_weight=_int8,
     needs_calibration=False, family="integer weight-only", bits=(8,), formats=("torchao",),
     activations="int8 dynamic per token (symmetric)",
     description="torchao W8A8: int8 per-row weights, dynamic per-token int8 activations, int8 x int8 matmul",
-    reference=_REF, extra={"act_quant": _int8_dynamic_rule}))
+    reference=_REF, act_rule=_int8_dynamic_rule, order=82, presets=(Preset("torchao-int8-dynamic"),),
+    priors=(Prior(8, None, None, rel(14.417), BENCH + ": torchao int8 dynamic 14.417"),)))
 register_method(MethodSpec(
     name="torchao-float8", config_cls=TorchAOFloat8Config, quantize_weight=_float8, needs_calibration=False,
     family="float8", bits=(8,), formats=("torchao",),
     activations="none, or float8 dynamic (per tensor / per token)",
     description="torchao float8 e4m3fn weights (absmax/448 per row or tensor), optional dynamic float8 activations",
-    reference=_REF, extra={"act_quant": _float8_rule}))
+    reference=_REF, act_rule=_float8_rule, order=83, presets=(Preset("torchao-float8"),),
+    priors=(Prior(8, None, None, rel(14.308), BENCH + ": torchao float8 weight-only 14.308"),)))

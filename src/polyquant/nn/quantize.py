@@ -93,7 +93,7 @@ def quantize_model(model: nn.Module, config: MethodConfig, calibration: Any = No
     if kernel != "auto":
         set_kernels(model, kernel)
         extra["kernel"] = kernel
-    finish = spec.extra.get("after_quantize")
+    finish = spec.after_quantize
     if callable(finish):  # e.g. static activation scales calibrated on the quantized model
         finish(model, config, calibration, names)
     model.polyquant = QuantRecord(spec.name, config.to_dict(), names, seconds=time.perf_counter() - t0, extra=extra)
@@ -101,9 +101,9 @@ def quantize_model(model: nn.Module, config: MethodConfig, calibration: Any = No
 
 
 def make_quant_linear(spec, config: MethodConfig, qw, lin: nn.Linear, kernel: str = "auto") -> QuantLinear:
-    act = spec.extra.get("act_quant")
+    act = spec.act_rule
     act_quant = act(config) if callable(act) else None
-    bind = spec.extra.get("layer_act_quant")  # (config, qw, act) -> (qw, act): per-layer activation
+    bind = spec.layer_act_rule  # (config, qw, act) -> (qw, act): per-layer activation
     if callable(bind):                        # parameters carried in qw.extras (e.g. static input scales)
         qw, act_quant = bind(config, qw, act_quant)
     return QuantLinear(qw, lin.bias.data if lin.bias is not None else None, kernel=kernel,

@@ -4,7 +4,7 @@ least loss, and why.
 This module owns :func:`recommend` (and its :class:`Recommendation` / :class:`Option` records),
 the parameter count of a model without loading its weights (:func:`model_size`), the parsers of
 the command line's sizes and limits (:func:`parse_size`, :func:`parse_ppl_increase`), and the
-prior table (:data:`PRIORS`) used when no sweep was measured.
+prior table (each method's ``MethodSpec.priors``, :func:`priors`) used when no sweep was measured.
 
 How an option is judged:
 
@@ -31,7 +31,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["Prior", "PRIORS", "FALLBACK_BY_BITS", "ModelSize", "Option", "Recommendation", "model_size",
+from polyquant.methods.traits import Prior
+
+__all__ = ["Prior", "PRIORS", "priors", "FALLBACK_BY_BITS", "ModelSize", "Option", "Recommendation", "model_size",
            "parse_size", "parse_ppl_increase", "format_bytes", "prior_for", "recommend", "load_results",
            "FLOAT_BYTES"]
 
@@ -40,64 +42,21 @@ FLOAT_BYTES = 4
 
 
 # -- the prior table --------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Prior:
-    """A perplexity increase (a fraction: 0.05 is +5 %) expected for a setting. ``group``: ``pc``
-    (per channel), ``g64`` ..., or None (any); ``sym``: None (any)."""
-
-    method: str
-    bits: int | None
-    group: str | None
-    sym: bool | None
-    ppl_increase: float
-    source: str
+# Each method registers its priors (``MethodSpec.priors``, with their sources); this module reads
+# them from the registry.
 
 
-_README = "README: measured, SmolLM2-135M, 40 x 512 pydoc windows"
-_PEERS = "peers.md: the original library on SmolLM2-135M (same text and windows)"
-_FP8 = "benchmarks/bench_fp8.py on SmolLM2-135M (same text and windows)"
-
-_FP32 = 14.007      # fp32 ppl of the default model in polyquant's own runs (README, bench_fp8)
-_FP32_PEERS = 14.01  # the same in peers.md (two decimals)
+def priors() -> tuple[Prior, ...]:
+    """Every registered method's priors (``MethodSpec.priors``), method by method."""
+    from polyquant.methods import list_methods
+    return tuple(p for spec in list_methods() for p in spec.priors)
 
 
-def _rel(ppl: float, base: float = _FP32_PEERS) -> float:
-    return round(ppl / base - 1, 4)
+def __getattr__(name: str) -> Any:
+    if name == "PRIORS":  # the registry's priors, as the table this module once held
+        return priors()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-
-#: Expected perplexity increase per setting. Measured numbers are relative to fp32 ppl 14.007
-#: on the default model; the peers' are the original libraries, which polyquant's methods
-#: reproduce. ``assumed`` entries have no measurement behind them.
-PRIORS: tuple[Prior, ...] = (
-    Prior("rtn", 8, "pc", None, _rel(14.041, _FP32), _README),
-    Prior("rtn", 4, "pc", True, _rel(27.518, _FP32), _README),
-    Prior("rtn", 4, "g64", True, _rel(20.249, _FP32), _README),
-    Prior("rtn", 4, "g64", False, _rel(18.129, _FP32), _README),
-    Prior("rtn", 3, "g64", None, _rel(97.723, _FP32), _README),
-    Prior("gptq", 8, None, None, _rel(14.041, _FP32), "assumed: as rtn w8 per-channel"),
-    Prior("gptq", 4, None, None, _rel(16.45), _PEERS + " (GPTQModel W4 g64: 16.45)"),
-    Prior("awq", 8, None, None, _rel(14.041, _FP32), "assumed: as rtn w8 per-channel"),
-    Prior("awq", 4, None, None, round(0.6 * _rel(18.129, _FP32), 4),
-          "assumed: AWQ closes 40 % of RTN W4 g64 asym's gap (issue 7's target)"),
-    Prior("hqq", 8, None, None, _rel(14.041, _FP32), "assumed: as rtn w8 per-channel"),
-    Prior("hqq", 4, None, None, _rel(16.73), _PEERS + " (hqq 4-bit g64: 16.73)"),
-    Prior("hqq", 2, None, None, _rel(6e5), _PEERS + " (hqq 2-bit collapses: ppl 6e5)"),
-    Prior("bnb-nf4", 4, None, None, _rel(18.20), _PEERS + " (bitsandbytes NF4: 18.20)"),
-    Prior("bnb-fp4", 4, None, None, _rel(20.90), _PEERS + " (bitsandbytes FP4: 20.90)"),
-    Prior("bnb-int8", 8, None, None, _rel(14.23), _PEERS + " (bitsandbytes LLM.int8: 14.23)"),
-    Prior("quanto", 8, None, None, _rel(14.04), _PEERS + " (quanto qint8: 14.04)"),
-    Prior("quanto", 4, None, None, _rel(21.89), _PEERS + " (quanto qint4, lm_head float: 21.89)"),
-    Prior("torchao-int4", 4, None, None, _rel(20.16), _PEERS + " (torchao int4, lm_head float: 20.16)"),
-    Prior("torchao-int8", 8, None, None, _rel(14.06), _PEERS + " (torchao int8 weight-only: 14.06)"),
-    Prior("torchao-int8-dynamic", 8, None, None, _rel(14.61), _PEERS + " (torchao int8 dynamic: 14.61)"),
-    Prior("torchao-float8", 8, None, None, _rel(14.57), _PEERS + " (torchao float8 weight-only: 14.57)"),
-    Prior("fp8", 8, None, None, _rel(14.4617, _FP32), _FP8 + " (compressed-tensors FP8_DYNAMIC: 14.46)"),
-    Prior("fbgemm-fp8", 8, None, None, _rel(14.4412, _FP32), _FP8 + " (14.44)"),
-    Prior("fp8-block", 8, None, None, _rel(14.2127, _FP32), _FP8 + " (14.21)"),
-    Prior("fp8-static", 8, None, None, _rel(14.4240, _FP32), _FP8 + " (14.42)"),
-    Prior("eetq", 8, None, None, _rel(14.041, _FP32), "assumed: as rtn w8 per-channel (same rounding but for ties)"),
-)
 
 #: For a setting the table has no entry for: by weight bits (assumed, from the RTN numbers above
 #: and the collapse of 2-bit round-to-nearest).
@@ -114,9 +73,11 @@ def _group(config: Any) -> str | None:
 def prior_for(method: str, bits: int | None, group: str | None = None, sym: bool | None = None
               ) -> tuple[float, str]:
     """The expected perplexity increase (fraction) of a setting and where the number comes from:
-    the most specific matching :data:`PRIORS` entry, else :data:`FALLBACK_BY_BITS`."""
+    the most specific matching prior of the method's ``MethodSpec.priors``, else :data:`FALLBACK_BY_BITS`."""
     best, best_score = None, -1
-    for p in PRIORS:
+    from polyquant.methods import METHODS
+    spec = METHODS.get(method)
+    for p in (spec.priors if spec is not None else ()):
         if p.method != method or (p.bits is not None and p.bits != bits):
             continue
         if p.group is not None and p.group != group:
@@ -278,7 +239,7 @@ def model_size(model: "str | os.PathLike | int | ModelSize") -> ModelSize:
 @dataclass
 class Option:
     """One candidate. ``evidence``: ``measured`` (a sweep record), ``prior`` (registry traits and
-    :data:`PRIORS`) or ``exact`` (the unquantized model). ``ppl_increase`` is a fraction.
+    ``MethodSpec.priors``) or ``exact`` (the unquantized model). ``ppl_increase`` is a fraction.
     ``rejected``: why it was not chosen (None for an acceptable option)."""
 
     method: str

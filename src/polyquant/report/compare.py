@@ -2,8 +2,8 @@
 each with the same text, windows and threads, and keep one record per run.
 
 The sweep is built from the method registry (:func:`build_runs`): by default every registered
-method at its headline setting (:data:`HEADLINE`; a method without an entry runs its config's
-defaults), or a grid of bits x group sizes per named method, skipping the combinations a method's
+method at its presets (``MethodSpec.presets``, read from the registry; a method without one runs
+its config's defaults), or a grid of bits x group sizes per named method, skipping the combinations a method's
 config refuses (its ``ValueError`` is kept as the reason). Calibration-based methods share one
 set of calibration windows, taken from the calibration slice of the text (never the windows that
 are evaluated).
@@ -41,7 +41,7 @@ from polyquant.methods import MethodConfig
 from polyquant.progress import progress
 from polyquant.report.store import ResultsStore, to_jsonable
 
-__all__ = ["Run", "HEADLINE", "build_runs", "default_runs", "run_name", "run_compare", "summary_rows",
+__all__ = ["Run", "HEADLINE", "headline", "build_runs", "default_runs", "run_name", "run_compare", "summary_rows",
            "summary_markdown", "baseline_record", "bits_per_weight", "size_info",
            "SUMMARY_HEADERS", "DEFAULT_OUT", "environment", "CachedReference", "uses_calibration"]
 
@@ -67,31 +67,19 @@ _SPEED_KEYS = ("prefill_tok_s", "prefill_tokens", "prefill_runs", "decode_tok_s"
 SUMMARY_HEADERS = ["method", "setting", "ppl", "Δppl %", "KL", "top1", "bits/weight", "weight MB", "decode tok/s",
                    "vs fp32", "quantize s", "kernel", "status"]
 
-#: The default sweep: ``(run name, method, config fields)``, each method's headline setting(s).
-#: Registered methods missing here run once with their config's defaults (named after the method).
-HEADLINE: list[tuple[str, str, dict[str, Any]]] = [
-    ("rtn-w8-pc", "rtn", {"bits": 8, "group_size": -1, "sym": True}),
-    ("rtn-w4-g64-sym", "rtn", {"bits": 4, "group_size": 64, "sym": True}),
-    ("rtn-w4-g64-asym", "rtn", {"bits": 4, "group_size": 64, "sym": False}),
-    ("rtn-w3-g64", "rtn", {"bits": 3, "group_size": 64, "sym": True}),
-    ("gptq-w4-g64", "gptq", {"bits": 4, "group_size": 64}),
-    ("awq-w4-g64", "awq", {"bits": 4, "group_size": 64}),
-    ("hqq-w4-g64", "hqq", {"bits": 4, "group_size": 64}),
-    ("bnb-nf4", "bnb-nf4", {}),
-    ("bnb-fp4", "bnb-fp4", {}),
-    ("bnb-llm.int8", "bnb-int8", {}),
-    ("eetq-int8", "eetq", {}),
-    ("quanto-int8", "quanto", {"bits": 8}),
-    ("quanto-int4-g64", "quanto", {"bits": 4, "group_size": 64}),
-    ("torchao-int8", "torchao-int8", {}),
-    ("torchao-int4-g64", "torchao-int4", {"group_size": 64}),
-    ("torchao-int8-dynamic", "torchao-int8-dynamic", {}),
-    ("torchao-float8", "torchao-float8", {}),
-    ("fbgemm-fp8", "fbgemm-fp8", {}),
-    ("fp8-block", "fp8-block", {}),
-    ("fp8-dynamic", "fp8", {}),
-    ("fp8-static", "fp8-static", {}),
-]
+def headline() -> list[tuple[str, str, dict[str, Any]]]:
+    """The default sweep, read from the method registry: ``(run name, method, config fields)`` for
+    each preset of every registered method (``MethodSpec.presets``, methods in ``MethodSpec.order``).
+    Methods without presets run once with their config's defaults (named after the method)."""
+    from polyquant.methods import METHODS
+    specs = sorted(METHODS.values(), key=lambda sp: (sp.order, sp.name))
+    return [(p.name, sp.name, dict(p.fields)) for sp in specs for p in sp.presets]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "HEADLINE":  # the registry's presets, as the table this module once held
+        return headline()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -152,8 +140,10 @@ def _method_names(methods: Iterable[str] | None) -> list[str]:
 
 
 def _headline_order(method: str) -> tuple[int, str]:
-    order = [m for _, m, _ in HEADLINE]
-    return (order.index(method), method) if method in order else (len(order), method)
+    from polyquant.methods import METHODS
+    spec = METHODS.get(method)
+    has = spec is not None and bool(spec.presets)
+    return (spec.order if has else 10**9, method)
 
 
 def _config_fields(cls: type) -> dict[str, Any]:
@@ -175,7 +165,7 @@ def build_runs(methods: Iterable[str] | None = None, bits: Iterable[int] | None 
     """The run list of a sweep, from the method registry; returns ``(runs, skipped)``.
 
     With neither ``bits`` nor ``group_sizes``: every method of ``methods`` (default: every
-    registered method) at its headline setting(s) (:data:`HEADLINE`; the config's defaults for a
+    registered method) at its presets (``MethodSpec.presets``; the config's defaults for a
     method without an entry). With either: a grid per method of ``bits`` (those in the method's
     registry ``bits``; default: its headline bits) x ``group_sizes`` (for methods whose config has
     a ``group_size``; default: its headline group sizes), other fields at the config's defaults. A
@@ -215,7 +205,7 @@ def build_runs(methods: Iterable[str] | None = None, bits: Iterable[int] | None 
     for m in names:
         spec = METHODS[m]
         cls = spec.config_cls
-        heads = [(n, f) for n, mm, f in HEADLINE if mm == m] or [(m, {})]
+        heads = [(p.name, dict(p.fields)) for p in spec.presets] or [(m, {})]
         if bits_l is None and groups_l is None:
             for n, f in heads:
                 add(n, cls, dict(f), " ".join(f"{k}={v}" for k, v in f.items()) or "defaults")
@@ -259,7 +249,7 @@ def uses_calibration(config: MethodConfig) -> bool:
     spec = get_method(config.method)
     if spec.needs_calibration:
         return True
-    return callable(spec.extra.get("after_quantize")) and getattr(config, "activations", "none") not in ("none", None)
+    return callable(spec.after_quantize) and getattr(config, "activations", "none") not in ("none", None)
 
 
 def environment() -> dict[str, Any]:
