@@ -219,3 +219,16 @@ def test_float_model_is_quantized_by_ggufs_reference_quantizer(tmp_path, bpe):
     w = m.model.layers[0].mlp.up_proj.weight.detach().numpy()
     ref = gguf.quants.dequantize(gguf.quants.quantize(w, GT.Q4_0), GT.Q4_0)
     assert info["max_abs_err"] == pytest.approx(float(np.abs(ref - w).max()))
+
+
+def test_check_layer_for_the_compatibility_matrix():
+    from polyquant.export import list_exporters
+    exps = list_exporters()
+    assert set(exps) == {"gguf", "onnx"}
+    sym = _weight(polyquant.RTNConfig(bits=4, group_size=64))
+    asym = _weight(polyquant.RTNConfig(bits=4, group_size=32, sym=False))
+    assert exps["gguf"].check_layer(sym) is None and exps["gguf"].check_layer(asym) is None
+    assert exps["onnx"].check_layer(sym) is None
+    g48 = _weight(polyquant.RTNConfig(bits=4, group_size=48), shape=(16, 96))
+    assert "group size 48" in exps["gguf"].check_layer(g48)
+    assert "group size 48" in exps["onnx"].check_layer(g48)

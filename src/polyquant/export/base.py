@@ -35,6 +35,8 @@ class Exporter:
         run: ``(model, tokenizer, out: Path, **opts) -> ExportResult``.
         description: one line.
         options: the accepted options with a short description each.
+        check_layer: ``QuantizedWeight -> None | reason``: None when the target stores the layer's
+            codes and scales as they are (for the compatibility matrix); the reason otherwise.
     """
 
     name: str
@@ -43,6 +45,7 @@ class Exporter:
     run: Callable[..., "ExportResult"]
     description: str
     options: dict[str, str] = field(default_factory=dict)
+    check_layer: Callable[[Any], "str | None"] | None = None
 
 
 EXPORTERS: dict[str, Exporter] = {}

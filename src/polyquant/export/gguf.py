@@ -41,7 +41,7 @@ from torch import nn
 
 from polyquant.export.base import ExportError, ExportResult, Exporter, atomic_file, quant_layers, register_exporter
 
-__all__ = ["export_gguf", "pack_q4_0", "pack_q4_1", "pack_q8_0", "gguf_blocks", "GGUF_TYPES", "llama_permutation"]
+__all__ = ["export_gguf", "pack_q4_0", "pack_q4_1", "pack_q8_0", "gguf_blocks", "GGUF_TYPES", "llama_permutation", "gguf_check_layer"]
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,18 @@ def _natural_type(qw) -> str:
         if data is not None:
             return t
     return "Q8_0"
+
+
+def gguf_check_layer(qw) -> str | None:
+    """None when some GGUF type (Q4_0 / Q4_1 / Q8_0) holds ``qw``'s codes and scales as they are (up to
+    fp16 rounding of the scales / offsets); the reason otherwise (then only re-rounding stores it)."""
+    reasons = []
+    for t in (("Q4_0", "Q4_1", "Q8_0") if qw.bits <= 4 else ("Q8_0",)):
+        data, why = gguf_blocks(qw, t)
+        if data is not None:
+            return None
+        reasons.append(why)
+    return reasons[0] if len(set(reasons)) == 1 else "; ".join(dict.fromkeys(reasons))
 
 
 def llama_permutation(n_rows: int, n_head: int) -> torch.Tensor:
@@ -461,4 +473,5 @@ register_exporter(Exporter(
     options={"type": "auto | Q4_0 | Q4_1 | Q8_0", "float_type": "F32 | F16 | Q8_0 (embeddings)",
              "requantize": "re-round layers whose grid is not the type's (else refuse)",
              "tokenizer_pre": "llama.cpp pre-tokenizer name"},
+    check_layer=gguf_check_layer,
 ))

@@ -425,6 +425,7 @@ register_exporter(Exporter(
     description="ONNX decoder with KV cache for onnxruntime (com.microsoft.MatMulNBits with polyquant's codes)",
     options={"accuracy_level": "0 (float activations) .. 4 (int8 activations)", "dynamo": "torch.export exporter",
              "opset": "ONNX opset (17)"},
+    check_layer=onnx_check_layer,
 ))
 
 

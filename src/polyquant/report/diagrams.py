@@ -283,6 +283,17 @@ def integration_model() -> Flowchart:
                 tool_edges.append(Edge(fid, tid, str(info["note"]), both=bool(info["writes"])))
             else:
                 tool_edges.append(Edge(tid, fid, str(info["note"])))
+    from polyquant.export import list_exporters  # export targets: files another runtime reads
+    exps = list(list_exporters().values())
+    if exps:
+        clusters.append(Cluster("exports", f"polyquant export ({len(exps)})", 2))
+        edges.append(Edge("polyquant", "exports", "export"))
+    for x in exps:
+        xid = "x_" + _slug(x.name)
+        nodes.append(Node(xid, [f"{x.name} ({x.suffix})", "export only"], "format", 2, "exports"))
+        for entry in x.readers:
+            for tool, qual in tool_name(entry):
+                tool_edges.append(Edge(xid, tools.setdefault(tool, "t_" + _slug(tool)), qual))
     for tool, tid in sorted(tools.items(), key=lambda kv: _tool_label(kv[0]).lower()):
         nodes.append(Node(tid, [_tool_label(tool)], "tool", 3))
     legend = ["format -> tool: the tool reads it", "tool -> format: the tool writes it",
