@@ -47,7 +47,9 @@ def _sum_unique(tensors) -> int:
 def _quantized_tensors(model: nn.Module):
     for m in model.modules():
         if isinstance(m, QuantLinear):
-            yield from m.quantized_weight.tensors().values()
+            qw = m.quantized_weight
+            derived = qw.derived_fields()  # decoded from extras (SpQR's two-level statistics): not stored
+            yield from (t for k, t in qw.tensors().items() if k not in derived)
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -293,10 +293,19 @@ class QuantizedWeight:
         return QuantizedWeight(self.qtype, self.shape, self.block, self.data, self.scale, self.zero,
                                self.g_idx, dict(self.extras), self.codebooks, None)
 
+    def derived_fields(self) -> tuple[str, ...]:
+        """Fields decoded from a compact encoding held in ``extras``, hence not stored bytes: SpQR's
+        two-level statistics (``extras['qq_stats']`` and the codes beside it) give ``scale`` and
+        ``zero``; its input permutation (``extras['in_perm']``) gives ``g_idx``."""
+        d: tuple[str, ...] = ("scale", "zero") if "qq_stats" in self.extras else ()
+        return d + (("g_idx",) if "in_perm" in self.extras and self.g_idx is not None else ())
+
     def nbytes(self) -> int:
         """Bytes this weight occupies when stored (codes, scales, zeros, index, extras, code books,
-        sparse outliers)."""
-        tensors = [self.data, self.scale, self.zero, self.g_idx, self.codebooks, *self.extras.values()]
+        sparse outliers; not the :meth:`derived_fields`)."""
+        derived = self.derived_fields()
+        tensors = [self.data, *(getattr(self, f) for f in ("scale", "zero", "g_idx") if f not in derived),
+                   self.codebooks, *self.extras.values()]
         n = sum(t.numel() * t.element_size() for t in tensors if t is not None)
         return n + (self.outliers.nbytes() if self.outliers is not None else 0)
 
