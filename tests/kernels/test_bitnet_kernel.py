@@ -1,6 +1,6 @@
 """cpu-ternary: the compiled ternary x int8 kernel, bit-exact in int32 against the integer reference on
 random shapes (every code path this CPU runs), the fused BitLinear bit-exact against the PyTorch
-formula, the prefill (torch._int_mm) path, selection by ``auto`` and agreement with the reference kernel."""
+formula, the prefill (float GEMM on the codes) path, selection by ``auto`` and agreement with the reference kernel."""
 from __future__ import annotations
 
 import pytest
@@ -9,8 +9,9 @@ import torch
 from polyquant.activations.bitnet import BitNetActivation
 from polyquant.kernels import cext
 from polyquant.kernels.base import select_kernel
-from polyquant.kernels.cpu_ternary import (INT_MM_MIN_M, CpuTernaryKernel, pack_ternary, simd_levels, ternary_int_mm,
-                                           ternary_linear, ternary_unpack, weight_multiplier)
+from polyquant.kernels.cpu_ternary import (DENSE_MIN_M, CpuTernaryKernel, pack_ternary, simd_levels, ternary_int_mm,
+                                           ternary_linear, ternary_unpack, ternary_unpack_f32,
+                                           weight_multiplier)
 from polyquant.methods.bitnet import BitNetConfig, bitnet_quantize
 from polyquant.nn.quant_linear import QuantLinear
 
@@ -35,6 +36,8 @@ def test_pack_layout_is_the_documented_byte_order():
             c = [padded[:, 64 * blk + 16 * i + j] for i in range(4)]
             assert torch.equal(p[:, 16 * blk + j], c[0] | c[1] << 2 | c[2] << 4 | c[3] << 6)
     assert torch.equal(ternary_unpack(p, 100), codes.to(torch.int8) - 1)
+    assert torch.equal(ternary_unpack_f32(p, 100), codes.float() - 1)
+    assert torch.equal(ternary_unpack_f32(pack_ternary(codes[:, :64]), 64), codes[:, :64].float() - 1)
 
 
 @pytest.mark.parametrize("simd", SIMD)
@@ -80,7 +83,7 @@ def test_layer_decode_and_prefill_paths_agree_with_the_formula(granularity):
     qw = lin.quantized_weight
     ws = weight_multiplier(qw.scale.reshape(-1))
     wf = qw.codes.float() - 1
-    for m in (1, 3, INT_MM_MIN_M + 5):
+    for m in (1, 3, DENSE_MIN_M + 5):
         x = torch.randn(2, m, 96)
         q, xs = BitNetActivation.quantize(x)
         want = (q.float() @ wf.t()) / (xs * ws) + lin.bias

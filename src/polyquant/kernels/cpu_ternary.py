@@ -10,8 +10,10 @@ The kernel (``kernels/csrc/ternary.c``, built by :mod:`polyquant.kernels.cext`) 
 for float32 inputs: the rule, the integer products in int32 (exact: ``sum q * (c - 1) = sum q * c -
 sum q`` over the 2-bit codes ``c = w + 1``) and ``acc / (xs * ws)`` in float32, bit-exact with the
 PyTorch formula above. Code paths (``simd_level``): AVX-512 VNNI (``vpdpbusd``), AVX-512BW and AVX2
-(``vpmaddubsw`` + ``vpmaddwd``), portable C. From ``INT_MM_MIN_M`` rows on (prefill) the weight is unpacked
-to int8 and ``torch._int_mm`` (oneDNN) does the products, same integers.
+(``vpmaddubsw`` + ``vpmaddwd``), portable C. From ``DENSE_MIN_M`` rows on (prefill) the weight is unpacked
+to float32 {-1, 0, 1} and PyTorch's float matmul multiplies the integer codes: the same integers (every
+partial sum is below 2**24, exact in float32) - what transformers' BitLinear computes - at float GEMM speed
+(``torch._int_mm`` on this CPU runs 20x slower than the float GEMM).
 
 Weight layout (:func:`pack_ternary`): codes ``[N, K]`` -> bytes ``[N, Kp/4]`` with ``Kp`` = ``K`` rounded up
 to 64 (padding code 1, weight 0); each run of 64 codes ``c[0..63]`` is 16 bytes,
@@ -31,9 +33,9 @@ from polyquant.kernels.cext import library_error, load_library
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
 __all__ = ["CpuTernaryKernel", "pack_ternary", "ternary_int_mm", "ternary_linear",
-           "ternary_unpack", "weight_multiplier", "simd_level", "simd_levels", "INT_MM_MIN_M"]
+           "ternary_unpack", "ternary_unpack_f32", "weight_multiplier", "simd_level", "simd_levels", "DENSE_MIN_M"]
 
-INT_MM_MIN_M = 32  # activation rows from which the products go to torch._int_mm (prefill)
+DENSE_MIN_M = 32  # activation rows from which the products run as a float GEMM on the unpacked codes (prefill)
 _LIB = "ternary"
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
@@ -57,6 +59,8 @@ def _lib() -> ctypes.CDLL:
     lib.pq_ternary_quant.restype = None
     lib.pq_ternary_unpack.argtypes = [_i64, _i64, _i64, _ptr, _ptr, _i64]
     lib.pq_ternary_unpack.restype = None
+    lib.pq_ternary_unpack_f32.argtypes = [_i64, _i64, _i64, _ptr, _ptr, _i64]
+    lib.pq_ternary_unpack_f32.restype = None
     lib.pq_ternary_simd_level.restype = ctypes.c_int
     return lib
 
@@ -123,6 +127,14 @@ def ternary_unpack(w: torch.Tensor, k: int, threads: int | None = None) -> torch
     return out
 
 
+def ternary_unpack_f32(w: torch.Tensor, k: int, threads: int | None = None) -> torch.Tensor:
+    """The dense float32 weight ``[N, K]`` (values -1, 0, 1) of the packed layout."""
+    n, kp = w.shape[0], w.shape[1] * 4
+    out = torch.empty(n, k, dtype=torch.float32)
+    _lib().pq_ternary_unpack_f32(n, k, kp, w.data_ptr(), out.data_ptr(), threads or torch.get_num_threads())
+    return out
+
+
 def _row_scale_reason(qw: QuantizedWeight) -> str | None:
     n, k = qw.shape
     if qw.block not in ((n, k), (1, k)):
@@ -170,21 +182,21 @@ class CpuTernaryKernel(Kernel):
         if not isinstance(rule, BitNetActivation):  # requested explicitly for another rule: dense float
             if rule is not None:
                 x2 = rule(x2)
-            wd = ternary_unpack(w, k).to(dtype) / ws.to(dtype).reshape(-1, 1)
+            wd = ternary_unpack_f32(w, k).to(dtype) / ws.to(dtype).reshape(-1, 1)
             y = F.linear(x2, wd)
         else:
             x2 = rule.norm(x2)
             grad = x2.requires_grad and torch.is_grad_enabled()
-            if dtype == torch.float32 and x2.shape[0] < INT_MM_MIN_M and not grad:
+            if dtype == torch.float32 and x2.shape[0] < DENSE_MIN_M and not grad:
                 y = ternary_linear(x2, w, ws, k)
             else:
                 q, xs = rule.quantize(x2)
                 if grad:  # straight-through: the fake-quantized input, differentiable in x
                     xq = x2 + (q.to(dtype) / xs - x2).detach()
-                    y = F.linear(xq, ternary_unpack(w, k).to(dtype) / ws.to(dtype).reshape(-1, 1))
-                else:
-                    acc = torch._int_mm(q.contiguous(), ternary_unpack(w, k).t())
-                    y = acc.to(dtype) / (ws.to(dtype) * xs) if ws.numel() == 1 else acc.to(dtype) / (xs * ws.to(dtype))
+                    y = F.linear(xq, ternary_unpack_f32(w, k).to(dtype) / ws.to(dtype).reshape(-1, 1))
+                else:  # integer codes in float: exact sums (< 2**24), BitLinear's F.linear
+                    acc = F.linear(q.to(dtype), ternary_unpack_f32(w, k).to(dtype))
+                    y = acc / (ws.to(dtype) * xs) if ws.numel() == 1 else acc / (xs * ws.to(dtype))
         if module.bias is not None:
             y = y + module.bias.to(y.dtype)
         if y.dtype != dtype:

@@ -289,3 +289,31 @@ void pq_ternary_unpack(int64_t N, int64_t K, int64_t Kp, const uint8_t *w, int8_
         }
     }
 }
+
+/* Dense float32 weights (codes - 1) [N][K] from the packed layout (prefill: a float GEMM on exact integers). */
+void pq_ternary_unpack_f32(int64_t N, int64_t K, int64_t Kp, const uint8_t *w, float *out, int64_t nthreads) {
+    static const float val[4] = {-1.f, 0.f, 1.f, 2.f};
+#pragma omp parallel for schedule(static) num_threads((int)(nthreads > 0 ? nthreads : 1)) if (nthreads > 1)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *p = w + n * (Kp / 4);
+        float *o = out + n * K;
+        for (int64_t b = 0; b < Kp; b += 64) {
+            const uint8_t *pb = p + b / 4;
+            if (b + 64 <= K) {
+                float *ob = o + b;
+                for (int j = 0; j < 16; j++) {
+                    const uint8_t v = pb[j];
+                    ob[j] = val[v & 3];
+                    ob[16 + j] = val[(v >> 2) & 3];
+                    ob[32 + j] = val[(v >> 4) & 3];
+                    ob[48 + j] = val[v >> 6];
+                }
+            } else {
+                for (int64_t k = b; k < K; k++) {
+                    const int64_t r = k - b;
+                    o[k] = val[(pb[r % 16] >> (2 * (r / 16))) & 3];
+                }
+            }
+        }
+    }
+}
