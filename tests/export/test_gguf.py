@@ -232,3 +232,19 @@ def test_check_layer_for_the_compatibility_matrix():
     g48 = _weight(polyquant.RTNConfig(bits=4, group_size=48), shape=(16, 96))
     assert "group size 48" in exps["gguf"].check_layer(g48)
     assert "group size 48" in exps["onnx"].check_layer(g48)
+
+
+def test_qwen2_with_attention_biases_reads_back(tmp_path, bpe):
+    from transformers import AutoModelForCausalLM
+    from helpers import tiny_qwen2
+    q = _fp16_scales(polyquant.quantize(tiny_qwen2(vocab=VOCAB), polyquant.RTNConfig(bits=4, group_size=32),
+                                        show_progress=False))
+    r = export(q, "gguf", tmp_path / "q.gguf", tokenizer=bpe, float_type="F32", type="Q4_0")
+    assert r.extra["architecture"] == "qwen2"
+    names = [t.name for t in gguf.GGUFReader(str(tmp_path / "q.gguf")).tensors]
+    assert "blk.0.attn_q.bias" in names and ("output.weight" in names) == (not q.config.tie_word_embeddings)
+    g = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="q.gguf", dtype=torch.float32).eval()
+    x = torch.tensor([bpe.encode("the quick brown fox jumps over the lazy dog")])
+    with torch.no_grad():
+        ours, theirs = q(x).logits, g(x).logits
+    assert (ours - theirs).abs().max() < 1e-4 * ours.abs().max()
