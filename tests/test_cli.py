@@ -14,8 +14,8 @@ import torch
 from helpers import tiny_llama, tiny_tokenizer_dir
 
 import polyquant
-from polyquant import cli
 from polyquant.cli import UsageError, build_config, convert_value, main
+from polyquant.cli.paths import recorded_source
 from polyquant.methods import RTNConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,9 +104,9 @@ def test_every_command_has_help(capsys, cmd):
 
 def test_generic_flags_and_opts_set_config_fields():
     cfg = build_config("rtn", bits=3, group_size=32, sym=False, include=["mlp"], exclude=["down"], lm_head=True,
-                       kernel="reference", opts=["clip_search=true", "clip-grid=5", "clip_min=0.75"])
+                       opts=["clip_search=true", "clip-grid=5", "clip_min=0.75"])
     assert cfg == RTNConfig(bits=3, group_size=32, sym=False, include=["mlp"], exclude=["down"],
-                            quantize_lm_head=True, kernel="reference", clip_search=True, clip_grid=5, clip_min=0.75)
+                            quantize_lm_head=True, clip_search=True, clip_grid=5, clip_min=0.75)
     assert isinstance(cfg.clip_grid, int) and isinstance(cfg.clip_min, float)
     # list | None field via --opt: comma list, JSON list, none
     assert build_config("rtn", opts=["include=a,b"]).include == ["a", "b"]
@@ -148,7 +148,7 @@ def test_convert_value_types():
     (dict(opts=["clip_grid=abc"]), "clip_grid must be an integer"),
     (dict(act_order=True), "no option --act-order"),
     (dict(bits=9), "bits"),
-    (dict(kernel="warp-drive"), "unknown kernel"),
+    (dict(bits=7), "bits must be one of [2, 3, 4, 5, 6, 8] for rtn, got 7"),
 ])
 def test_build_config_refuses_with_the_reason(kw, needle):
     with pytest.raises(UsageError, match=re.escape(needle)):
@@ -216,7 +216,7 @@ def test_eval_of_a_default_sourced_checkpoint_loads_default_as_reference(capsys,
                                                                          monkeypatch):
     out_dir = tmp_path / "q"
     assert run(capsys, "quantize", tiny_dir, "--bits", "8", "--group-size", "-1", "-o", out_dir, "-q")[0] == 0
-    assert cli._recorded_source(out_dir) == str(tiny_dir.resolve())
+    assert recorded_source(out_dir) == str(tiny_dir.resolve())
     rec = json.loads((out_dir / "polyquant.json").read_text())
     rec["source"] = "default"
     (out_dir / "polyquant.json").write_text(json.dumps(rec))
@@ -302,14 +302,13 @@ def test_overwrite_refuses_a_folder_that_is_not_a_model(capsys, tmp_path, tiny_d
 
 
 def test_a_failing_save_leaves_no_folder(capsys, tmp_path, tiny_dir, monkeypatch):
-    import polyquant.formats as formats
+    import polyquant.formats.api as api
 
-    def broken_save(model, out, **kw):
-        Path(out).mkdir(parents=True)
-        (Path(out) / "config.json").write_text("{}")
+    def broken_write(folder, tensors, *a, **kw):
+        (Path(folder) / "model.safetensors").write_bytes(b"half")
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(formats, "save", broken_save)
+    monkeypatch.setattr(api, "write_safetensors", broken_write)
     out_dir = tmp_path / "sub" / "out"
     code, _, err = run(capsys, "quantize", tiny_dir, "--bits", "4", "--group-size", "32", "-o", out_dir, "-q")
     assert code == 1 and "disk on fire" in error_line(err)
@@ -361,11 +360,14 @@ def test_interrupted_gptq_quantize_resumes_with_the_same_arguments(capsys, tmp_p
     args = ["quantize", tiny_dir, "--method", "gptq", "--bits", "4", "--group-size", "16", "--calib-text", text_file,
             "--calib-samples", "4", "--calib-seqlen", "32", "-o", out, "-q"]
     per_block = 7
-    object.__setattr__(spec, "quantize_weight", lambda w, c, s: counting(w, c, s, per_block + 3))  # frozen spec
+    from polyquant.formats.preflight import linear_shapes
+    pre = len(linear_shapes(polyquant.load_model(tiny_dir)[0], spec.config_cls()))  # the plan check's stand-ins
+    object.__setattr__(spec, "quantize_weight", lambda w, c, s: counting(w, c, s, pre + per_block + 3))  # frozen
     try:
         code, _, err = run(capsys, *args)
-        assert code == 130 and "interrupted" in err.lower(), (code, err)
         resume = tmp_path / ".gptq.calibration-resume"
+        assert code == 130 and "interrupted" in err.lower(), (code, err)
+        assert str(resume) in err and "rerun the same command to resume" in err, err
         assert not out.exists() and resume.is_dir()  # nothing half-written; block 1 kept for the rerun
         calls["n"] = 0
         object.__setattr__(spec, "quantize_weight", lambda w, c, s: counting(w, c, s))
@@ -373,5 +375,5 @@ def test_interrupted_gptq_quantize_resumes_with_the_same_arguments(capsys, tmp_p
     finally:
         object.__setattr__(spec, "quantize_weight", real)
     assert code == 0, err
-    assert calls["n"] == per_block  # block 1 came from the resume folder: only block 2 was quantized
+    assert calls["n"] == pre + per_block  # block 1 came from the resume folder: only block 2 was quantized
     assert out.is_dir() and not resume.exists()

@@ -94,8 +94,8 @@ def test_statistics_are_those_of_the_partly_quantized_model(recorder, true_seque
     rec, RecConfig = recorder
     model = tiny_llama(layers=2)
     calib = _calib()
-    q = polyquant.quantize(model, RecConfig(true_sequential=true_sequential, kernel="reference"), calibration=calib,
-                           show_progress=False)
+    q = polyquant.quantize(model, RecConfig(true_sequential=true_sequential), calibration=calib,
+                           show_progress=False, kernel="reference")
     names = q.polyquant.modules
     assert len(rec.stats) == len(names) == 14
     by_name = dict(zip(names, rec.stats))  # block order, group order == module order for Llama
@@ -123,9 +123,9 @@ def test_gptq_model_is_closer_to_float_than_rtn():
     model = tiny_llama(layers=2, hidden=128)
     calib = _calib(8, 48)
     x = _calib(2, 48, 250)[1]
-    g = polyquant.quantize(model, GPTQConfig(bits=3, group_size=32, kernel="reference"), calibration=calib,
-                           show_progress=False)
-    r = polyquant.quantize(model, RTNConfig(bits=3, group_size=32, kernel="reference"))
+    g = polyquant.quantize(model, GPTQConfig(bits=3, group_size=32), calibration=calib,
+                           show_progress=False, kernel="reference")
+    r = polyquant.quantize(model, RTNConfig(bits=3, group_size=32), kernel="reference")
     with torch.no_grad():
         ref = model(x).logits
         eg, er = (g(x).logits - ref).pow(2).mean(), (r(x).logits - ref).pow(2).mean()
@@ -186,8 +186,8 @@ def test_lm_head_is_calibrated_from_the_final_hidden_states(recorder):
     rec, RecConfig = recorder
     model = tiny_llama(layers=2, tie=False)
     calib = _calib()
-    q = polyquant.quantize(model, RecConfig(quantize_lm_head=True, kernel="reference"), calibration=calib,
-                           show_progress=False)
+    q = polyquant.quantize(model, RecConfig(quantize_lm_head=True), calibration=calib,
+                           show_progress=False, kernel="reference")
     assert q.polyquant.modules[-1] == "lm_head" and isinstance(q.lm_head, QuantLinear)
     ref = tiny_llama(layers=2, tie=False)
     for nm in q.polyquant.modules[:-1]:

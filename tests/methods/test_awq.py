@@ -336,10 +336,10 @@ def test_awq_beats_rtn_end_to_end_on_outlier_channels():
     model = _outlier_llama()
     calib, x = _calib(8, 64), torch.randint(0, 256, (4, 48), generator=torch.Generator().manual_seed(9))
     ref = _logits(model, x)
-    rtn = polyquant.quantize(model, RTNConfig(bits=3, group_size=32, sym=False, kernel="reference"),
-                             show_progress=False)
-    awq = polyquant.quantize(model, AWQConfig(bits=3, group_size=32, kernel="reference"), calibration=calib,
-                             show_progress=False)
+    rtn = polyquant.quantize(model, RTNConfig(bits=3, group_size=32, sym=False),
+                             show_progress=False, kernel="reference")
+    awq = polyquant.quantize(model, AWQConfig(bits=3, group_size=32), calibration=calib,
+                             show_progress=False, kernel="reference")
     e_rtn = float((_logits(rtn, x) - ref).pow(2).mean())
     e_awq = float((_logits(awq, x) - ref).pow(2).mean())
     assert e_awq < 0.6 * e_rtn, (e_awq, e_rtn)

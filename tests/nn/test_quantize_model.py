@@ -48,8 +48,8 @@ def test_default_targets_and_exact_dequantized_equivalence(family):
     make, names = MODELS[family]
     src = make()
     before = _snapshot(src)
-    cfg = RTNConfig(bits=4, group_size=32, sym=False, kernel="reference")
-    q = quantize_model(src, cfg, show_progress=False)
+    cfg = RTNConfig(bits=4, group_size=32, sym=False)
+    q = quantize_model(src, cfg, show_progress=False, kernel="reference")
 
     # exactly the Linears inside the repeated blocks, recorded
     assert [n for n, m in q.named_modules() if isinstance(m, QuantLinear)] == names
@@ -79,8 +79,8 @@ def test_quantize_lm_head_with_tied_embedding():
     src = tiny_llama(tie=True)
     assert src.lm_head.weight is src.model.embed_tokens.weight
     emb = src.model.embed_tokens.weight.detach().clone()
-    q = quantize_model(src, RTNConfig(bits=4, group_size=32, quantize_lm_head=True, kernel="reference"),
-                       show_progress=False)
+    q = quantize_model(src, RTNConfig(bits=4, group_size=32, quantize_lm_head=True),
+                       show_progress=False, kernel="reference")
     assert isinstance(q.lm_head, QuantLinear) and q.polyquant.modules == LLAMA_NAMES + ["lm_head"]
     # the tied embedding stays float and unchanged
     assert type(q.model.embed_tokens) is nn.Embedding and torch.equal(q.model.embed_tokens.weight, emb)

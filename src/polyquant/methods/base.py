@@ -35,24 +35,29 @@ class MethodConfig:
             repeated blocks).
         exclude: regexes of module names to keep in float.
         quantize_lm_head: also quantize the output head (kept float by default).
-        kernel: ``auto`` (the fastest kernel that supports the layout on the device, recorded)
-            or a kernel name from ``polyquant kernels``.
+
+    The kernel that runs the layers is a runtime choice, not part of a config
+    (``polyquant.quantize(..., kernel=...)``, ``set_kernels``, ``load(..., kernel=...)``).
+    A config with a ``bits`` field is checked against the widths its method registers
+    (``MethodSpec.bits``, set on the class as ``allowed_bits`` by ``register_method``).
     """
 
     method: ClassVar[str] = ""
+    allowed_bits: ClassVar[tuple[int, ...]] = ()
     include: list[str] | None = None
     exclude: list[str] = field(default_factory=list)
     quantize_lm_head: bool = False
-    kernel: str = "auto"
 
     def __post_init__(self) -> None:
         if self.include is not None and not isinstance(self.include, list):
             raise ValueError(f"include must be a list of regexes, got {self.include!r}")
         if not isinstance(self.exclude, list):
             raise ValueError(f"exclude must be a list of regexes, got {self.exclude!r}")
-        if not isinstance(self.kernel, str):
-            raise ValueError(f"kernel must be a string, got {self.kernel!r}")
         self.validate()
+        bits = getattr(self, "bits", None)
+        if self.allowed_bits and isinstance(bits, int) and not isinstance(bits, bool) \
+                and bits not in self.allowed_bits:
+            raise ValueError(f"bits must be one of {list(self.allowed_bits)} for {self.method}, got {bits}")
 
     def validate(self) -> None:  # overridden by methods
         pass

@@ -1,0 +1,69 @@
+"""``polyquant methods | formats | kernels``: the registries as tables, Markdown (README) or JSON."""
+from __future__ import annotations
+
+from polyquant.cli.base import arg, command
+from polyquant.cli.render import markdown_table, out, print_json, text_table
+
+_JSON = arg("--json", action="store_true", help="print JSON")
+_MD = arg("--markdown", action="store_true", help="print a Markdown table (README)")
+
+
+def method_rows(markdown: bool = False) -> tuple[list[str], list[list[str]]]:
+    from polyquant.methods import list_methods
+    headers = ["name", "family", "bits", "calibration", "formats (default first)", "activations", "description"]
+    rows = []
+    for s in list_methods():
+        name = f"`{s.name}`" if markdown else s.name
+        rows.append([name, s.family, ",".join(str(b) for b in s.bits), "yes" if s.needs_calibration else "no",
+                     ", ".join(s.formats), s.activations, s.description])
+    return headers, rows
+
+
+def format_rows(markdown: bool = False) -> tuple[list[str], list[list[str]]]:
+    import polyquant.formats as formats
+    headers = ["name", "quant_method", "readers", "description"]
+    rows = [[f"`{f.name}`" if markdown else f.name, f.quant_method, ", ".join(f.readers), f.description]
+            for f in formats.list_formats()]
+    return headers, rows
+
+
+@command("methods", help="list the quantization methods", args=[_JSON, _MD], order=1)
+def cmd_methods(args) -> int:
+    from polyquant.methods import list_methods
+    from polyquant.methods.options import option_defaults
+    if args.json:
+        print_json([{"name": s.name, "family": s.family, "bits": list(s.bits), "needs_calibration": s.needs_calibration,
+                     "formats": list(s.formats), "default_format": s.default_format, "activations": s.activations,
+                     "description": s.description, "reference": s.reference,
+                     "options": option_defaults(s.config_cls)} for s in list_methods()])
+    elif args.markdown:
+        out(markdown_table(*method_rows(markdown=True)))
+    else:
+        out(text_table(*method_rows()))
+    return 0
+
+
+@command("formats", help="list the checkpoint formats", args=[_JSON, _MD], order=2)
+def cmd_formats(args) -> int:
+    import polyquant.formats as formats
+    if args.json:
+        print_json([{"name": f.name, "quant_method": f.quant_method, "readers": list(f.readers),
+                     "writers": list(f.writers), "description": f.description} for f in formats.list_formats()])
+    elif args.markdown:
+        out(markdown_table(*format_rows(markdown=True)))
+    else:
+        out(text_table(*format_rows()))
+    return 0
+
+
+@command("kernels", help="list the matmul kernels", args=[_JSON], order=3)
+def cmd_kernels(args) -> int:
+    from polyquant.kernels import list_kernels
+    ks = list_kernels()
+    if args.json:
+        print_json([{"name": k.name, "devices": list(k.devices), "layouts": k.layouts, "fast": k.fast,
+                     "priority": k.priority} for k in ks])
+    else:
+        out(text_table(["name", "devices", "layouts", "fast", "priority"],
+                       [[k.name, ",".join(k.devices), k.layouts, "yes" if k.fast else "no", k.priority] for k in ks]))
+    return 0
