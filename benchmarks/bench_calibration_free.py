@@ -152,7 +152,8 @@ def _calibration(tok):
 def _quant_polyquant(cfg, model, tok, info):
     import polyquant
     from polyquant.methods import get_method
-    from polyquant.nn.quantize import kernel_summary, quantize_model
+    from polyquant.methods.apply import quantize_model
+    from polyquant.nn.quantize import kernel_summary
     spec = get_method(cfg["method"])
     config = spec.config_cls(**cfg["kw"])
     calib = _calibration(tok) if cfg.get("calibrate") else None

@@ -98,7 +98,8 @@ def _quantize(name: str, cfg: dict[str, Any], model, runtime: str | None) -> tup
     not_head = lambda m, fqn: isinstance(m, nn.Linear) and "lm_head" not in fqn  # noqa: E731
     if lib == "polyquant":
         from polyquant.methods.rtn import RTNConfig
-        from polyquant.nn.quantize import kernel_summary, quantize_model
+        from polyquant.methods.apply import quantize_model
+        from polyquant.nn.quantize import kernel_summary
         model = quantize_model(model, RTNConfig(bits=cfg["bits"], group_size=cfg["group_size"], sym=cfg["sym"],
                                                 quantize_lm_head=bool(cfg.get("quantize_head"))),
                                inplace=True, show_progress=False)

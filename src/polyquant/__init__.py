@@ -11,10 +11,11 @@ Public API (thin: it calls the layers below)::
     print(polyquant.evaluate(q2, tok2))
 """
 from polyquant.methods import METHODS, MethodConfig, RTNConfig, config_from_dict, get_method, list_methods
-from polyquant.nn import QuantLinear, quantize_model, set_kernels
+from polyquant.methods.apply import quantize_model
+from polyquant.nn import QuantLinear, set_kernels
 from polyquant.tensor import QuantizedWeight
 
-__version__ = "0.1.0"
+from polyquant.version import __version__  # noqa: E402
 
 
 def quantize(model, config, calibration=None, *, inplace: bool = False, show_progress: bool = True,
@@ -27,7 +28,7 @@ def quantize(model, config, calibration=None, *, inplace: bool = False, show_pro
 
 def __getattr__(name):  # lazy: keep `import polyquant` light
     if name in ("load_model", "default_model_path"):
-        from polyquant import models
+        from polyquant import formats, models  # noqa: F401  (formats: the loader of quantized folders)
         return getattr(models, name)
     if name in ("save", "load", "detect_format", "checkpoint_info"):
         from polyquant import formats

@@ -118,14 +118,21 @@ def _model_class(config, trust_remote_code: bool):
         return AutoModel
 
 
+#: The loader of quantized checkpoint folders, ``fn(folder) -> (model, tokenizer)``: registered by
+#: ``polyquant.formats`` when it is imported (this module sits below the formats and imports none).
+QUANTIZED_LOADERS: list = []
+
+
 def _load_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool):
     from transformers import AutoConfig, AutoTokenizer
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder")
     cfg = json.loads((folder / "config.json").read_text())
     if cfg.get("quantization_config"):
-        from polyquant.formats import load as load_checkpoint  # a quantized checkpoint
-        return load_checkpoint(folder)
+        if not QUANTIZED_LOADERS:
+            raise ValueError(f"{folder} is a quantized checkpoint: load it with polyquant.load "
+                             "(polyquant.formats registers the loader when imported)")
+        return QUANTIZED_LOADERS[0](folder)  # polyquant.formats.load
     weights = list(folder.glob("*.safetensors"))
     if not weights:
         pickles = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]

@@ -249,7 +249,7 @@ def test_sym_checkpoint_maps_to_signed_and_trivial_gidx_is_dropped():
 # -- save -> load ---------------------------------------------------------------------------
 
 def _rtn_model(bits=4, group_size=32, sym=True):
-    from polyquant.nn.quantize import quantize_model
+    from polyquant.methods.apply import quantize_model
     q = quantize_model(tiny_llama(), RTNConfig(bits=bits, group_size=group_size, sym=sym), show_progress=False)
     for m in q.modules():
         if isinstance(m, QuantLinear):

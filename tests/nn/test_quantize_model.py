@@ -8,7 +8,8 @@ from torch import nn
 
 from helpers import AUTO_INT4, tiny_bert, tiny_llama, tiny_qwen2
 from polyquant.methods import RTNConfig
-from polyquant.nn import QuantLinear, kernel_summary, quantize_model, set_kernels
+from polyquant.methods.apply import quantize_model
+from polyquant.nn import QuantLinear, kernel_summary, set_kernels
 
 LLAMA_NAMES = [f"model.layers.{i}.{m}" for i in range(2) for m in (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

@@ -8,7 +8,8 @@ from helpers import tiny_llama, tiny_qwen2
 
 from polyquant.eval.memory import weight_bytes
 from polyquant.methods.rtn import RTNConfig
-from polyquant.nn import QuantLinear, kernel_summary, quantize_model
+from polyquant.methods.apply import quantize_model
+from polyquant.nn import QuantLinear, kernel_summary
 from polyquant.nn import runtime as rt
 
 

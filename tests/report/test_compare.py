@@ -68,14 +68,15 @@ def counted(monkeypatch):
 @pytest.fixture
 def quantized(monkeypatch):
     """Count quantize_model calls made by compare (the setting of each)."""
-    real = polyquant.nn.quantize_model
+    from polyquant.methods import apply
+    real = apply.quantize_model
     calls: list[str] = []
 
     def wrapper(model, config, *a, **kw):
         calls.append(config.describe())
         return real(model, config, *a, **kw)
 
-    monkeypatch.setattr(polyquant.nn, "quantize_model", wrapper)
+    monkeypatch.setattr(apply, "quantize_model", wrapper)
     return calls
 
 
@@ -411,7 +412,8 @@ def test_compare_command_runs_every_registered_method_and_writes_the_report(tmp_
     assert main(args) == 0
     stdout, _ = capsys.readouterr()
     recs = results(out)
-    assert [r["name"] for r in recs] == ["fp32"] + [n for n, _, _ in HEADLINE]
+    no_presets = sorted(m for m, s in METHODS.items() if not s.presets)  # one run at defaults, after the presets
+    assert [r["name"] for r in recs] == ["fp32"] + [n for n, _, _ in HEADLINE] + no_presets
     assert {r["method"] for r in recs} == {"fp32", *METHODS}
     assert all(r["status"] == "ok" for r in recs), [(r["name"], r.get("error")) for r in recs if r["status"] != "ok"]
     assert all(r["config"] is None or r["config"]["quantize_lm_head"] is False for r in recs)

@@ -128,6 +128,7 @@ def resolve_model(model_or_dir: Any, tokenizer: Any = None):
     if isinstance(model_or_dir, nn.Module):
         rec = getattr(model_or_dir, "polyquant", None)
         return model_or_dir, tokenizer, getattr(rec, "source", None)
+    import polyquant.formats  # noqa: F401  (registers the loader of quantized folders)
     from polyquant.models import load_model
     model, tok = load_model(model_or_dir)
     rec = getattr(model, "polyquant", None)

@@ -13,7 +13,11 @@ from polyquant.formats.api import checkpoint_info, detect_format, load, save  # 
 __all__ = ["FORMATS", "CheckpointError", "Format", "get_format", "list_formats", "register_format",
            "save", "load", "detect_format", "checkpoint_info"]
 
+from polyquant import models as _models  # noqa: E402
 from polyquant.plugins import load_plugins as _load_plugins  # noqa: E402
+
+if load not in _models.QUANTIZED_LOADERS:  # models.load_model hands quantized folders to load()
+    _models.QUANTIZED_LOADERS.append(load)
 
 # third-party formats (entry points ``polyquant.formats``), after the built-ins
 _load_plugins("polyquant.formats", register_format, lambda obj: isinstance(obj, type) and issubclass(obj, Format))

@@ -77,7 +77,7 @@ def _format_for_save(model: nn.Module, format: str | None) -> Format:
 
 
 def _version() -> str:
-    from polyquant import __version__
+    from polyquant.version import __version__
     return __version__
 
 

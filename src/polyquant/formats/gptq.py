@@ -328,7 +328,7 @@ class GPTQFormat(Format):
         damp = mcfg.get("damp_percent", mcfg.get("percdamp", 0.01))
         true_seq = bool(mcfg.get("true_sequential", True))
         static_groups = bool(mcfg.get("static_groups", False))
-        from polyquant import __version__
+        from polyquant.version import __version__
         return {
             "quant_method": "gptq",
             "bits": next(iter(bits)),

@@ -13,9 +13,10 @@ from polyquant.methods import bitnet  # noqa: F401,E402  (registers bitnet)
 from polyquant.methods import spqr  # noqa: F401,E402  (registers spqr)
 from polyquant.methods.gptq import GPTQConfig  # noqa: E402
 from polyquant.methods.rtn import RTNConfig
+from polyquant.methods.apply import quantize_model  # noqa: E402
 
 __all__ = ["MethodConfig", "MethodSpec", "METHODS", "RTNConfig", "config_from_dict", "get_method",
-           "list_methods", "register_method", "unregister_method"]
+           "list_methods", "quantize_model", "register_method", "unregister_method"]
 
 from polyquant.plugins import load_plugins as _load_plugins  # noqa: E402
 

@@ -1,7 +1,8 @@
-"""Modules: ``QuantLinear`` and ``quantize_model`` (walk, select, swap, record)."""
+"""Modules: ``QuantLinear``, the model record and module surgery (``QuantRecord``, ``replace_module``,
+``set_kernels``), layer selection. ``quantize_model`` is :mod:`polyquant.methods.apply`."""
 from polyquant.nn.quant_linear import QuantLinear
-from polyquant.nn.quantize import QuantRecord, get_record, kernel_summary, quantize_model, replace_module, set_kernels
+from polyquant.nn.quantize import QuantRecord, get_record, kernel_summary, replace_module, set_kernels
 from polyquant.nn.select import find_blocks, select_linears
 
-__all__ = ["QuantLinear", "QuantRecord", "find_blocks", "get_record", "kernel_summary", "quantize_model",
-           "replace_module", "select_linears", "set_kernels"]
+__all__ = ["QuantLinear", "QuantRecord", "find_blocks", "get_record", "kernel_summary", "replace_module",
+           "select_linears", "set_kernels"]

@@ -1,26 +1,20 @@
-"""``quantize_model``: walk a model, quantize the selected Linears with a method, swap in
-``QuantLinear`` modules, and record what was done (``model.polyquant``).
+"""Module surgery for quantized models: the record of what was quantized (``QuantRecord``, attached
+as ``model.polyquant``), swapping a Linear for a ``QuantLinear`` built from a method's result
+(:func:`make_quant_linear`), and kernel (re)selection over a model (:func:`set_kernels`).
 
-Calibration-free methods quantize each Linear independently here; methods that need data are
-handed to the sequential calibration driver (``polyquant.calibration``).
+``quantize_model`` (walk, quantize, swap, record) is :mod:`polyquant.methods.apply`: it drives the
+methods and the calibration driver, which sit above this layer.
 """
 from __future__ import annotations
 
-import copy
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
-from polyquant.methods import get_method
-from polyquant.methods.base import MethodConfig
 from polyquant.nn.quant_linear import QuantLinear
-from polyquant.nn.select import select_linears
-from polyquant.progress import progress
 
-__all__ = ["quantize_model", "QuantRecord", "replace_module", "get_record", "set_kernels"]
+__all__ = ["QuantRecord", "replace_module", "get_record", "set_kernels", "make_quant_linear", "kernel_summary"]
 
 
 @dataclass
@@ -57,50 +51,9 @@ def _untie_if_needed(model: nn.Module, names: list[str]) -> None:
                 model._tied_weights_keys = None
 
 
-def quantize_model(model: nn.Module, config: MethodConfig, calibration: Any = None, *, inplace: bool = False,
-                   show_progress: bool = True, kernel: str = "auto") -> nn.Module:
-    """Quantize ``model`` with ``config``; returns the quantized model.
-
-    The source model is left untouched unless ``inplace=True``. ``kernel`` (a runtime choice,
-    ``auto`` or a kernel name) runs the quantized layers; a name is recorded in
-    ``model.polyquant.extra["kernel"]``.
-    """
-    if not isinstance(config, MethodConfig):
-        raise ValueError(f"config must be a polyquant method config, got {type(config).__name__}")
-    spec = get_method(config.method)
-    if get_record(model) is not None:
-        raise ValueError("this model is already quantized by polyquant")
-    if not inplace:
-        model = copy.deepcopy(model)
-    t0 = time.perf_counter()
-    targets = select_linears(model, config.include, config.exclude, config.quantize_lm_head)
-    if not targets:
-        raise ValueError("no Linear layer matched the include/exclude patterns")
-    names = [n for n, _ in targets]
-    _untie_if_needed(model, names)
-    extra: dict[str, Any] = {}
-    if spec.needs_calibration:
-        from polyquant.calibration import run_sequential  # the shared driver (data-dependent methods)
-        summary = run_sequential(model, spec, config, targets, calibration, show_progress=show_progress)
-        extra["calibration"] = {"autocast": summary.get("autocast"), "seconds": round(summary["seconds"], 2),
-                                "resumed_blocks": summary.get("resumed_blocks", 0)}
-    else:
-        bar = progress(targets, desc=f"{spec.name}", enabled=show_progress)
-        for name, lin in bar:
-            bar.set_postfix_str(name)
-            qw = spec.quantize_weight(lin.weight.data, config, None)
-            replace_module(model, name, make_quant_linear(spec, config, qw, lin))
-    if kernel != "auto":
-        set_kernels(model, kernel)
-        extra["kernel"] = kernel
-    finish = spec.after_quantize
-    if callable(finish):  # e.g. static activation scales calibrated on the quantized model
-        finish(model, config, calibration, names)
-    model.polyquant = QuantRecord(spec.name, config.to_dict(), names, seconds=time.perf_counter() - t0, extra=extra)
-    return model
-
-
-def make_quant_linear(spec, config: MethodConfig, qw, lin: nn.Linear, kernel: str = "auto") -> QuantLinear:
+def make_quant_linear(spec, config: Any, qw, lin: nn.Linear, kernel: str = "auto") -> QuantLinear:
+    """The ``QuantLinear`` of one quantized Linear, with the method's activation rule (``spec`` is the
+    method's ``MethodSpec``: ``act_rule`` / ``layer_act_rule``)."""
     act = spec.act_rule
     act_quant = act(config) if callable(act) else None
     bind = spec.layer_act_rule  # (config, qw, act) -> (qw, act): per-layer activation

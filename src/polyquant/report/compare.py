@@ -254,8 +254,8 @@ def uses_calibration(config: MethodConfig) -> bool:
 
 def environment() -> dict[str, Any]:
     """Versions and the machine a run was measured on."""
-    import polyquant
-    env: dict[str, Any] = {"polyquant": polyquant.__version__, "torch": torch.__version__,
+    from polyquant.version import __version__
+    env: dict[str, Any] = {"polyquant": __version__, "torch": torch.__version__,
                            "python": platform.python_version(), "platform": platform.platform()}
     for mod in ("transformers", "safetensors", "numpy"):
         m = sys.modules.get(mod)
@@ -391,8 +391,8 @@ def _evaluate(model, tokenizer, **kw) -> dict[str, Any]:
 
 
 def _quantize(model, config, calibration, show_progress: bool):
-    from polyquant import nn as pnn  # looked up per call (tests count the calls)
-    return pnn.quantize_model(model, config, calibration, inplace=False, show_progress=show_progress)
+    from polyquant.methods import apply  # looked up per call (tests count the calls)
+    return apply.quantize_model(model, config, calibration, inplace=False, show_progress=show_progress)
 
 
 def size_info(model: nn.Module) -> dict[str, Any]:
@@ -465,6 +465,7 @@ def run_compare(model: str | os.PathLike = "default", out_dir: str | os.PathLike
         skipped, run_list: stored in ``results.json`` as they are (what the run list left out,
             and how it was chosen).
     """
+    import polyquant.formats  # noqa: F401  (registers the loader of quantized folders)
     from polyquant.models import load_model
 
     runs = list(default_runs() if runs is None else runs)

@@ -211,7 +211,7 @@ def pipeline_model() -> Sequence:
     kernels = [k.name for k in list_kernels()]
     parts = [("user", "User"), ("cli", "polyquant CLI"), ("models", "models.load_model"),
              ("methods", f"methods ({len(methods)})"), ("calib", "calibration driver"),
-             ("nn", "nn.quantize_model"), ("kernels", f"kernels ({len(kernels)})"),
+             ("nn", "methods.quantize_model"), ("kernels", f"kernels ({len(kernels)})"),
              ("formats", f"formats ({len(fmts)})"), ("eval", "eval.evaluate")]
     items: list[Message | Note] = [
         Message("user", "cli", "polyquant quantize MODEL --method M -o DIR"),
