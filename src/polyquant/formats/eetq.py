@@ -121,8 +121,11 @@ def _fail(name: str, msg: str) -> CheckpointError:
 class EETQFormat(Format):
     name = "eetq"
     quant_method = "eetq"
-    readers = ("transformers",)
-    writers = ("eetq", "transformers")
+    readers = ()
+    writers = ()
+    untested_readers = {"transformers": "needs the eetq library and a CUDA GPU (no eetq distribution installs "
+                                        "from PyPI on a CPU machine)"}
+    untested_writers = {"eetq": "CUDA only; no eetq distribution installs from PyPI on a CPU machine"}
     description = "int8 per-channel weights preprocessed for EETQ's CUTLASS W8A16 GEMM (sm75-sm89 layout), fp16 scales"
 
     def check_layer(self, name: str, qw: QuantizedWeight, module: nn.Module) -> str | None:

@@ -323,8 +323,10 @@ class HQQFormat(Format):
 
     name = "hqq"
     quant_method = "hqq"
-    readers = ("hqq", "transformers (< 5: HqqConfig)")
-    writers = ("hqq", "transformers (< 5: HqqConfig)")
+    readers = ("hqq",)  # AutoHQQHFModel.from_quantized reads qmodel.pt
+    writers = ("hqq",)  # AutoHQQHFModel.save_to_safetensors
+    untested_readers = {"transformers": "transformers 5.24 has no HQQ loader (HqqConfig raises NotImplementedError): "
+                                        "from_pretrained returns a model without the quantized weights, silently"}
     description = "HQQ: uint1-8 codes packed along the grouped rows, float scale and zero per group"
 
     def check_layer(self, name: str, qw: QuantizedWeight, module: nn.Module) -> str | None:

@@ -129,6 +129,9 @@ class QuantoFormat(Format):
     quant_method = "quanto"
     readers = ("optimum-quanto",)
     writers = ("optimum-quanto",)
+    untested_readers = {"transformers": "transformers 5.24's QuantoConfig quantizes float weights; from_pretrained "
+                                        "on a quanto folder returns a model without its quantized weights, "
+                                        "silently (load it with optimum-quanto)"}
     description = ("optimum-quanto state dicts: int8/fp8 per-row, int2/int4 group-wise affine packed along dim 0, "
                    "static activation scales; quanto_qmap.json")
 

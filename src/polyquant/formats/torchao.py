@@ -296,8 +296,8 @@ def _intx_bits(cfg: dict[str, Any], name: str) -> int:
 class TorchAOFormat(Format):
     name = "torchao"
     quant_method = "torchao"
-    readers = ("transformers", "torchao")
-    writers = ("torchao", "transformers")
+    readers = ("transformers",)  # with torchao installed
+    writers = ("transformers",)
     description = ("torchao tensor subclasses flattened into safetensors (Int4Tensor, Int8Tensor, Float8Tensor; "
                    "reads IntxUnpackedToInt8Tensor) with their descriptions in the header metadata")
 
