@@ -40,6 +40,9 @@ def cmd_eval(args) -> int:
     from polyquant.nn import runtime as rt
     from polyquant.nn import set_kernels
 
+    if str(args.model).endswith(".onnx"):  # an exported ONNX decoder: scored and timed in onnxruntime
+        from polyquant.cli.commands.export import eval_onnx
+        return eval_onnx(args)
     check_model_arg(args.model)
     if args.reference:
         check_model_arg(args.reference, allow_checkpoint=False)

@@ -71,7 +71,9 @@ def eval_onnx(args) -> int:
     from polyquant import data
     from polyquant.eval.perplexity import make_windows, score_windows
     from polyquant.export.onnx import OnnxCausalLM
-    path = Path(args.model)
+    path = Path(args.model).expanduser()
+    if not path.is_file():
+        raise UsageError(f"model {args.model!r} does not exist")
     side = Path(str(path) + ".tokenizer")
     if not (side / "config.json").is_file():
         raise UsageError(f"{side} (config and tokenizer written by polyquant export) is missing")
