@@ -36,6 +36,9 @@ def __getattr__(name):  # lazy: keep `import polyquant` light
     if name in ("evaluate",):
         from polyquant import eval as _eval
         return getattr(_eval, name)
+    if name == "export":  # the package is callable: polyquant.export(model, to="gguf", out=...)
+        import importlib
+        return importlib.import_module("polyquant.export")
     if name == "calibration_data":
         from polyquant import calibration
         return calibration.calibration_data
