@@ -1,0 +1,258 @@
+/* polyquant: SpQR weights (2- to 4-bit codes in groups of 16 input columns, float scale and zero per
+ * group - the decoded two-level statistics - plus a CSR matrix of float outliers) times float
+ * activations.
+ *
+ * Layout (built by polyquant.kernels.cpu_spqr.prepare): input columns in processing order (the
+ * act-order permutation applied once), padded to Kp = 16 * G columns; codes [N][Kp / 2] bytes, group
+ * g of row n is 8 bytes at w + n * Kp / 2 + 8 g, byte i = c[2i] | c[2i + 1] << 4; scale s and zero z
+ * float [N][G]; outliers: row_offsets int32 [N + 1], col int32 [nnz] (processing-order column),
+ * val float [nnz]. Weight (n, k) = (code - z[n][k / 16]) * s[n][k / 16] + its outlier, the value
+ * polyquant's reference dequantization computes (float32). The activations x [M][Kp] arrive
+ * permuted and zero-padded.
+ *
+ * AVX-512: per group a 16-entry table (t - z) * s in one register, _mm512_permutexvar_ps looks up
+ * the 16 codes; AVX2 + FMA: the codes widened to 2 x 8 floats, (q - z) * s; portable C elsewhere.
+ * The sparse part is a CSR product per row after the dense dot. Threads: OpenMP over output rows
+ * when nthreads > 1.
+ */
+#include <stdint.h>
+#include <stddef.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define PQ_X86 1
+#endif
+
+#define MB 4 /* activation rows per pass over a weight row */
+
+/* the best code path this CPU runs: 1 = AVX-512F, 2 = AVX2 + FMA, 0 = portable C */
+int pq_spqr_simd_level(void) {
+#ifdef PQ_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return 1;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 2;
+#endif
+    return 0;
+}
+
+static inline float sparse_dot(const int32_t *ro, const int32_t *col, const float *val, int64_t n,
+                               const float *xr) {
+    float t = 0.f;
+    for (int32_t e = ro[n]; e < ro[n + 1]; e++) t += val[e] * xr[col[e]];
+    return t;
+}
+
+/* ---- portable ---------------------------------------------------------------------------- */
+static void rows_portable(int64_t M, int64_t n0, int64_t n1, int64_t Kp, const float *x, const uint8_t *w,
+                          const float *s, const float *z, const int32_t *ro, const int32_t *col,
+                          const float *val, float *y, int64_t ldy) {
+    const int64_t G = Kp / 16;
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *wr = w + n * (Kp / 2);
+        for (int64_t m0 = 0; m0 < M; m0 += MB) {
+            const int64_t mb = (M - m0) < MB ? (M - m0) : MB;
+            float acc[MB] = {0};
+            for (int64_t g = 0; g < G; g++) {
+                const float sc = s[n * G + g], zp = z[n * G + g];
+                float v[16];
+                for (int i = 0; i < 8; i++) {
+                    v[2 * i] = ((float)(wr[8 * g + i] & 15) - zp) * sc;
+                    v[2 * i + 1] = ((float)(wr[8 * g + i] >> 4) - zp) * sc;
+                }
+                for (int64_t m = 0; m < mb; m++) {
+                    const float *xr = x + (m0 + m) * Kp + 16 * g;
+                    float t = 0.f;
+                    for (int i = 0; i < 16; i++) t += v[i] * xr[i];
+                    acc[m] += t;
+                }
+            }
+            for (int64_t m = 0; m < mb; m++)
+                y[(m0 + m) * ldy + n] = acc[m] + sparse_dot(ro, col, val, n, x + (m0 + m) * Kp);
+        }
+    }
+}
+
+static void dequant_portable(int64_t n0, int64_t n1, int64_t Kp, const uint8_t *w, const float *s,
+                             const float *z, const int32_t *ro, const int32_t *col, const float *val, float *out) {
+    const int64_t G = Kp / 16;
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *wr = w + n * (Kp / 2);
+        float *o = out + n * Kp;
+        for (int64_t g = 0; g < G; g++) {
+            const float sc = s[n * G + g], zp = z[n * G + g];
+            for (int i = 0; i < 8; i++) {
+                o[16 * g + 2 * i] = ((float)(wr[8 * g + i] & 15) - zp) * sc;
+                o[16 * g + 2 * i + 1] = ((float)(wr[8 * g + i] >> 4) - zp) * sc;
+            }
+        }
+        for (int32_t e = ro[n]; e < ro[n + 1]; e++) o[col[e]] += val[e];
+    }
+}
+
+#ifdef PQ_X86
+/* ---- AVX-512 ----------------------------------------------------------------------------- */
+__attribute__((target("avx512f"))) static inline __m512i codes16(const uint8_t *p) {
+    const __m128i v = _mm_loadl_epi64((const __m128i *)p);
+    const __m128i mask = _mm_set1_epi8(15);
+    const __m128i lo = _mm_and_si128(v, mask), hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+    return _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
+}
+
+__attribute__((target("avx512f"))) static void rows_avx512(int64_t M, int64_t n0, int64_t n1, int64_t Kp,
+                                                          const float *x, const uint8_t *w, const float *s,
+                                                          const float *z, const int32_t *ro, const int32_t *col,
+                                                          const float *val, float *y, int64_t ldy) {
+    const int64_t G = Kp / 16;
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *wr = w + n * (Kp / 2);
+        const float *sr = s + n * G, *zr = z + n * G;
+        for (int64_t m0 = 0; m0 < M; m0 += MB) {
+            const int64_t mb = (M - m0) < MB ? (M - m0) : MB;
+            __m512 acc[MB];
+            for (int m = 0; m < MB; m++) acc[m] = _mm512_setzero_ps();
+            if (mb == 1) {
+                const float *xr = x + m0 * Kp;
+                __m512 a1 = _mm512_setzero_ps();
+                int64_t g = 0;
+                for (; g + 1 < G; g += 2) { /* two groups per step: two independent chains */
+                    const __m512 t0 = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(zr[g])), _mm512_set1_ps(sr[g]));
+                    const __m512 t1 = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(zr[g + 1])),
+                                                    _mm512_set1_ps(sr[g + 1]));
+                    const __m512 w0 = _mm512_permutexvar_ps(codes16(wr + 8 * g), t0);
+                    const __m512 w1 = _mm512_permutexvar_ps(codes16(wr + 8 * g + 8), t1);
+                    acc[0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr + 16 * g), acc[0]);
+                    a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16 * g + 16), a1);
+                }
+                for (; g < G; g++) {
+                    const __m512 t0 = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(zr[g])), _mm512_set1_ps(sr[g]));
+                    acc[0] = _mm512_fmadd_ps(_mm512_permutexvar_ps(codes16(wr + 8 * g), t0),
+                                             _mm512_loadu_ps(xr + 16 * g), acc[0]);
+                }
+                acc[0] = _mm512_add_ps(acc[0], a1);
+            } else {
+                for (int64_t g = 0; g < G; g++) {
+                    const __m512 t = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(zr[g])), _mm512_set1_ps(sr[g]));
+                    const __m512 wv = _mm512_permutexvar_ps(codes16(wr + 8 * g), t);
+                    for (int64_t m = 0; m < mb; m++)
+                        acc[m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + (m0 + m) * Kp + 16 * g), acc[m]);
+                }
+            }
+            for (int64_t m = 0; m < mb; m++)
+                y[(m0 + m) * ldy + n] = _mm512_reduce_add_ps(acc[m]) + sparse_dot(ro, col, val, n, x + (m0 + m) * Kp);
+        }
+    }
+}
+
+__attribute__((target("avx512f"))) static void dequant_avx512(int64_t n0, int64_t n1, int64_t Kp, const uint8_t *w,
+                                                             const float *s, const float *z, const int32_t *ro,
+                                                             const int32_t *col, const float *val, float *out) {
+    const int64_t G = Kp / 16;
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *wr = w + n * (Kp / 2);
+        float *o = out + n * Kp;
+        for (int64_t g = 0; g < G; g++) {
+            const __m512 t = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(z[n * G + g])), _mm512_set1_ps(s[n * G + g]));
+            _mm512_storeu_ps(o + 16 * g, _mm512_permutexvar_ps(codes16(wr + 8 * g), t));
+        }
+        for (int32_t e = ro[n]; e < ro[n + 1]; e++) o[col[e]] += val[e];
+    }
+}
+
+/* ---- AVX2 + FMA -------------------------------------------------------------------------- */
+__attribute__((target("avx2,fma"))) static inline void codes8x2(const uint8_t *p, __m256 *a, __m256 *b) {
+    const __m128i v = _mm_loadl_epi64((const __m128i *)p);
+    const __m128i mask = _mm_set1_epi8(15);
+    const __m128i c = _mm_unpacklo_epi8(_mm_and_si128(v, mask), _mm_and_si128(_mm_srli_epi16(v, 4), mask));
+    *a = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c));
+    *b = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(c, 8)));
+}
+
+__attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+__attribute__((target("avx2,fma"))) static void rows_avx2(int64_t M, int64_t n0, int64_t n1, int64_t Kp,
+                                                         const float *x, const uint8_t *w, const float *s,
+                                                         const float *z, const int32_t *ro, const int32_t *col,
+                                                         const float *val, float *y, int64_t ldy) {
+    const int64_t G = Kp / 16;
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *wr = w + n * (Kp / 2);
+        for (int64_t m0 = 0; m0 < M; m0 += MB) {
+            const int64_t mb = (M - m0) < MB ? (M - m0) : MB;
+            __m256 acc[MB];
+            for (int m = 0; m < MB; m++) acc[m] = _mm256_setzero_ps();
+            for (int64_t g = 0; g < G; g++) {
+                const __m256 zb = _mm256_set1_ps(z[n * G + g]), sb = _mm256_set1_ps(s[n * G + g]);
+                __m256 qa, qb;
+                codes8x2(wr + 8 * g, &qa, &qb);
+                const __m256 wa = _mm256_mul_ps(_mm256_sub_ps(qa, zb), sb), wb = _mm256_mul_ps(_mm256_sub_ps(qb, zb), sb);
+                for (int64_t m = 0; m < mb; m++) {
+                    const float *xr = x + (m0 + m) * Kp + 16 * g;
+                    acc[m] = _mm256_fmadd_ps(wa, _mm256_loadu_ps(xr), acc[m]);
+                    acc[m] = _mm256_fmadd_ps(wb, _mm256_loadu_ps(xr + 8), acc[m]);
+                }
+            }
+            for (int64_t m = 0; m < mb; m++)
+                y[(m0 + m) * ldy + n] = hsum256(acc[m]) + sparse_dot(ro, col, val, n, x + (m0 + m) * Kp);
+        }
+    }
+}
+
+__attribute__((target("avx2,fma"))) static void dequant_avx2(int64_t n0, int64_t n1, int64_t Kp, const uint8_t *w,
+                                                            const float *s, const float *z, const int32_t *ro,
+                                                            const int32_t *col, const float *val, float *out) {
+    const int64_t G = Kp / 16;
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *wr = w + n * (Kp / 2);
+        float *o = out + n * Kp;
+        for (int64_t g = 0; g < G; g++) {
+            const __m256 zb = _mm256_set1_ps(z[n * G + g]), sb = _mm256_set1_ps(s[n * G + g]);
+            __m256 qa, qb;
+            codes8x2(wr + 8 * g, &qa, &qb);
+            _mm256_storeu_ps(o + 16 * g, _mm256_mul_ps(_mm256_sub_ps(qa, zb), sb));
+            _mm256_storeu_ps(o + 16 * g + 8, _mm256_mul_ps(_mm256_sub_ps(qb, zb), sb));
+        }
+        for (int32_t e = ro[n]; e < ro[n + 1]; e++) o[col[e]] += val[e];
+    }
+}
+#endif
+
+/* y [M][ldy] = x [M][Kp] @ W^T for rows 0..N-1. simd: 1 = AVX-512, 2 = AVX2, 0 = portable (the
+   caller passes at most pq_spqr_simd_level's). */
+void pq_spqr_mm(int64_t M, int64_t N, int64_t Kp, const float *x, const uint8_t *w, const float *s, const float *z,
+                const int32_t *ro, const int32_t *col, const float *val, float *y, int64_t ldy, int64_t nthreads,
+                int64_t simd) {
+    const int64_t chunk = 16;
+    const int64_t nchunks = (N + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static) num_threads((int)(nthreads > 0 ? nthreads : 1)) if (nthreads > 1)
+    for (int64_t c = 0; c < nchunks; c++) {
+        const int64_t n0 = c * chunk, n1 = (n0 + chunk < N) ? n0 + chunk : N;
+#ifdef PQ_X86
+        if (simd == 1) { rows_avx512(M, n0, n1, Kp, x, w, s, z, ro, col, val, y, ldy); continue; }
+        if (simd == 2) { rows_avx2(M, n0, n1, Kp, x, w, s, z, ro, col, val, y, ldy); continue; }
+#endif
+        rows_portable(M, n0, n1, Kp, x, w, s, z, ro, col, val, y, ldy);
+    }
+}
+
+/* out [N][Kp]: the dense float32 weight in processing order, outliers added. */
+void pq_spqr_dequant(int64_t N, int64_t Kp, const uint8_t *w, const float *s, const float *z, const int32_t *ro,
+                     const int32_t *col, const float *val, float *out, int64_t nthreads, int64_t simd) {
+    const int64_t chunk = 16;
+    const int64_t nchunks = (N + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static) num_threads((int)(nthreads > 0 ? nthreads : 1)) if (nthreads > 1)
+    for (int64_t c = 0; c < nchunks; c++) {
+        const int64_t n0 = c * chunk, n1 = (n0 + chunk < N) ? n0 + chunk : N;
+#ifdef PQ_X86
+        if (simd == 1) { dequant_avx512(n0, n1, Kp, w, s, z, ro, col, val, out); continue; }
+        if (simd == 2) { dequant_avx2(n0, n1, Kp, w, s, z, ro, col, val, out); continue; }
+#endif
+        dequant_portable(n0, n1, Kp, w, s, z, ro, col, val, out);
+    }
+}
