@@ -394,6 +394,7 @@ def run_sequential(model: nn.Module, spec, config, targets: list[tuple[str, nn.M
         resume = ResumeState(resume_dir, run_key(model, spec.name, key_cfg, targets, samples), n_blocks)
         if resume.blocks_done:
             log.info("resuming from %s: %d of %d blocks done", resume.folder, resume.blocks_done, n_blocks)
+    resumed = resume.blocks_done if resume else 0  # blocks_done grows as blocks are saved
 
     errors: dict[str, float] = {}
     was_training = model.training
@@ -417,7 +418,7 @@ def run_sequential(model: nn.Module, spec, config, targets: list[tuple[str, nn.M
                 errors.update(_process_tail(model, blocks, tail, spec, config, factory, samples, inps, struct))
     finally:
         model.train(was_training)
-    return {"errors": errors, "blocks": n_blocks, "resumed_blocks": resume.blocks_done if resume else 0,
+    return {"errors": errors, "blocks": n_blocks, "resumed_blocks": resumed,
             "seconds": time.perf_counter() - t0, "autocast": str(autocast).replace("torch.", "") if autocast else None}
 
 

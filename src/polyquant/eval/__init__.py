@@ -181,12 +181,17 @@ def evaluate(model: nn.Module, tokenizer=None, *, text: str | os.PathLike | None
         res.update(prefill_tok_s=None, prefill_tokens=None, prefill_runs=None, decode_tok_s=None,
                    decode_tokens=None, decode_runs=None, speed_seconds=None)
         if measure_speed:
+            from polyquant.progress import progress
             t0 = time.perf_counter()
+            phases = progress(None, desc="speed", total=2 if causal else 1, enabled=show_progress, unit="phase")
+            phases.set_postfix_str("prefill")
             plen = min(seqlen, stream.numel())
             if not causal:  # learned position tables: stay within them
                 plen = min(plen, _max_positions(model) or plen)
             res.update(prefill_tok_s(model, stream[:plen]))
+            phases.update(1)
             if causal:
+                phases.set_postfix_str(f"decode {decode_tokens} tokens")
                 if prompt is not None:
                     if tokenizer is None:
                         raise ValueError("a text prompt needs a tokenizer")
@@ -199,6 +204,8 @@ def evaluate(model: nn.Module, tokenizer=None, *, text: str | os.PathLike | None
                     res.update(decode_tok_s(model, p, decode_tokens, runtime=runtime))
                 except (TypeError, ValueError, AttributeError) as e:  # a model without a usable KV cache
                     log.warning("decode speed not measured for %s: %s", type(model).__name__, e)
+                phases.update(1)
+            phases.close()
             res["speed_seconds"] = time.perf_counter() - t0
         res.update(threads=torch.get_num_threads(), device=str(model_device(model)),
                    torch_version=torch.__version__, platform=platform.machine(),

@@ -83,6 +83,17 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
                               "refusing to replace it")
 
 
+def _honour_umask(root: Path) -> None:
+    mask = os.umask(0)
+    os.umask(mask)
+    for dirpath, dirs, files in os.walk(root):
+        os.chmod(dirpath, 0o777 & ~mask)
+        for f in files:
+            p = os.path.join(dirpath, f)
+            if not os.path.islink(p):
+                os.chmod(p, 0o666 & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Write a folder atomically: yields a temporary sibling folder; on success its files are
@@ -95,6 +106,7 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        _honour_umask(tmp)  # mkdtemp / temporary files are 0700 / 0600: give the modes save_pretrained gives
         _fsync_tree(tmp)
         if out.exists():
             check_output_dir(out, overwrite)  # re-check: it may have appeared meanwhile

@@ -31,7 +31,7 @@ __all__ = ["Problem", "linear_shapes", "check_plan", "plan_config", "PlanError",
 
 #: config fields that set the weight granularity, tried smaller when the default does not fit a model
 GRANULARITY_FIELDS = ("group_size",)
-_MAX_STANDIN = 1 << 22  # values per stand-in weight; taller layers keep out_features mod 256
+_MAX_STANDIN = 1 << 16  # values per stand-in weight; taller layers keep out_features mod 256
 
 
 class PlanError(ValueError):
@@ -147,10 +147,14 @@ def plan_config(model: nn.Module, config: MethodConfig, explicit: Iterable[str] 
     """``config`` checked against ``model`` (see :func:`check_plan`), with the granularity default
     adapted to the model where the user did not set it (``explicit``: the fields the user set).
     Returns ``(config, notes)``; raises :class:`PlanError` with the reasons and the fix."""
+    adapt = get_method(config.method).extra.get("for_format")  # the method's per-format defaults
+    notes: list[str] = []
+    if callable(adapt):
+        config, notes = adapt(config, format or get_method(config.method).default_format, set(explicit))
     shapes = linear_shapes(model, config)
     problems = check_plan(model, config, format, kernel, device, shapes)
     if not problems:
-        return config, []
+        return config, notes
     explicit = set(explicit)
     fields = {f.name for f in dataclasses.fields(config)}
     for fname in GRANULARITY_FIELDS:
@@ -165,7 +169,7 @@ def plan_config(model: nn.Module, config: MethodConfig, explicit: Iterable[str] 
             if not check_plan(model, trial, format, kernel, device, shapes):
                 ins = sorted({i for _, i in shapes})
                 why = problems[0].reason
-                return trial, [f"{fname} {current} does not fit this model (in_features {', '.join(map(str, ins))}: "
+                return trial, notes + [f"{fname} {current} does not fit this model (in_features {', '.join(map(str, ins))}: "
                                f"{why}); using {fname} {cand} (set --{fname.replace('_', '-')} to choose)"]
     raise PlanError(_explain(config, problems, format, explicit))
 
@@ -183,5 +187,7 @@ def _explain(config: MethodConfig, problems: list[Problem], format: str | None, 
         fixes.append(f"another --format ({', '.join(f for f in spec.formats if f != fmt)})")
     if "kernel" in stages:
         fixes.append("--kernel auto")
+    suffixes = sorted({p.layer.rsplit(".", 1)[-1] for p in problems})
+    fixes.append(f"keep those layers in float (--exclude '({'|'.join(suffixes)})$')")
     fix = (" Fix: " + ", or ".join(fixes) + ".") if fixes else ""
     return f"{config.describe()} cannot quantize and save this model as {fmt}: {head}.{fix}"

@@ -29,8 +29,8 @@ _FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared"]
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("POLYQUANT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "polyquant")
-    return Path(root) / "cext"
+    from polyquant.cache import cache_root  # $POLYQUANT_CACHE_DIR (see polyquant.cache)
+    return cache_root() / "cext"
 
 
 def _compiler() -> str | None:
