@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "polyquant"
 #: the layer of each top-level part of the package (docs/architecture.md, "Layers"); an import may
 #: only go to the same or a lower layer, and parts of the same layer may not import each other.
 LAYERS: list[tuple[str, ...]] = [
-    ("version", "qtypes", "data", "progress", "plugins"),
+    ("version", "qtypes", "data", "progress", "plugins", "cache"),
     ("tensor",),
     ("activations",),
     ("kernels",),

@@ -1,7 +1,7 @@
 """``compare``: run a float baseline and a sweep of quantization configs on one model, evaluate
 each with the same text, windows and threads, and keep one record per run.
 
-The sweep is built from the method registry (:func:`build_runs`): by default every registered
+The sweep is built from the method registry (:func:`build_runs`, :mod:`polyquant.report.runs`): by default every registered
 method at its presets (``MethodSpec.presets``, read from the registry; a method without one runs
 its config's defaults), or a grid of bits x group sizes per named method, skipping the combinations a method's
 config refuses (its ``ValueError`` is kept as the reason). Calibration-based methods share one
@@ -11,41 +11,48 @@ are evaluated).
 Each record is appended to the store (``runs.jsonl``) the moment its run finishes and
 ``results.json`` is rewritten atomically, so an interrupted sweep resumes where it stopped
 (finished runs are not redone). A run that raises is recorded with its error and the sweep goes
-on. :func:`summary_rows` turns the records into the table the CLI prints; ``report/charts.py``
+on. :func:`summary_rows` (:mod:`polyquant.report.summary`) turns the records into the table the CLI prints; ``report/charts.py``
 and ``report/html.py`` turn them into charts and the HTML report.
 """
 from __future__ import annotations
 
-import dataclasses
 import gc
 import hashlib
 import json
 import logging
 import os
 import platform
-import re
 import shutil
 import sys
 import time
 import traceback
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
 from torch import nn
 
-from polyquant.methods import MethodConfig
 from polyquant.progress import progress
+from polyquant.report.runs import (Run, build_runs, default_runs, headline, run_name,  # noqa: F401
+                                   uses_calibration)
 from polyquant.report.store import ResultsStore, to_jsonable
+from polyquant.report.summary import (SUMMARY_HEADERS, baseline_record, bits_per_weight, summary_markdown,  # noqa: F401
+                                      summary_rows)
 
 __all__ = ["Run", "HEADLINE", "headline", "build_runs", "default_runs", "run_name", "run_compare", "summary_rows",
            "summary_markdown", "baseline_record", "bits_per_weight", "size_info",
            "SUMMARY_HEADERS", "DEFAULT_OUT", "environment", "CachedReference", "uses_calibration"]
 
 log = logging.getLogger(__name__)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "HEADLINE":  # the registry's presets, read when asked (plug-ins included)
+        return headline()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 DEFAULT_OUT = "polyquant-report"
 # The defaults of ``polyquant compare`` (and of run_compare): chosen so that the default sweep
@@ -64,193 +71,6 @@ DEFAULT_CALIB_SEQLEN = 512
 SLOW_DECODE_TOKENS = 4
 _SPEED_KEYS = ("prefill_tok_s", "prefill_tokens", "prefill_runs", "decode_tok_s", "decode_tokens", "decode_runs",
                "speed_seconds", "threads")
-SUMMARY_HEADERS = ["method", "setting", "ppl", "Δppl %", "KL", "top1", "bits/weight", "weight MB", "decode tok/s",
-                   "vs fp32", "quantize s", "kernel", "status"]
-
-def headline() -> list[tuple[str, str, dict[str, Any]]]:
-    """The default sweep, read from the method registry: ``(run name, method, config fields)`` for
-    each preset of every registered method (``MethodSpec.presets``, methods in ``MethodSpec.order``).
-    Methods without presets run once with their config's defaults (named after the method)."""
-    from polyquant.methods import METHODS
-    specs = sorted(METHODS.values(), key=lambda sp: (sp.order, sp.name))
-    return [(p.name, sp.name, dict(p.fields)) for sp in specs for p in sp.presets]
-
-
-def __getattr__(name: str) -> Any:
-    if name == "HEADLINE":  # the registry's presets, as the table this module once held
-        return headline()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-@dataclass(frozen=True)
-class Run:
-    """One entry of a sweep: ``config=None`` is the unquantized baseline."""
-
-    name: str
-    config: MethodConfig | None = None
-
-    @property
-    def method(self) -> str:
-        return self.config.method if self.config is not None else "fp32"
-
-    @property
-    def setting(self) -> str:
-        return self.config.describe() if self.config is not None else "unquantized"
-
-
-def run_name(config: MethodConfig) -> str:
-    """A file-name-safe run name from a config's label (``rtn w4 g64 sym`` -> ``rtn-w4-g64-sym``),
-    prefixed with the method name when the label does not start with it."""
-    slug = re.sub(r"[^a-z0-9.]+", "-", config.describe().lower()).strip("-")
-    return slug if slug.startswith(config.method) else f"{config.method}-{slug}"
-
-
-def _int_list(field_name: str, values: Iterable[Any] | None, allow_minus_one: bool = False) -> list[int] | None:
-    if values is None:
-        return None
-    out: list[int] = []
-    for v in values:
-        ok = isinstance(v, int) and not isinstance(v, bool) and (v >= 1 or (allow_minus_one and v == -1))
-        if not ok:
-            what = "positive integers or -1 (per channel)" if allow_minus_one else "positive integers"
-            raise ValueError(f"{field_name} must be {what}, got {v!r}")
-        if v not in out:
-            out.append(v)
-    if not out:
-        raise ValueError(f"{field_name} must not be empty")
-    return out
-
-
-def _method_names(methods: Iterable[str] | None) -> list[str]:
-    from polyquant.methods import METHODS
-    if methods is None:
-        return sorted(METHODS, key=_headline_order)
-    names: list[str] = []
-    for m in methods:
-        if not isinstance(m, str) or not m.strip():
-            raise ValueError(f"methods must be method names, got {m!r}")
-        m = m.strip()
-        if m == "fp32":
-            continue  # the baseline is always run
-        if m not in METHODS:
-            raise ValueError(f"methods: unknown method {m!r}; known methods: fp32, {', '.join(sorted(METHODS))}")
-        if m not in names:
-            names.append(m)
-    return names
-
-
-def _headline_order(method: str) -> tuple[int, str]:
-    from polyquant.methods import METHODS
-    spec = METHODS.get(method)
-    has = spec is not None and bool(spec.presets)
-    return (spec.order if has else 10**9, method)
-
-
-def _config_fields(cls: type) -> dict[str, Any]:
-    """Field name -> default of a config dataclass (``MISSING`` when it has none)."""
-    out = {}
-    for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            out[f.name] = f.default_factory()  # type: ignore[misc]
-        else:
-            out[f.name] = dataclasses.MISSING
-    return out
-
-
-def build_runs(methods: Iterable[str] | None = None, bits: Iterable[int] | None = None,
-               group_sizes: Iterable[int] | None = None, *, baseline: bool = True
-               ) -> tuple[list[Run], list[dict[str, str]]]:
-    """The run list of a sweep, from the method registry; returns ``(runs, skipped)``.
-
-    With neither ``bits`` nor ``group_sizes``: every method of ``methods`` (default: every
-    registered method) at its presets (``MethodSpec.presets``; the config's defaults for a
-    method without an entry). With either: a grid per method of ``bits`` (those in the method's
-    registry ``bits``; default: its headline bits) x ``group_sizes`` (for methods whose config has
-    a ``group_size``; default: its headline group sizes), other fields at the config's defaults. A
-    method without a ``bits`` field runs at its fixed width when that width was asked for.
-    Combinations the config refuses (its ``ValueError``) and duplicates of an earlier setting are
-    left out and listed in ``skipped`` (``method``, ``setting``, ``reason``). The unquantized
-    baseline ``fp32`` comes first when ``baseline``.
-    """
-    from polyquant.methods import METHODS
-    names = _method_names(methods)
-    bits_l = _int_list("bits", bits)
-    groups_l = _int_list("group_sizes", group_sizes, allow_minus_one=True)
-    runs: list[Run] = [Run("fp32")] if baseline else []
-    skipped: list[dict[str, str]] = []
-    seen: dict[tuple[str, str], str] = {}
-    used: set[str] = {r.name for r in runs}
-
-    def add(name: str | None, cls: type, values: dict[str, Any], label: str) -> None:
-        try:
-            cfg = cls(**values)
-        except (ValueError, TypeError) as e:
-            skipped.append({"method": cls.method, "setting": label, "reason": str(e)})
-            return
-        keys = [(cfg.method, json.dumps(cfg.to_dict(), sort_keys=True, default=str)), (cfg.method, cfg.describe())]
-        twin = next((seen[k] for k in keys if k in seen), None)
-        if twin is not None:  # e.g. a group size asked of a width that has no groups
-            skipped.append({"method": cfg.method, "setting": label, "reason": f"same setting as run {twin}"})
-            return
-        name = name or run_name(cfg)
-        base, i = name, 2
-        while name in used:
-            name, i = f"{base}-{i}", i + 1
-        used.add(name)
-        seen.update({k: name for k in keys})
-        runs.append(Run(name, cfg))
-
-    for m in names:
-        spec = METHODS[m]
-        cls = spec.config_cls
-        heads = [(p.name, dict(p.fields)) for p in spec.presets] or [(m, {})]
-        if bits_l is None and groups_l is None:
-            for n, f in heads:
-                add(n, cls, dict(f), " ".join(f"{k}={v}" for k, v in f.items()) or "defaults")
-            continue
-        fields = _config_fields(cls)
-        if "bits" in fields:
-            head_bits = list(dict.fromkeys(f.get("bits", fields["bits"]) for _, f in heads))
-            bit_axis: list[Any] = head_bits if bits_l is None else [b for b in bits_l if b in spec.bits]
-            for b in bits_l or []:
-                if b not in spec.bits:
-                    skipped.append({"method": m, "setting": f"bits={b}",
-                                    "reason": f"{m} supports bits {', '.join(map(str, spec.bits))} only"})
-        else:
-            if bits_l is not None and not set(bits_l) & set(spec.bits):
-                skipped.append({"method": m, "setting": "bits=" + ",".join(map(str, bits_l)),
-                                "reason": f"{m} is {', '.join(map(str, spec.bits))}-bit only"})
-                continue
-            bit_axis = [None]
-        if "group_size" in fields:
-            head_groups = list(dict.fromkeys(f.get("group_size", fields["group_size"]) for _, f in heads))
-            group_axis: list[Any] = head_groups if groups_l is None else groups_l
-        else:
-            group_axis = [None]
-        for b in bit_axis:
-            for g in group_axis:
-                values = {k: v for k, v in (("bits", b), ("group_size", g)) if v is not None}
-                add(None, cls, values, " ".join(f"{k}={v}" for k, v in values.items()) or "defaults")
-    return runs, skipped
-
-
-def default_runs() -> list[Run]:
-    """The default sweep: fp32, then every registered method at its headline setting(s)."""
-    return build_runs()[0]
-
-
-def uses_calibration(config: MethodConfig) -> bool:
-    """Whether a run of ``config`` is given the sweep's calibration windows: methods that need
-    data, and methods whose ``after_quantize`` calibrates static activation scales (quanto with
-    ``activations`` other than ``none``)."""
-    from polyquant.methods import get_method
-    spec = get_method(config.method)
-    if spec.needs_calibration:
-        return True
-    return callable(spec.after_quantize) and getattr(config, "activations", "none") not in ("none", None)
-
 
 def environment() -> dict[str, Any]:
     """Versions and the machine a run was measured on."""
@@ -611,81 +431,3 @@ def run_compare(model: str | os.PathLike = "default", out_dir: str | os.PathLike
     return result
 
 
-# -- the summary table ------------------------------------------------------------------------
-
-def _m(rec: dict[str, Any] | None, key: str) -> Any:
-    return ((rec or {}).get("metrics") or {}).get(key)
-
-
-def _fmt(v: Any, spec: str) -> str:
-    if v is None:
-        return "-"
-    try:
-        return format(float(v), spec)
-    except (TypeError, ValueError):
-        return str(v)
-
-
-def baseline_record(result: dict[str, Any]) -> dict[str, Any] | None:
-    """The finished unquantized run of a result, if any."""
-    return next((r for r in result.get("runs", []) if r.get("config") is None and r.get("status") == "ok"), None)
-
-
-def bits_per_weight(rec: dict[str, Any]) -> float | None:
-    """Effective bits per weight of a record's quantized layers (scales and zeros counted)."""
-    v = (rec.get("size") or {}).get("bits_per_weight")
-    return float(v) if isinstance(v, (int, float)) else None
-
-
-def summary_rows(result: dict[str, Any]) -> list[list[str]]:
-    """Rows of the summary table (see ``SUMMARY_HEADERS``) from a ``run_compare`` result."""
-    recs = result.get("runs", [])
-    base = baseline_record(result)
-    rows = []
-    base_ppl, base_dec = _m(base, "ppl"), _m(base, "decode_tok_s")
-    for r in recs:
-        ppl, dec, wb = _m(r, "ppl"), _m(r, "decode_tok_s"), _m(r, "weight_bytes")
-        kernel = _m(r, "kernel") or ",".join(sorted(r.get("kernel") or {})) or "-"
-        qs = (r.get("timings") or {}).get("quantize_s") if r.get("config") is not None else None
-        rows.append([
-            r.get("method", "?"), r.get("setting", ""),
-            _fmt(ppl, ".3f"),
-            _fmt(100 * (ppl / base_ppl - 1) if ppl is not None and base_ppl else None, "+.2f"),
-            _fmt(_m(r, "kl"), ".4f"),
-            _fmt(_m(r, "top1"), ".3f"),
-            _fmt(bits_per_weight(r), ".2f"),
-            _fmt(wb / 1e6 if wb is not None else None, ".1f"),
-            _fmt(dec, ".1f"),
-            _fmt(dec / base_dec if dec is not None and base_dec else None, ".2f"),
-            _fmt(qs, ".1f"),
-            kernel,
-            "ok" if r.get("status") == "ok" else f"FAILED: {r.get('error', '')}"[:80],
-        ])
-    return rows
-
-
-def summary_markdown(result: dict[str, Any]) -> str:
-    """A Markdown summary of a result: settings, the table, failed and skipped runs."""
-    def cell(v: Any) -> str:
-        return str(v).replace("|", "\\|").replace("\n", " ")
-
-    s = result.get("settings", {})
-    cal = s.get("calibration") or {}
-    recs = result.get("runs", [])
-    failed = [r for r in recs if r.get("status") != "ok"]
-    lines = [f"# polyquant compare: {cell(result.get('model', '?'))}", "",
-             f"{len(recs)} runs ({len(failed)} failed); text: {s.get('text')}, {s.get('max_windows')} windows of "
-             f"{s.get('seqlen')} tokens, {s.get('threads')} thread(s); decode {s.get('decode_tokens')} tokens "
-             f"({s.get('slow_decode_tokens')} on kernels that are not fast paths); calibration: "
-             f"{cal.get('samples')} x {cal.get('seqlen')} tokens of {cal.get('text')}. "
-             f"Created {result.get('created', '?')}.", "",
-             "| " + " | ".join(SUMMARY_HEADERS) + " |", "|" + "---|" * len(SUMMARY_HEADERS)]
-    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in summary_rows(result)]
-    if failed:
-        lines += ["", "## Failed runs", ""] + [f"- `{r.get('name')}`: {cell(r.get('error'))}" for r in failed]
-    skipped = result.get("skipped") or []
-    if skipped:
-        lines += ["", "## Left out of the run list", ""]
-        lines += [f"- {cell(x.get('method'))} {cell(x.get('setting'))}: {cell(x.get('reason'))}" for x in skipped]
-    lines += ["", "Charts, matrices and diagrams: `report.html`; every record: `results.json`.", ""]
-    return "\n".join(lines)

@@ -2,8 +2,7 @@
 
 This module owns:
 
-* ``DEVICE_CLASSES``: the device classes of the matrix (CPU, CUDA, ROCm, Apple MPS, Intel XPU),
-  what each needs, and the storage dtypes PyTorch has no support for there;
+* (``DEVICE_CLASSES``, the device classes of the matrix, are :mod:`polyquant.report.devices`)
 * the *representative settings*: one config per (registered method, bit width it supports)
   (:func:`representative_configs`);
 * the *declared* matrix (:func:`declared_matrix`): for each setting and device class, whether
@@ -16,20 +15,20 @@ This module owns:
   ``min_capability`` decide, plus the layout checks ``supports`` makes without the device;
 * the *probed* matrix (:func:`probed_matrix`): what actually ran in a sweep (records of
   ``polyquant compare``'s ``results.json``), with the kernels used or the error;
-* their renderings: Markdown, JSON and an HTML fragment (tables with classes, inline style only).
+* their renderings (Markdown, JSON and an HTML fragment) are :mod:`polyquant.report.matrix_render`.
 """
 from __future__ import annotations
 
 import dataclasses
-import html
 import json
-from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from polyquant.activations import ACT_RULES
+from polyquant.report.devices import DEVICE_CLASSES, DeviceClass, _present, device_class  # noqa: F401
+from polyquant.report.matrix_render import matrix_html, matrix_json, matrix_markdown  # noqa: F401
 
 __all__ = ["DeviceClass", "DEVICE_CLASSES", "device_class", "representative_configs", "sample_layer",
            "device_cell", "declared_row", "declared_matrix", "record_kernels", "probed_matrix", "matrix_markdown",
@@ -39,73 +38,6 @@ __all__ = ["DeviceClass", "DEVICE_CLASSES", "device_class", "representative_conf
 #: group sizes, so the layout checks kernels make on real models apply to it too).
 SAMPLE_SHAPE = (256, 512)
 _CALIB_ROWS = 256
-
-_FLOAT8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
-                if hasattr(torch, n))
-
-
-@dataclass(frozen=True)
-class DeviceClass:
-    """One column group of the matrix.
-
-    Attributes:
-        key: ``cpu``, ``cuda``, ``rocm``, ``mps``, ``xpu`` (JSON keys, ``--device`` values).
-        label: column title.
-        torch_type: the device type kernels are asked about (``Kernel.devices`` entries; ROCm
-            kernels declare ``hip``).
-        needs: what the machine and PyTorch build need.
-        unsupported_dtypes: storage dtypes PyTorch cannot hold on this device class.
-        dtype_note: why (shown as the reason).
-    """
-
-    key: str
-    label: str
-    torch_type: str
-    needs: str
-    unsupported_dtypes: tuple[torch.dtype, ...] = ()
-    dtype_note: str = ""
-
-
-DEVICE_CLASSES: tuple[DeviceClass, ...] = (
-    DeviceClass("cpu", "CPU", "cpu", "any PyTorch build (x86-64 or arm64)"),
-    DeviceClass("cuda", "CUDA", "cuda", "an NVIDIA GPU, its driver, and a CUDA build of PyTorch; the Triton "
-                "kernels also need the triton package"),
-    DeviceClass("rocm", "ROCm", "hip", "an AMD GPU with a ROCm build of PyTorch (it names the device 'cuda'; "
-                "kernels declared for 'hip' only)"),
-    DeviceClass("mps", "Apple MPS", "mps", "Apple silicon, macOS 13+, a PyTorch build with MPS",
-                _FLOAT8 + (torch.float64,), "MPS has no float8 (or float64) tensors"),
-    DeviceClass("xpu", "Intel XPU", "xpu", "an Intel GPU with PyTorch's XPU build and Intel's GPU driver"),
-)
-
-_BY_KEY = {d.key: d for d in DEVICE_CLASSES}
-_ALIASES = {"gpu": "cuda", "hip": "rocm", "apple": "mps", "metal": "mps", "intel": "xpu"}
-
-
-def device_class(name: str) -> DeviceClass:
-    """The device class of ``name`` (``cpu``, ``cuda``, ``cuda:0``, ``rocm``, ``hip``, ``mps``, ``xpu``)."""
-    if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"device must be one of {sorted(_BY_KEY)}, got {name!r}")
-    key = name.strip().lower().split(":", 1)[0]
-    key = _ALIASES.get(key, key)
-    if key not in _BY_KEY:
-        raise ValueError(f"device must be one of {sorted(_BY_KEY)}, got {name!r}")
-    return _BY_KEY[key]
-
-
-def _present(dc: DeviceClass) -> bool:
-    """Whether this machine has such a device (then ``supports`` checks the real one)."""
-    if dc.key == "cpu":
-        return True
-    if dc.key == "cuda":
-        return torch.cuda.is_available() and getattr(torch.version, "hip", None) is None
-    if dc.key == "rocm":
-        return torch.cuda.is_available() and getattr(torch.version, "hip", None) is not None
-    if dc.key == "mps":
-        return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
-    if dc.key == "xpu":
-        return hasattr(torch, "xpu") and torch.xpu.is_available()
-    return False
-
 
 # -- representative settings ------------------------------------------------------------------
 
@@ -385,167 +317,3 @@ def probed_matrix(records: Any) -> list[dict[str, Any]]:
                                        f"{SAMPLE_SHAPE[0]}x{SAMPLE_SHAPE[1]} sample (this model's layer shapes differ)")
         rows.append(row)
     return rows
-
-
-# -- renderings -------------------------------------------------------------------------------
-
-_YES, _NO = "✓", "✗"
-
-
-def _is_declared(rows: Sequence[dict[str, Any]]) -> bool:
-    return bool(rows) and "devices" in rows[0]
-
-
-def _fast_text(cell: dict[str, Any]) -> str:
-    names = []
-    for k in cell["fast"]:
-        cap = cell["min_capability"].get(k)
-        names.append(f"{k} (cc ≥ {cap})" if cap else k)
-    if names:
-        return ", ".join(names)
-    if cell["slow"]:
-        return "— (slow: " + ", ".join(cell["slow"]) + ")"
-    return "—"
-
-
-def _cell_text(cell: dict[str, Any] | None) -> str:
-    if cell is None:
-        return "?"
-    return (f"{_YES if cell['quantize'] else _NO} / {_YES if cell['reference'] else _NO} / {_fast_text(cell)}")
-
-
-def _md(v: Any) -> str:
-    return str(v).replace("|", "\\|").replace("\n", " ")
-
-
-def _declared_markdown(rows: Sequence[dict[str, Any]]) -> str:
-    head = ["method", "bits", "setting"] + [d.label for d in DEVICE_CLASSES]
-    lines = ["Each cell: quantize / run with the reference kernel / fast kernels (— none; cc: minimum "
-             "CUDA compute capability).", "",
-             "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for r in rows:
-        if r.get("error") and not r.get("devices"):
-            cells = [f"error: {r['error']}"] + [""] * (len(DEVICE_CLASSES) - 1)
-        else:
-            cells = [_cell_text(r["devices"].get(d.key)) for d in DEVICE_CLASSES]
-        lines.append("| " + " | ".join(_md(c) for c in [f"`{r['method']}`", r["bits"], r["setting"], *cells]) + " |")
-    lines += ["", "Needs: " + "; ".join(f"{d.label}: {d.needs}" for d in DEVICE_CLASSES) + "."]
-    return "\n".join(lines)
-
-
-def _kernels_text(kernels: dict[str, int]) -> str:
-    return ", ".join(f"{k}×{n}" for k, n in sorted(kernels.items(), key=lambda kv: (-kv[1], kv[0]))) or "—"
-
-
-def _probed_markdown(rows: Sequence[dict[str, Any]]) -> str:
-    head = ["run", "method", "setting", "device", "status", "kernels (layers)", "declared", "note"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for r in rows:
-        status = "ok" if r["status"] == "ok" else f"{r['status']}: {r.get('error') or ''}"
-        lines.append("| " + " | ".join(_md(c) for c in [
-            r.get("name") or "", f"`{r['method']}`", r["setting"], r["device"], status,
-            _kernels_text(r["kernels"]), r.get("declared_kernel") or "—", r.get("note") or ""]) + " |")
-    return "\n".join(lines)
-
-
-def matrix_markdown(rows: Sequence[dict[str, Any]]) -> str:
-    """A Markdown table of declared rows (:func:`declared_matrix`) or probed rows
-    (:func:`probed_matrix`), told apart by their keys."""
-    rows = list(rows)
-    if not rows:
-        return "(no rows)"
-    return _declared_markdown(rows) if _is_declared(rows) else _probed_markdown(rows)
-
-
-def matrix_json(rows: Sequence[dict[str, Any]]) -> str:
-    """The rows as indented JSON (non-finite floats become null)."""
-    from polyquant.report.store import to_jsonable
-    return json.dumps(to_jsonable(list(rows)), indent=2, allow_nan=False, ensure_ascii=False)
-
-
-_CSS = """
-.pq-matrix{font:13px/1.35 system-ui,-apple-system,"Segoe UI",sans-serif;margin:1em 0}
-.pq-matrix table{border-collapse:collapse;margin:.5em 0}
-.pq-matrix th,.pq-matrix td{border:1px solid #ccd;padding:3px 6px;vertical-align:top;text-align:left}
-.pq-matrix th{background:#eef0f6}
-.pq-matrix td.pq-fast{background:#e3f4e1}
-.pq-matrix td.pq-ref{background:#fdf6dc}
-.pq-matrix td.pq-no{background:#f9e0e0}
-.pq-matrix td.pq-failed{background:#f9e0e0}
-.pq-matrix td.pq-ok{background:#e3f4e1}
-.pq-matrix .pq-k{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px}
-.pq-matrix .pq-legend{color:#555;font-size:12px}
-""".strip()
-
-
-def _e(v: Any) -> str:
-    return html.escape("" if v is None else str(v), quote=True)
-
-
-def _cell_html(cell: dict[str, Any] | None) -> str:
-    if cell is None:
-        return '<td class="pq-no">?</td>'
-    cls = "pq-fast" if cell["fast"] else "pq-ref" if cell["reference"] else "pq-no"
-    declined = "; ".join(f"{k}: {v}" for k, v in cell["declined"].items())
-    title = f"quantize: {cell['quantize_note'] or ('yes' if cell['quantize'] else 'no')}" + \
-            (f" | reference: {cell['reference_reason']}" if cell["reference_reason"] else "") + \
-            (f" | declined: {declined}" if declined else "")
-    parts = [f'<span class="pq-q">Q {_YES if cell["quantize"] else _NO}</span>',
-             f'<span class="pq-r">R {_YES if cell["reference"] else _NO}</span>',
-             f'<span class="pq-k">{_e(_fast_text(cell))}</span>']
-    return f'<td class="{cls}" title="{_e(title)}">' + "<br>".join(parts) + "</td>"
-
-
-def _declared_html(rows: Sequence[dict[str, Any]]) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in ["method", "family", "bits", "setting"]) + "".join(
-        f'<th title="{_e(d.needs)}">{_e(d.label)}</th>' for d in DEVICE_CLASSES)
-    body = []
-    for r in rows:
-        lead = (f'<td class="pq-k">{_e(r["method"])}</td><td>{_e(r["family"])}</td><td>{_e(r["bits"])}</td>'
-                f'<td>{_e(r["setting"])}</td>')
-        if r.get("error") and not r.get("devices"):
-            cells = f'<td class="pq-no" colspan="{len(DEVICE_CLASSES)}">{_e(r["error"])}</td>'
-        else:
-            cells = "".join(_cell_html(r["devices"].get(d.key)) for d in DEVICE_CLASSES)
-        body.append(f'<tr data-method="{_e(r["method"])}">{lead}{cells}</tr>')
-    needs = "".join(f"<li><b>{_e(d.label)}</b>: {_e(d.needs)}</li>" for d in DEVICE_CLASSES)
-    return (f'<table class="pq-matrix-declared"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
-            f'<p class="pq-legend">Q: polyquant can quantize there; R: the reference kernel runs it; then the fast '
-            f'kernels (cc: minimum CUDA compute capability; — none). Hover a cell for the reasons kernels '
-            f'declined.</p><ul class="pq-legend">{needs}</ul>')
-
-
-def _probed_html(rows: Sequence[dict[str, Any]]) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in
-                   ["run", "method", "setting", "device", "status", "kernels (layers)", "declared", "note"])
-    body = []
-    for r in rows:
-        ok = r["status"] == "ok"
-        status = "ok" if ok else f"{r['status']}: {r.get('error') or ''}"
-        body.append(
-            f'<tr data-method="{_e(r["method"])}"><td>{_e(r.get("name"))}</td><td class="pq-k">{_e(r["method"])}</td>'
-            f'<td>{_e(r["setting"])}</td><td>{_e(r["device"])}</td>'
-            f'<td class="{"pq-ok" if ok else "pq-failed"}">{_e(status)}</td>'
-            f'<td class="pq-k {"pq-fast" if r.get("fast") else "pq-ref" if ok else ""}">'
-            f'{_e(_kernels_text(r["kernels"]))}</td>'
-            f'<td class="pq-k">{_e(r.get("declared_kernel") or "—")}</td><td>{_e(r.get("note"))}</td></tr>')
-    if not body:
-        body.append(f'<tr><td colspan="8">no quantized runs in these results</td></tr>')
-    return f'<table class="pq-matrix-probed"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
-
-
-def matrix_html(declared: Sequence[dict[str, Any]], probed: Sequence[dict[str, Any]] | None = None) -> str:
-    """An HTML fragment (a ``<section class="pq-matrix">`` with an inline ``<style>``; no external
-    CSS or JS): the declared table and, when given, the probed one."""
-    declared = list(declared)
-    if declared and not _is_declared(declared):
-        raise ValueError("declared must be rows of declared_matrix()")
-    parts = [f"<section class=\"pq-matrix\"><style>{_CSS}</style>",
-             "<h3>Declared: what each method and setting can do on each device</h3>", _declared_html(declared)]
-    if probed is not None:
-        probed = list(probed)
-        if probed and _is_declared(probed):
-            raise ValueError("probed must be rows of probed_matrix()")
-        parts += ["<h3>Probed: what ran in this sweep</h3>", _probed_html(probed)]
-    parts.append("</section>")
-    return "".join(parts)
