@@ -4,7 +4,7 @@ round trips and stored bytes, the refusals."""
 import pytest
 import torch
 
-from polyquant.kernels import select_kernel
+from polyquant.kernels import get_kernel, select_kernel
 from polyquant.nn.quant_linear import QuantLinear
 from polyquant.qtypes import vector_qtype
 from polyquant.tensor.quantized_weight import QuantizedWeight
@@ -156,9 +156,11 @@ def test_kernels_refuse_layouts_they_do_not_run_and_the_layer_round_trips():
     assert torch.equal(back.dequantize(), qw.dequantize()) and back.outliers.nnz == so.nnz
     x = torch.randn(3, 32)
     assert torch.allclose(layer(x), x @ qw.dequantize().T, atol=1e-5)
-    # an integer layout with outliers: every dense kernel declines, the reference adds them
+    # an integer layout with outliers: only kernels that add sparse outliers themselves may run it
     icodes = torch.randint(0, 16, (16, 32), dtype=torch.uint8)
     iq = QuantizedWeight.from_codes(icodes, "int4", (1, 16), torch.rand(16, 2) + 0.1)
     iq.outliers = so
     k, skipped = select_kernel(iq, "cpu")
-    assert k.name == "reference" and any("sparse outliers" in r for r in skipped.values())
+    assert k.sparse_outliers
+    assert all(not get_kernel(n).sparse_outliers for n, r in skipped.items() if "sparse outliers" in r)
+    assert torch.allclose(QuantLinear(iq)(x), x @ iq.dequantize().T, atol=1e-4)
