@@ -1,10 +1,20 @@
-"""GPTQ on the default model (SmolLM2-135M): quantization wall time, peak RSS, perplexity.
+"""GPTQ on the default model (SmolLM2-135M): quantization wall time, peak RSS, perplexity in and
+out of the calibration domain.
 
     python benchmarks/bench_gptq_default.py --method gptq --bits 4 --group-size 64 --n-samples 128
     python benchmarks/bench_gptq_default.py --method rtn --bits 4 --group-size 64
+    python benchmarks/bench_gptq_default.py --method gptq --calib pydoc --texts pydoc,enwiki --windows 40
+    python benchmarks/bench_gptq_default.py --method awq --calib mix --texts pydoc,enwiki
 
-Perplexity: the first 40 windows of 512 of the default text (polyquant.evaluate). One
-configuration per process, so peak RSS belongs to it. Writes one JSON line to --out (appends).
+Perplexity (polyquant.evaluate): the first ``--windows`` windows of 512 of each text in
+``--texts``: ``pydoc`` is the default text's evaluation slice (its first 90%), ``enwiki`` the
+enwiki excerpt's (polyquant.data.enwiki_text; set $POLYQUANT_ENWIKI to the gensim 4.4.0 wheel when
+gensim is not installed). Calibration (``--calib``): ``pydoc`` (the pydoc text's calibration slice
+only), ``enwiki`` (the excerpt's), or ``mix`` (polyquant's default: half of each); calibration slices
+are the last 10% of each text, so no evaluated token is ever calibrated on. ``ppl`` is the first
+text's perplexity; ``ppl_by_text`` has all. The GPTQModel peer row: ``peer_gptqmodel.py`` (same
+windows, same evaluation). One configuration per process, so peak RSS belongs to it. Writes one
+JSON line to --out (appends).
 """
 from __future__ import annotations
 
@@ -31,7 +41,10 @@ def _cpu() -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--method", default="gptq", choices=["gptq", "rtn", "fp32"])
+    ap.add_argument("--method", default="gptq", choices=["gptq", "awq", "rtn", "fp32"])
+    ap.add_argument("--calib", choices=("pydoc", "enwiki", "mix"), default="pydoc",
+                    help="calibration windows: pydoc only (the former default), enwiki only, or the default mix")
+    ap.add_argument("--texts", default="pydoc", help="comma-separated built-in texts to evaluate on (pydoc,enwiki)")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--asym", action="store_true")
@@ -49,7 +62,7 @@ def main() -> None:
     ap.add_argument("--no-gar", action="store_true", help="reference column order")
     ap.add_argument("--calib-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                     help="calibration forwards: auto (bf16 on CUDA, float32 on CPU), float32, bfloat16")
-    ap.add_argument("--damp", type=float, default=0.01)
+    ap.add_argument("--damp", type=float, default=None, help="GPTQ damp_percent (default: the config's)")
     ap.add_argument("--kernels", default="auto", help="comma-separated kernels to evaluate with")
     ap.add_argument("--save", default=None, help="save the quantized model here (gptq format)")
     ap.add_argument("--out", default=None)
@@ -66,10 +79,20 @@ def main() -> None:
     elif a.method == "rtn":
         q = polyquant.quantize(model, RTNConfig(bits=a.bits, group_size=a.group_size, sym=not a.asym), inplace=True)
     else:
-        cfg = GPTQConfig(bits=a.bits, group_size=a.group_size, sym=not a.asym, act_order=a.act_order, mse=a.mse,
-                         true_sequential=not a.no_true_sequential, static_groups=a.static_groups,
-                         damp_percent=a.damp, act_group_aware=True if a.gar else (False if a.no_gar else None))
-        calib = calibration_data(tok, n_samples=a.n_samples, seqlen=a.seqlen, seed=a.seed)
+        if a.method == "awq":
+            from polyquant.methods.awq import AWQConfig
+            cfg = AWQConfig(bits=a.bits, group_size=a.group_size)  # AWQ's default: zero points (asym)
+        else:
+            extra = {} if a.damp is None else {"damp_percent": a.damp}
+            cfg = GPTQConfig(bits=a.bits, group_size=a.group_size, sym=not a.asym, act_order=a.act_order, mse=a.mse,
+                             true_sequential=not a.no_true_sequential, static_groups=a.static_groups,
+                             act_group_aware=True if a.gar else (False if a.no_gar else None), **extra)
+        if a.calib == "mix":
+            calib = calibration_data(tok, n_samples=a.n_samples, seqlen=a.seqlen, seed=a.seed)
+        elif a.calib == "enwiki":
+            calib = calibration_data(tok, n_samples=a.n_samples, seqlen=a.seqlen, seed=a.seed, mix=("enwiki",))
+        else:
+            calib = calibration_data(tok, n_samples=a.n_samples, seqlen=a.seqlen, seed=a.seed, mix=("pydoc",))
         ac = {"auto": "auto", "float32": None, "bfloat16": torch.bfloat16}[a.calib_dtype]
         run = Calibration(calib, resume_dir=a.resume_dir, autocast=ac)
         q = polyquant.quantize(model, cfg, calibration=run, inplace=True)
@@ -78,19 +101,30 @@ def main() -> None:
     if a.save:
         polyquant.save(q, a.save, tokenizer=tok, overwrite=True)
     for kernel in a.kernels.split(","):
-        if a.method != "fp32":
+        if a.method not in ("fp32",):
             polyquant.set_kernels(q, kernel)
-        ev = polyquant.evaluate(q, tok, seqlen=512, max_windows=a.windows, measure_speed=a.speed, show_progress=False)
-        row = {"method": a.method, "bits": a.bits, "group_size": a.group_size, "sym": not a.asym,
+        from polyquant import data
+        ppl = {}
+        for k, name in enumerate(a.texts.split(",")):
+            text = None if name == "pydoc" else data.builtin_text(name)
+            ev = polyquant.evaluate(q, tok, text=text, holdout=True, seqlen=512, max_windows=a.windows,
+                                    measure_speed=a.speed and k == 0, show_progress=False)
+            ppl[name] = ev.get("ppl")
+            if k == 0:
+                ev0 = ev
+        ev = ev0
+        row = {"method": a.method, "config": cfg.describe() if cfg is not None else a.method, "calib": a.calib,
+               "windows": a.windows, "ppl_by_text": ppl, "bits": a.bits, "group_size": a.group_size, "sym": not a.asym,
                "act_order": a.act_order, "gar": bool(cfg is not None and cfg.group_aware), "calib_dtype": a.calib_dtype,
                "calib_autocast": (q.polyquant.extra.get("calibration") or {}).get("autocast") if cfg is not None else None,
-               "static_groups": a.static_groups, "mse": a.mse, "damp": a.damp,
+               "static_groups": a.static_groups, "mse": a.mse,
+               "damp": getattr(cfg, "damp_percent", None),
                "true_sequential": not a.no_true_sequential, "n_samples": a.n_samples, "seqlen": a.seqlen, "seed": a.seed,
                "threads": a.threads, "quant_seconds": round(quant_s, 1),
                "quant_cpu_seconds": round(quant_cpu, 1),
                "peak_rss_loaded_mb": round(rss_loaded / 2**20),
                "peak_rss_during_quant_mb": round(rss / 2**20),
-               "ppl": ev.get("ppl"), "kernels": ev.get("kernels", kernel),
+               "ppl": ppl[a.texts.split(",")[0]], "kernels": ev.get("kernels", kernel),
                "decode_tok_s": ev.get("decode_tok_s"), "prefill_tok_s": ev.get("prefill_tok_s"),
                "load_avg_1min": round(os.getloadavg()[0], 1)}
         print(json.dumps(row))

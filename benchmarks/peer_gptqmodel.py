@@ -31,6 +31,9 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--calib", choices=("pydoc", "mix"), default="pydoc",
+                    help="calibration windows: the pydoc text's calibration slice, or polyquant's default mix")
+    ap.add_argument("--texts", default="pydoc", help="comma-separated built-in texts to evaluate on (pydoc,enwiki)")
     ap.add_argument("--out")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -41,7 +44,8 @@ def main() -> None:
     from polyquant.models import _gguf_key, cache_dir, default_model_path
     _, tok = polyquant.load_model("default")  # makes sure the fp32 folder is in the cache
     src = str(cache_dir() / "gguf" / _gguf_key(default_model_path()))
-    windows = polyquant.calibration_data(tok, n_samples=a.n_samples, seqlen=a.seqlen, seed=0)
+    mix = ("pydoc",) if a.calib == "pydoc" else None
+    windows = polyquant.calibration_data(tok, n_samples=a.n_samples, seqlen=a.seqlen, seed=0, mix=mix)
     calib = [{"input_ids": w.reshape(-1).tolist(), "attention_mask": [1] * w.numel()} for w in windows]
     qc = QuantizeConfig(bits=a.bits, group_size=a.group_size, sym=True, desc_act=a.desc_act)
     r0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -54,12 +58,19 @@ def main() -> None:
         model.save(d)
         del model
         q, _ = polyquant.load(d)
-        ev = polyquant.evaluate(q, tok, seqlen=512, max_windows=a.windows, measure_speed=False, show_progress=False)
+        from polyquant import data
+        ppl = {}
+        for name in a.texts.split(","):
+            text = None if name == "pydoc" else data.builtin_text(name)
+            ev = polyquant.evaluate(q, tok, text=text, holdout=True, seqlen=512, max_windows=a.windows,
+                                    measure_speed=False, show_progress=False)
+            ppl[name] = ev["ppl"]
     row = {"peer": f"gptqmodel {gptqmodel.__version__}", "bits": a.bits, "group_size": a.group_size, "sym": True,
            "desc_act": a.desc_act, "act_group_aware": getattr(qc, "act_group_aware", None), "n_samples": a.n_samples,
            "seqlen": a.seqlen, "threads": a.threads, "quant_seconds": round(quant_s, 1),
            "quant_cpu_seconds": round(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime, 1),
-           "peak_rss_mb": round(r1.ru_maxrss / 1024), "ppl": ev["ppl"], "kernels": ev.get("kernels"),
+           "peak_rss_mb": round(r1.ru_maxrss / 1024), "calib": a.calib, "windows": a.windows,
+           "ppl": ppl.get("pydoc"), "ppl_by_text": ppl, "kernels": ev.get("kernels"),
            "load_avg_1min": round(os.getloadavg()[0], 1)}
     print(json.dumps(row))
     if a.out:

@@ -33,7 +33,7 @@ def test_windows_come_from_the_calibration_slice_never_the_eval_slice(tok, posit
     split = data.split_index(n)
     eval_ids = data.eval_tokens(tok)
     assert int(eval_ids.max()) == split - 1  # evaluation: positions [0, split)
-    wins = calibration_data(tok, n_samples=64, seqlen=100, seed=3)
+    wins = calibration_data(tok, n_samples=64, seqlen=100, seed=3, mix=("pydoc",))
     assert len(wins) == 64
     for w in wins:
         assert w.shape == (1, 100) and w.dtype == torch.long
@@ -44,9 +44,9 @@ def test_windows_come_from_the_calibration_slice_never_the_eval_slice(tok, posit
 
 
 def test_windows_are_deterministic_per_seed(tok, positional_default_text):
-    a = calibration_data(tok, n_samples=16, seqlen=50, seed=0)
-    b = calibration_data(tok, n_samples=16, seqlen=50, seed=0)
-    c = calibration_data(tok, n_samples=16, seqlen=50, seed=1)
+    a = calibration_data(tok, n_samples=16, seqlen=50, seed=0, mix=("pydoc",))
+    b = calibration_data(tok, n_samples=16, seqlen=50, seed=0, mix=("pydoc",))
+    c = calibration_data(tok, n_samples=16, seqlen=50, seed=1, mix=("pydoc",))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
 

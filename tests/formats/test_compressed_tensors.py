@@ -182,7 +182,7 @@ def _swap_all(model, make):
     return model
 
 
-def test_act_order_g_idx_round_trip(llama, tmp_path):
+def test_act_order_g_idx_round_trip(llama, tmp_path, monkeypatch):
     q = _quant(llama, bits=4, group_size=32, sym=True)
     gen = torch.Generator().manual_seed(3)
 
@@ -193,6 +193,9 @@ def test_act_order_g_idx_round_trip(llama, tmp_path):
         return QuantLinear(qw2, kernel="reference", method="rtn")
     q = _swap_all(q, with_gidx)
     y = q(X).logits
+    with pytest.raises(ValueError, match="POLYQUANT_CT_ACTORDER_GROUP=1"):  # refused unless asked for
+        save(q, tmp_path / "refused")
+    monkeypatch.setenv("POLYQUANT_CT_ACTORDER_GROUP", "1")
     with pytest.warns(UserWarning, match="actorder='group'"):
         path = save(q, tmp_path / "ao")
     qc = json.loads((path / "config.json").read_text())["quantization_config"]

@@ -93,7 +93,10 @@ def test_matches_a_naive_implementation(sym, gs):
         q = gptq_quantize(W, GPTQConfig(bits=3, group_size=gs, sym=sym, block_size=bs, scale_dtype="float32",
                                         act_group_aware=False), stats).dequantize()
         mismatch = (q - naive).abs() > 1e-4 * naive.abs().amax()
-        assert mismatch.float().mean() < 0.002, float(mismatch.float().mean())  # float64 vs float32 ties
+        # float64 vs float32: a rounding tie decided the other way changes the rest of its row (the
+        # error feedback), never other rows; a wrong implementation differs in every row
+        assert int(mismatch.any(1).sum()) <= 1, int(mismatch.any(1).sum())
+        assert abs(_out_err(W, q, X) / _out_err(W, naive, X) - 1) < 0.01
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -303,3 +306,81 @@ def test_default_model_w4_g64_closes_half_of_rtns_perplexity_gap():
     fp32 = 14.01
     assert 19.5 < ppl["rtn"] < 21
     assert (ppl["rtn"] - ppl["gptq"]) / (ppl["rtn"] - fp32) > 0.5, ppl
+
+
+def test_static_groups_act_order_saves_as_compressed_tensors_actorder_weight(tmp_path):
+    """GPTQ's static-groups act-order (columns in activation order, groups fixed in column order)
+    has no g_idx: compressed-tensors records it as actorder 'weight', which its own argument
+    parser accepts; the g_idx variant is refused there unless asked for."""
+    import json
+
+    import polyquant
+    from helpers import tiny_llama
+    from polyquant.nn import QuantLinear
+    model = tiny_llama(layers=1)
+    calib = [torch.randint(0, 250, (1, 24), generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    q = polyquant.quantize(model, GPTQConfig(bits=4, group_size=16, act_order=True, static_groups=True),
+                           calibration=calib, show_progress=False)
+    layers = {n: m for n, m in q.named_modules() if isinstance(m, QuantLinear)}
+    assert layers and all(m.quantized_weight.g_idx is None for m in layers.values())
+    polyquant.save(q, tmp_path / "ct", format="compressed-tensors")
+    qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    weights = [g["weights"] for g in qc["config_groups"].values()]
+    assert weights and all(w["actorder"] == "weight" for w in weights)
+    try:
+        from compressed_tensors.quantization import QuantizationArgs
+    except ImportError:  # pragma: no cover - compressed-tensors is in the test extra
+        QuantizationArgs = None
+    if QuantizationArgs is not None:
+        assert all(QuantizationArgs(**w).actorder == "weight" for w in weights)
+    q2, _ = polyquant.load(tmp_path / "ct")
+    for n, m in layers.items():
+        assert torch.equal(m.quantized_weight.dequantize(), q2.get_submodule(n).quantized_weight.dequantize()), n
+    gidx = polyquant.quantize(model, GPTQConfig(bits=4, group_size=16, act_order=True), calibration=calib,
+                              show_progress=False)
+    with pytest.raises(ValueError, match="POLYQUANT_CT_ACTORDER_GROUP"):
+        polyquant.save(gidx, tmp_path / "gidx", format="compressed-tensors")
+    polyquant.save(gidx, tmp_path / "gptq", format="gptq")  # the gptq format holds g_idx
+
+
+def test_act_order_planned_for_compressed_tensors_uses_static_groups():
+    from helpers import tiny_llama
+    from polyquant.formats.preflight import PlanError, plan_config
+    model = tiny_llama(layers=1)
+    cfg, notes = plan_config(model, GPTQConfig(bits=4, group_size=16, act_order=True), explicit={"act_order"},
+                             format="compressed-tensors")
+    assert cfg.static_groups and cfg.act_order and any("actorder 'weight'" in n for n in notes)
+    same, notes = plan_config(model, GPTQConfig(bits=4, group_size=16, act_order=True), explicit={"act_order"},
+                              format="gptq")
+    assert not same.static_groups and not notes  # the gptq format keeps g_idx act-order
+    with pytest.raises(PlanError, match="POLYQUANT_CT_ACTORDER_GROUP"):  # g_idx asked for explicitly
+        plan_config(model, GPTQConfig(bits=4, group_size=16, act_order=True, static_groups=False),
+                    explicit={"act_order", "static_groups", "group_size"}, format="compressed-tensors")
+
+
+def test_same_codes_whatever_the_thread_count():
+    """The solve (Cholesky, inverse, column loop) runs on one thread, so a given Hessian gives the
+    same codes at any torch thread count; a whole tiny model quantized at 1 and 2 threads gives the
+    same checkpoint tensors (its forwards are too small to be split across threads)."""
+    import polyquant
+    from helpers import tiny_llama
+    from polyquant.nn import QuantLinear
+    W, X, stats = _problem(out=64, inp=384, n=2048)
+    codes = {}
+    for t in (1, 2):
+        torch.set_num_threads(t)
+        codes[t] = gptq_quantize(W, GPTQConfig(bits=4, group_size=32), stats).codes
+    torch.set_num_threads(1)
+    assert torch.equal(codes[1], codes[2])
+    calib = [torch.randint(0, 250, (1, 32), generator=torch.Generator().manual_seed(k)) for k in range(4)]
+    out = {}
+    for t in (1, 2):
+        torch.set_num_threads(t)
+        q = polyquant.quantize(tiny_llama(layers=2), GPTQConfig(bits=4, group_size=16), calibration=calib,
+                               show_progress=False)
+        out[t] = {n: (m.quantized_weight.codes, m.quantized_weight.scale) for n, m in q.named_modules()
+                  if isinstance(m, QuantLinear)}
+    torch.set_num_threads(1)
+    assert out[1].keys() == out[2].keys() and len(out[1]) == 14
+    for n in out[1]:
+        assert torch.equal(out[1][n][0], out[2][n][0]) and torch.equal(out[1][n][1], out[2][n][1]), n

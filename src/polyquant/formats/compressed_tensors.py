@@ -39,8 +39,11 @@ Library facts this module follows (0.20):
   column shape must be divisible by the given group_size"). Foreign checkpoints with a short last
   group (``ceil(in/g)`` scale columns) still load here.
 - ``actorder: "group"`` with ``weight_g_idx`` was removed from compressed-tensors (0.20 rejects the
-  config); vLLM and older releases read it. Non-trivial act-order layers are still written that way
-  (with a warning); a ``g_idx`` equal to ``k // group_size`` is dropped (plain groups).
+  config); vLLM and older releases read it. A layer with a non-trivial ``g_idx`` is therefore refused
+  unless ``$POLYQUANT_CT_ACTORDER_GROUP=1`` asks for that config (then written with a warning); a
+  ``g_idx`` equal to ``k // group_size`` is dropped (plain groups). GPTQ's static-groups act-order
+  (``act_order`` + ``static_groups``: columns processed in activation order, groups in column
+  order, no ``g_idx``) is written as ``actorder: "weight"``, which every reader takes.
 - Odd bit widths (3/5/6/7) use the dense layout (values straddle words). Checkpoints from older
   releases that padded each word (``32 // bits`` values per word) are recognised by shape and read.
 - transformers 5.24 with compressed-tensors 0.20 fails to load *asymmetric* pack-quantized
@@ -60,6 +63,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -72,7 +76,16 @@ from polyquant.formats.base import CheckpointError, Format, register_format
 from polyquant.tensor.packing import pack, packed_length, unpack
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
-__all__ = ["CompressedTensorsFormat", "CTActivationQuant", "CT_VERSION", "ct_zero_point"]
+__all__ = ["CompressedTensorsFormat", "CTActivationQuant", "CT_VERSION", "ct_zero_point", "ACTORDER_GROUP_ENV"]
+
+#: Set to 1 to write g_idx act-order layers as ``actorder: "group"`` (vLLM / compressed-tensors < 0.20 only).
+ACTORDER_GROUP_ENV = "POLYQUANT_CT_ACTORDER_GROUP"
+
+
+def _static_actorder(model: nn.Module) -> bool:
+    """The model was quantized with GPTQ's static-groups act-order (``actorder: "weight"``)."""
+    cfg = getattr(getattr(model, "polyquant", None), "config", None) or {}
+    return bool(cfg.get("act_order")) and bool(cfg.get("static_groups"))
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +294,12 @@ def _plan(qw: QuantizedWeight, module: nn.Module
         strategy, gs, block = "block", None, (r, c)
     if keep_g and strategy != "group":
         raise _Refuse("act-order (g_idx) needs group quantization")
+    if keep_g and os.environ.get(ACTORDER_GROUP_ENV) != "1":
+        raise _Refuse("act-order with g_idx is compressed-tensors' removed actorder='group' (vLLM and "
+                      "compressed-tensors < 0.20 read it; compressed-tensors >= 0.20 and transformers refuse it): "
+                      "quantize GPTQ with static groups (--act-order with --format compressed-tensors does: "
+                      "actorder='weight'), save as the gptq format, or set "
+                      f"{ACTORDER_GROUP_ENV}=1 to write actorder='group' for those readers")
     inputs = None
     if getattr(module, "act_quant", None) is not None:
         ct = getattr(module.act_quant, "ct_args", None)
@@ -496,11 +515,15 @@ class CompressedTensorsFormat(Format):
         groups: dict[str, dict[str, Any]] = {}
         members: dict[str, list[str]] = {}
         act_order = []
+        static = _static_actorder(model)
         for name, m in layers.items():
             args, inputs, fmt, keep_g, _ = _plan(m.quantized_weight, m)
             if keep_g:
                 act_order.append(name)
-            scheme = {"weights": _args_dict(args), "input_activations": inputs, "output_activations": None,
+            weights = _args_dict(args)
+            if not keep_g and weights["strategy"] in ("group", "channel") and static:
+                weights["actorder"] = "weight"  # static-groups act-order: same tensors, recorded
+            scheme = {"weights": weights, "input_activations": inputs, "output_activations": None,
                       "format": fmt}
             key = json.dumps(scheme, sort_keys=True)
             groups.setdefault(key, scheme)

@@ -460,3 +460,34 @@ class PolyquantSpQRFormat(Format):
 
 register_format(SpQRFormat)
 register_format(PolyquantSpQRFormat)
+
+
+def outlier_info(folder: Any) -> dict[str, Any] | None:
+    """The outlier share of a SpQR checkpoint (either layout) from its safetensors headers: ``outliers``
+    (entries), ``outlier_share`` (of the quantized weights) and ``outlier_share_by_layer``; None for
+    other checkpoints. Weights per layer are counted in whole groups (``rows * groups * group_size``:
+    exact when in_features is a multiple of the group size); PTCSR padding counts as entries."""
+    from polyquant.formats.io import SafetensorsIndex, read_config
+    config = read_config(folder)
+    qc = config.get("quantization_config") or {}
+    method = qc.get("quant_method")
+    if method not in ("spqr", "polyquant-spqr"):
+        return None
+    t = SafetensorsIndex(folder).tensors
+    marker, nnz_key = ("dense_weights", "col_vals") if method == "spqr" else ("qq_stats", "values")
+    by: dict[str, float] = {}
+    total_nnz = total_w = 0
+    for name in _layer_names(set(t), marker):
+        nnz = int(torch.Size(t[f"{name}.{nnz_key}"].shape).numel())
+        rows = int(t[f"{name}.row_offsets"].shape[0]) - 1
+        if method == "spqr":
+            weights = int(t[f"{name}.dense_weights"].shape[0]) * BETA  # rows * groups * 16
+            rows = max(rows, 1)
+        else:
+            _, groups, _ = t[f"{name}.qq_stats"].shape
+            weights = rows * int(groups) * int(qc.get("group_size") or 1)
+        by[name] = round(nnz / max(1, weights), 6)
+        total_nnz += nnz
+        total_w += weights
+    return {"outliers": total_nnz, "outlier_share": round(total_nnz / max(1, total_w), 6),
+            "outlier_share_by_layer": by}

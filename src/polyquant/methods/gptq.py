@@ -292,7 +292,8 @@ def gptq_quantize(weight: torch.Tensor, config: GPTQConfig, stats: dict | None) 
         perm, starts = _group_aware_order(torch.diagonal(H), gs)
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
-    Hinv = _inverse_hessian_upper(H, config.damp_percent)
+    with _one_thread(W.device):  # one thread: the factorisation's rounding does not depend on the thread count
+        Hinv = _inverse_hessian_upper(H, config.damp_percent)
     del H
 
     vals = torch.empty_like(W)  # integer values (signed domain for sym), permuted order
@@ -318,6 +319,22 @@ def gptq_quantize(weight: torch.Tensor, config: GPTQConfig, stats: dict | None) 
     return QuantizedWeight.from_codes(codes, qt.name, (1, gs), scales, zeros, g_idx=g_idx)
 
 
+def _for_format(config: GPTQConfig, fmt: str, explicit: set[str]) -> tuple[GPTQConfig, list[str]]:
+    """Per-format defaults (``MethodSpec.extra["for_format"]``, applied by the plan check before any
+    work): act-order saved as compressed-tensors uses static groups (columns in activation order,
+    groups fixed in column order, no ``g_idx``: compressed-tensors' ``actorder: "weight"``, which
+    compressed-tensors >= 0.20 and transformers load), unless ``static_groups`` was set explicitly.
+    The ``g_idx`` variant goes to the gptq format, which holds it."""
+    if fmt == "compressed-tensors" and config.act_order and not config.static_groups \
+            and "static_groups" not in explicit:
+        return config.replace(static_groups=True), [
+            "act-order saved as compressed-tensors: static groups (actorder 'weight': columns in activation "
+            "order, groups in column order, no g_idx; compressed-tensors >= 0.20 and transformers load it). "
+            "The g_idx variant: --format gptq, or --opt static_groups=false with "
+            "POLYQUANT_CT_ACTORDER_GROUP=1 (vLLM / compressed-tensors < 0.20 only)"]
+    return config, []
+
+
 register_method(MethodSpec(
     name="gptq",
     config_cls=GPTQConfig,
@@ -329,6 +346,7 @@ register_method(MethodSpec(
     description="Hessian-aware column-by-column rounding with error feedback (optional act-order)",
     reference="Frantar et al. 2022, GPTQ (arXiv 2210.17323); IST-DASLab/gptq, AutoGPTQ",
     collect="hessian",
+    extra={"for_format": _for_format},
     order=20,
     presets=(Preset("gptq-w4-g64", {"bits": 4, "group_size": 64}),),
     priors=(Prior(8, None, None, rel(14.041), "assumed: as RTN int8 per-row absmax (" + BENCH + ": pq-torchao-int8 14.041)"),

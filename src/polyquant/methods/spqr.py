@@ -71,6 +71,7 @@ import torch
 from polyquant.methods.base import MethodConfig, check_int
 from polyquant.methods.gptq import _inverse_hessian_upper, _one_thread
 from polyquant.methods.registry import MethodSpec, register_method
+from polyquant.methods.traits import Preset
 from polyquant.tensor.packing import pack, unpack
 from polyquant.tensor.quantized_weight import QuantizedWeight
 from polyquant.tensor.sparse import SparseOutliers
@@ -375,5 +376,7 @@ register_method(MethodSpec(
     formats=("spqr", "polyquant-spqr"),
     description="GPTQ over groups of 16 with 3-bit quantized statistics and fp16 sparse outliers",
     reference="Dettmers et al. 2023, SpQR (arXiv 2306.03078); Vahe1994/SpQR",
-    extra={"collect": "hessian"},
+    collect="hessian",
+    order=25,
+    presets=(Preset("spqr-w3", {}),),
 ))

@@ -95,6 +95,8 @@ def cmd_info(args) -> int:
     if not (p / "config.json").is_file():
         raise UsageError(f"{args.checkpoint!r} has no config.json: not a Hugging Face checkpoint folder")
     info = checkpoint_info(p)
+    from polyquant.formats.spqr import outlier_info  # SpQR: the share of weights kept as sparse outliers
+    info.update(outlier_info(p) or {})
     if args.json:
         print_json(info)
     else:

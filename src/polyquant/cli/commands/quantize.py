@@ -186,10 +186,12 @@ def cmd_quantize(args) -> int:
         seed = args.seed if args.seed is not None else 0
         samples = polyquant.calibration_data(tok, text=calib_text, n_samples=n, seqlen=L, seed=seed)
         from polyquant.calibration import Calibration
+        from polyquant.calibration.data import default_sources
         ac = AUTOCAST[args.calib_dtype]
         calibration = Calibration(samples, resume_dir=resume_dir_for(out_dir),
                                   autocast=getattr(torch, ac) if ac == "bfloat16" else ac)
-        calib_record = {"text": str(Path(args.calib_text).expanduser().resolve()) if args.calib_text else BUILTIN_CALIB,
+        calib_record = {"text": str(Path(args.calib_text).expanduser().resolve()) if args.calib_text else
+                        BUILTIN_CALIB.replace("text", "texts " + "+".join(default_sources()), 1),
                         "samples": n, "seqlen": L, "seed": seed, "dtype": args.calib_dtype}
     torch.manual_seed(args.seed if args.seed is not None else 0)
     t1 = time.perf_counter()
