@@ -121,6 +121,9 @@ def _model_class(config, trust_remote_code: bool):
 #: ``save_to_safetensors`` output, quanto's qmap), registered by ``polyquant.formats`` (this module
 #: imports nothing above it): ``fn(folder) -> bool``.
 QUANTIZED_FOLDER_TESTS: list = []
+#: Checks run on a float folder before its weights are read (``fn(folder, trust_remote_code)``, raising
+#: a ValueError naming the file and the problem), registered the same way.
+FOLDER_CHECKS: list = []
 
 
 def _check_loading_info(folder: Path, info: dict) -> None:
@@ -169,6 +172,8 @@ def _load_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool):
         pickles = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
         raise FileNotFoundError(f"{folder} has no .safetensors weights"
                                 + (f" (found {pickles}: polyquant never loads pickle files)" if pickles else ""))
+    for check in FOLDER_CHECKS:
+        check(folder, trust_remote_code)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     cls = _model_class(config, trust_remote_code)
     from transformers.utils import logging as hf_logging

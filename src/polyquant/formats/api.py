@@ -335,10 +335,19 @@ def _implied_quantized(folder: Path) -> bool:
         return True  # let the checkpoint loader report what is wrong with it
 
 
+def _check_float_folder(folder: Path, trust_remote_code: bool = False) -> None:
+    """For ``polyquant.models``: before transformers reads a float folder, check from the headers
+    that its tensors are exactly the model's (``_account_for_tensors``)."""
+    index = SafetensorsIndex(folder)
+    _account_for_tensors(folder, _skeleton(folder, read_config(folder), trust_remote_code), index, [])
+
+
 def _register_with_models() -> None:
     from polyquant import models
     if _implied_quantized not in models.QUANTIZED_FOLDER_TESTS:
         models.QUANTIZED_FOLDER_TESTS.append(_implied_quantized)
+    if _check_float_folder not in models.FOLDER_CHECKS:
+        models.FOLDER_CHECKS.append(_check_float_folder)
 
 
 _register_with_models()
@@ -408,6 +417,22 @@ def _load_tokenizer(folder: Path, trust_remote_code: bool):
 
 def load(path: str | os.PathLike, kernel: str = "auto", device: str | torch.device = "cpu",
          dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    try:
+        return _load(path, kernel, device, dtype, trust_remote_code)
+    except CheckpointError as e:  # every refusal names the folder (or a file in it) and is one line
+        msg = " ".join(str(e).split())
+        if str(Path(path)) not in msg:
+            raise CheckpointError(f"{path}: {msg}") from None
+        if msg != str(e):
+            raise CheckpointError(msg) from None
+        raise
+
+
+load.__doc__ = None  # set below from _load
+
+
+def _load(path: str | os.PathLike, kernel: str = "auto", device: str | torch.device = "cpu",
+          dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
     """Load a quantized checkpoint folder (any registered format; a plain float folder loads via
     ``polyquant.models.load_model``). Returns ``(model, tokenizer)``; the tokenizer is None when
     the folder has none.
@@ -456,14 +481,14 @@ def load(path: str | os.PathLike, kernel: str = "auto", device: str | torch.devi
         for n in names:
             skel = modules[n]
             rel = {k[len(n) + 1:]: index.get(k) for k in keys if k.startswith(n + ".")}
+            files = sorted({index.tensors[n + "." + k].file for k in rel})
+            where = files[0] if len(files) == 1 else f"{folder} ({', '.join(f.name for f in files)})"
             try:
                 new = fmt.load_layer(n, qcfg, rel, skel)
-            except CheckpointError:
-                raise
-            except (ValueError, RuntimeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"layer {n!r}: {e}") from None
-            files = sorted({str(index.tensors[n + "." + k].file) for k in rel})
-            check_layer_tensors(fmt, n, rel, new, where=files[0] if len(files) == 1 else folder)
+            except (ValueError, RuntimeError, KeyError, TypeError) as e:  # CheckpointError included
+                msg = str(e) if isinstance(e, CheckpointError) else f"layer {n!r}: {e}"
+                raise CheckpointError(f"{where}: {msg}") from None
+            check_layer_tensors(fmt, n, rel, new, where=where)
             if getattr(new, "bias", None) is not None and new.bias.is_floating_point():
                 new.bias.data = new.bias.data.to(dtype)
             replace_module(model, n, new)
@@ -521,6 +546,9 @@ def load(path: str | os.PathLike, kernel: str = "auto", device: str | torch.devi
             log.warning("ignoring unreadable generation_config.json: %s", e)
     model.name_or_path = str(folder)
     return model, _load_tokenizer(folder, trust_remote_code)
+
+
+load.__doc__ = _load.__doc__
 
 
 def _written_by(record: dict[str, Any] | None, qcfg: dict[str, Any] | None, meta: dict[str, str]) -> str:

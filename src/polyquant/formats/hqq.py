@@ -40,6 +40,16 @@ stores slice ``t`` at bit ``(k - 1 - t) * bits`` of one word (uint8; int32 for 3
 (``quant_config`` keyed by linear tag when layer types differ), as transformers' ``HqqConfig`` and
 ``prepare_for_hqq_linear`` write it. Note: transformers 5.24's ``HqqConfig`` raises
 NotImplementedError, so these checkpoints load through hqq (or polyquant), not transformers 5.24.
+
+Files: ``model.safetensors`` (the tensors above) is polyquant's primary file; polyquant also reads
+the folders hqq's ``AutoHQQHFModel.save_to_safetensors`` writes (the same encoded tensors, the
+model's plain config.json without a quantization_config: recognised by the tensors,
+``implied_config``). ``qmodel.pt`` is written too because it is the only file hqq's own loader
+(``AutoHQQHFModel.from_quantized``) reads: ``{module name: state dict}`` for every leaf module
+(``serialize_weights``' layout), quantized layers as the same encoded tensors, read by hqq with
+``torch.load(weights_only=True)``. It holds only tensors in dicts, so that restricted unpickler
+reads it without running code; polyquant itself never opens it (it reads the safetensors).
+``tests/interop`` loads polyquant's folder with ``from_quantized`` and compares the logits.
 """
 from __future__ import annotations
 
