@@ -93,8 +93,19 @@ def test_readme_tables_match_the_registries(capsys, block, command):
         f"README {block} table is stale: run POLYQUANT_UPDATE_README=1 python -m pytest tests/test_cli.py -k readme")
 
 
-@pytest.mark.parametrize("cmd", ["methods", "formats", "kernels", "quantize", "eval", "info", "compare", "convert",
-                                 "report", "matrix", "diagrams", "recommend"])
+import polyquant.cli.commands  # noqa: E402  (registers the commands)
+from polyquant.cli.base import COMMANDS  # noqa: E402
+
+BUILT_IN = ["methods", "formats", "kernels", "quantize", "eval", "info", "compare", "convert", "report", "matrix",
+            "diagrams", "recommend"]
+
+
+def test_every_command_module_imports_and_the_built_ins_are_there():
+    assert polyquant.cli.commands.BROKEN == {}
+    assert set(BUILT_IN) <= set(COMMANDS)
+
+
+@pytest.mark.parametrize("cmd", sorted(set(BUILT_IN) | set(COMMANDS)))
 def test_every_command_has_help(capsys, cmd):
     code, out, _ = run(capsys, cmd, "--help")
     assert code == 0 and out.startswith(f"usage: polyquant {cmd}")
