@@ -26,6 +26,9 @@ _EVAL_ARGS = [
     arg("--head-dtype", choices=("float32", "bfloat16"),
         help="compute the float lm_head in this dtype (bfloat16 is a lossy float cast, not quantization: "
              "faster decode, check the perplexity); recorded under 'runtime'"),
+    arg("--runtime", choices=("plain", "fast"), default="plain",
+        help="decode runtime: 'plain' (the model's own forward) or 'fast' (static KV cache, fused projections, "
+             "the same greedy tokens; Llama-family decoders, others fall back with the reason recorded)"),
     arg("-q", "--quiet", action="store_true", help="no progress bars"),
     arg("--json", action="store_true", help="print one JSON object"),
 ]
@@ -73,7 +76,8 @@ def cmd_eval(args) -> int:
             reference, _ = polyquant.load_model(ref_spec)
     res = polyquant.evaluate(model, tok, text=text, seqlen=args.seqlen, max_windows=args.max_windows,
                              reference=reference, threads=args.threads, decode_tokens=args.decode_tokens,
-                             measure_speed=not args.no_speed, show_progress=not args.quiet)
+                             measure_speed=not args.no_speed, show_progress=not args.quiet,
+                             runtime=args.runtime)
     res["runtime"] = rt.runtime_info(model)  # float compute dtype and fused groups, as measured
     if args.json:
         print_json(res, indent=None)
