@@ -122,6 +122,13 @@ class ActivationQuantizer(nn.Module):
     def to_dict(self) -> dict[str, Any]:
         return self.rule.to_dict()
 
+    def _fake_quant_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``q * scale`` of :meth:`quantize` over ``x`` seen as rows ``[-1, K]``, in ``x``'s dtype
+        (the reference path of a rule whose ``quantize`` returns codes and float32 scales)."""
+        shape = x.shape
+        q, scale = self.quantize(x.reshape(-1, shape[-1]))
+        return (q.to(torch.float32) * scale).to(x.dtype).reshape(shape)
+
 
 ACT_RULES: dict[str, type] = {}
 

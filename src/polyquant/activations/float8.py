@@ -74,9 +74,7 @@ class Float8DynamicActivation(ActivationQuantizer):
         return q, scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        q, scale = self.quantize(x.reshape(-1, shape[-1]))
-        return (q.to(torch.float32) * scale).to(x.dtype).reshape(shape)
+        return self._fake_quant_rows(x)
 
     @property
     def rule(self) -> ActRule:

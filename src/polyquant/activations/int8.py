@@ -49,9 +49,7 @@ class Int8DynamicActivation(ActivationQuantizer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Fake quantization (the reference path): ``q * scale`` in the input's dtype."""
-        shape = x.shape
-        q, scale = self.quantize(x.reshape(-1, shape[-1]))
-        return (q.to(torch.float32) * scale).to(x.dtype).reshape(shape)
+        return self._fake_quant_rows(x)
 
     @property
     def rule(self) -> ActRule:

@@ -167,18 +167,6 @@ def llm_awq_index(out_features: int, in_features: int) -> torch.Tensor:
 
 
 # -- saving ----------------------------------------------------------------------------------
-def _awq_zeros(qw: QuantizedWeight) -> torch.Tensor:
-    """AWQ zero points ``[out, G]`` (float) with ``W = (code - z) * s``."""
-    z = torch.full(tuple(qw.scale.shape), float(qw.qt.code_offset))
-    if qw.zero is not None:
-        z = z + qw.zero.detach().float().cpu()
-    return z
-
-
-def _group_size(qw: QuantizedWeight) -> int:
-    return qw.shape[1] if qw.block[1] >= qw.shape[1] else qw.block[1]
-
-
 def check_awq_weight(qw: QuantizedWeight, version: str = "gemm") -> str | None:
     """None when the AWQ ``version`` layout can store ``qw``; otherwise why not."""
     out, inp = qw.shape
@@ -190,7 +178,7 @@ def check_awq_weight(qw: QuantizedWeight, version: str = "gemm") -> str | None:
         return "AWQ has no act-order (g_idx)"
     if qw.extras:
         return f"AWQ cannot store extra tensors {sorted(qw.extras)}"
-    gs = _group_size(qw)
+    gs = qw.group_columns
     if inp % gs:
         return f"AWQ needs a group size that divides in_features ({gs} does not divide {inp})"
     if out % 8 or inp % 8:
@@ -200,7 +188,7 @@ def check_awq_weight(qw: QuantizedWeight, version: str = "gemm") -> str | None:
             zeros_width(inp, gs)
         except ValueError as e:
             return f"AutoAWQ's GEMV layout: {e}"
-    z = _awq_zeros(qw)
+    z = qw.zero_points().cpu()
     if not bool(torch.equal(z, z.round())):
         return "AWQ zero points must be integers"
     if float(z.min()) < 0 or float(z.max()) > 15:
@@ -220,13 +208,13 @@ def awq_layer_tensors(qw: QuantizedWeight, version: str = "gemm") -> dict[str, t
     qw = qw.to("cpu")
     out, inp = qw.shape
     codes = qw.codes                                   # [out, in]
-    zeros = _awq_zeros(qw).to(torch.uint8)             # [out, G]
+    zeros = qw.zero_points().cpu().to(torch.uint8)             # [out, G]
     scales = qw.scale.detach().to(torch.float16)       # [out, G]
     if version == "gemm":
         return {"qweight": pack_awq_order(codes.t().contiguous(), dim=1).contiguous(),
                 "qzeros": pack_awq_order(zeros.t().contiguous(), dim=1).contiguous(),
                 "scales": scales.t().contiguous()}
-    gs = _group_size(qw)
+    gs = qw.group_columns
     G, Z = zeros.shape[1], zeros_width(inp, gs)
     zpad = torch.zeros(out, 8 * Z, dtype=torch.uint8)
     zpad[:, :G] = zeros
@@ -393,7 +381,7 @@ class AWQFormat(Format):
             raise ValueError("no quantized layers to describe")
         version = self.version
         qws = {n: m.quantized_weight for n, m in layers.items()}
-        grouped = {_group_size(qw) for qw in qws.values() if qw.scale.shape[1] > 1}
+        grouped = {qw.group_columns for qw in qws.values() if qw.scale.shape[1] > 1}
         if len(grouped) > 1:
             raise ValueError(f"AWQ stores one group_size per checkpoint; layers use {sorted(grouped)}")
         gs = grouped.pop() if grouped else -1

@@ -24,11 +24,26 @@ from torch import nn
 
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
-__all__ = ["Format", "register_format", "get_format", "list_formats", "FORMATS", "CheckpointError"]
+__all__ = ["Format", "LayerRefusal", "refusal", "register_format", "get_format", "list_formats", "FORMATS", "CheckpointError"]
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, foreign in a way we cannot read, or inconsistent."""
+
+
+class LayerRefusal(Exception):
+    """Raised inside a format's saving helpers: this layer cannot be stored, and why (the message);
+    ``check_layer`` turns it into its reason (:func:`refusal`)."""
+
+
+def refusal(plan, *args) -> str | None:
+    """``check_layer`` of a format that plans a layer with ``plan(*args)`` (raising
+    :class:`LayerRefusal`): the refusal's message, or None when the plan succeeds."""
+    try:
+        plan(*args)
+    except LayerRefusal as e:
+        return str(e)
+    return None
 
 
 class Format:

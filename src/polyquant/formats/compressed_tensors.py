@@ -73,6 +73,7 @@ import torch
 from torch import nn
 
 from polyquant.formats.base import CheckpointError, Format, register_format
+from polyquant.formats.base import LayerRefusal as _Refuse, refusal
 from polyquant.tensor.packing import pack, packed_length, unpack
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
@@ -232,10 +233,6 @@ class CTActivationQuant:
 
 
 # -- saving helpers ---------------------------------------------------------------------------
-class _Refuse(Exception):
-    pass
-
-
 def ct_zero_point(qw: QuantizedWeight) -> torch.Tensor | None:
     """Our zero as a compressed-tensors *unsigned* (offset-binary) zero point code
     ``zp + 2**(b-1) = zero + code_offset`` (int64, scale-grid shaped); None when symmetric."""
@@ -466,11 +463,7 @@ class CompressedTensorsFormat(Format):
 
     # -- saving -------------------------------------------------------------------------------
     def check_layer(self, name: str, qw: QuantizedWeight, module: nn.Module) -> str | None:
-        try:
-            _plan(qw, module)
-        except _Refuse as e:
-            return str(e)
-        return None
+        return refusal(_plan, qw, module)
 
     def tensor_mismatch(self, key: str, found: torch.Tensor, written: torch.Tensor) -> str | None:
         """Packed codes may use the pre-dense packing of older releases (``_unpack_any`` accepted

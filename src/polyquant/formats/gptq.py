@@ -133,15 +133,8 @@ def read_gptq_config(path: str | Path) -> dict[str, Any]:
 # -- per-layer conversion (pure tensor functions) -----------------------------------------
 
 def _gptq_zeros(qw: QuantizedWeight) -> torch.Tensor:
-    """GPTQ zero points ``[out, G]`` (float) such that ``W = (code - z) * s``."""
-    z = torch.full(tuple(qw.scale.shape), float(qw.qt.code_offset))
-    if qw.zero is not None:
-        z = z + qw.zero.detach().float().cpu()
-    return z
-
-
-def _group_size(qw: QuantizedWeight) -> int:
-    return qw.shape[1] if qw.block[1] >= qw.shape[1] else qw.block[1]
+    """GPTQ zero points ``[out, G]`` (float, on the CPU) such that ``W = (code - z) * s``."""
+    return qw.zero_points().cpu()
 
 
 def check_gptq_weight(qw: QuantizedWeight, checkpoint_format: str = "gptq") -> str | None:
@@ -185,7 +178,7 @@ def gptq_layer_tensors(qw: QuantizedWeight, checkpoint_format: str = "gptq") -> 
     qw = qw.to("cpu")
     bits = qw.bits
     out, inp = qw.shape
-    gs = _group_size(qw)
+    gs = qw.group_columns
     codes = qw.codes  # [out, in]
     qweight = pack(codes.t().contiguous(), bits, dim=0)
     zeros = _gptq_zeros(qw).t().to(torch.int64)  # [G, out]
@@ -310,7 +303,7 @@ class GPTQFormat(Format):
         bits = {qw.bits for qw in qws.values()}
         if len(bits) != 1:
             raise ValueError(f"GPTQ stores one bit width per checkpoint; layers use {sorted(bits)}")
-        grouped = {_group_size(qw) for qw in qws.values() if qw.scale.shape[1] > 1}
+        grouped = {qw.group_columns for qw in qws.values() if qw.scale.shape[1] > 1}
         if len(grouped) > 1:
             raise ValueError(f"GPTQ stores one group_size per checkpoint; layers use {sorted(grouped)}")
         group_size = grouped.pop() if grouped else -1
@@ -321,7 +314,7 @@ class GPTQFormat(Format):
         half = (1 << (next(iter(bits)) - 1))
         sym = all(bool((_gptq_zeros(qw) == half).all()) for qw in qws.values())
         desc_act = any(qw.g_idx is not None and not torch.equal(
-            qw.g_idx.long().cpu(), torch.arange(qw.shape[1]) // _group_size(qw)) for qw in qws.values())
+            qw.g_idx.long().cpu(), torch.arange(qw.shape[1]) // qw.group_columns) for qw in qws.values())
         rounded = [n for n, qw in qws.items() if not torch.equal(qw.scale.float(), gptq_scale(qw.scale).float())]
         if rounded:
             warnings.warn(f"GPTQ stores fp16 scales: {len(rounded)} layer(s) (e.g. {rounded[0]!r}) have scales "

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from polyquant.formats.base import CheckpointError, Format, register_format
+from polyquant.formats.base import LayerRefusal as _Refuse, refusal
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
 __all__ = ["QuantoFormat", "pack_weights", "unpack_weights", "QMAP_FILE"]
@@ -72,10 +73,6 @@ def unpack_weights(packed: torch.Tensor, bits: int, n_rows: int) -> torch.Tensor
 def _quanto_group(k: int) -> int | None:
     from polyquant.methods.quanto import quanto_group_size
     return quanto_group_size(k, 128)
-
-
-class _Refuse(Exception):
-    pass
 
 
 def _weights_name(qw: QuantizedWeight) -> str:
@@ -137,11 +134,7 @@ class QuantoFormat(Format):
 
     # -- saving -------------------------------------------------------------------------------
     def check_layer(self, name: str, qw: QuantizedWeight, module: nn.Module) -> str | None:
-        try:
-            _plan(qw, module)
-        except _Refuse as e:
-            return str(e)
-        return None
+        return refusal(_plan, qw, module)
 
     def layer_tensors(self, name: str, module: nn.Module) -> dict[str, torch.Tensor]:
         qw = module.quantized_weight

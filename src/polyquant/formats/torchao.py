@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from polyquant.formats.base import CheckpointError, Format, register_format
+from polyquant.formats.base import LayerRefusal as _Refuse, refusal
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
 __all__ = ["TorchAOFormat", "pack_int4", "unpack_int4", "TORCHAO_VERSION"]
@@ -150,10 +151,6 @@ class _Plan:
                         "dtype": _dtype_json(hp_dtype)}
                 typ = "Float8Tensor"
         return {"_type": typ, "_data": data, "_tensor_data_names": fields}
-
-
-class _Refuse(Exception):
-    pass
 
 
 def _act_plan(module: nn.Module) -> tuple | None:
@@ -303,11 +300,7 @@ class TorchAOFormat(Format):
 
     # -- saving -------------------------------------------------------------------------------
     def check_layer(self, name: str, qw: QuantizedWeight, module: nn.Module) -> str | None:
-        try:
-            _plan(qw, module)
-        except _Refuse as e:
-            return str(e)
-        return None
+        return refusal(_plan, qw, module)
 
     def tensor_mismatch(self, key: str, found: torch.Tensor, written: torch.Tensor) -> str | None:
         """torchao checkpoints name the tensor subclass of each weight, and polyquant reads four

@@ -27,7 +27,7 @@ def group_perm(qw: QuantizedWeight) -> torch.Tensor | str:
         return "no g_idx"
     g = qw.g_idx.long()
     perm = torch.argsort(g, stable=True)
-    gs = qw.shape[1] if qw.block[1] >= qw.shape[1] else qw.block[1]
+    gs = qw.group_columns
     if not torch.equal(g[perm], torch.arange(qw.shape[1], device=g.device) // gs):
         return f"g_idx groups are not runs of group_size {gs} once sorted"
     return perm

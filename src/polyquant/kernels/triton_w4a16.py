@@ -179,10 +179,6 @@ def dequantize_w4a16(buf: dict[str, torch.Tensor], bits: int, group_size: int, o
     return w
 
 
-def _group_size(qw: QuantizedWeight) -> int:
-    return qw.shape[1] if qw.block[1] >= qw.shape[1] else qw.block[1]
-
-
 def prepare_w4a16(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     """The kernel's buffers for ``qw`` (see the module docstring), on ``qw``'s device."""
     from polyquant.kernels.cpu_actorder import group_perm

@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from polyquant.calibration.stats import HessianCollector
 from polyquant.methods.base import MethodConfig, check_choice, check_int
 from polyquant.methods.registry import MethodSpec, register_method
 from polyquant.methods.traits import BENCH, Preset, Prior, rel
@@ -122,28 +123,23 @@ class AWQConfig(MethodConfig):
 
 
 # -- statistics ------------------------------------------------------------------------------
-class AWQCollector:
-    """``x_mean`` (mean ``|x|`` per input channel) and ``H = 2/n X^T X`` (float32) of a Linear's
-    inputs. Shareable: Linears fed the very same tensor (q/k/v, gate/up) share one instance, and
+class AWQCollector(HessianCollector):
+    """GPTQ's Hessian ``H = 2/n X^T X`` (float32, :class:`HessianCollector`: its running average and
+    autocast guard) plus ``x_mean`` (mean ``|x|`` per input channel) of a Linear's inputs.
+    Shareable: Linears fed the very same tensor (q/k/v, gate/up) share one instance, and
     ``result()`` hands them the same tensors."""
 
-    shareable = True
-
     def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
-        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        super().__init__(in_features, device)
         self.abs_sum = torch.zeros(in_features, dtype=torch.float64, device=device)
-        self.n = 0
         self._result: dict | None = None
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)
-        m = x.shape[0]
-        if m == 0:
+        if x.shape[0] == 0:
             return
-        total = self.n + m
-        self.H.addmm_(x.t(), x, beta=self.n / total, alpha=2.0 / total)
+        super().add(x)
         self.abs_sum += x.abs().sum(0, dtype=torch.float64)
-        self.n = total
         self._result = None
 
     def result(self) -> dict:

@@ -198,6 +198,12 @@ class QuantizedWeight:
         return -1 if c >= self.shape[1] else c
 
     @property
+    def group_columns(self) -> int:
+        """Input columns per scale, counted: ``in_features`` for per-channel (the stored formats'
+        ``group_size`` and kernels' group length; :attr:`group_size` says -1 there)."""
+        return min(self.block[1], self.shape[1])
+
+    @property
     def layout(self) -> str:
         """``scalar``, ``ternary`` or ``vector`` (see the module docstring)."""
         kind = self.qt.kind
