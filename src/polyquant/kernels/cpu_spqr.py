@@ -42,7 +42,8 @@ _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 @functools.lru_cache(maxsize=None)
 def _lib() -> ctypes.CDLL:
     lib = load_library(_LIB)
-    lib.pq_spqr_mm.argtypes = [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64]
+    lib.pq_spqr_mm.argtypes = [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64,
+                               _i64]
     lib.pq_spqr_mm.restype = None
     lib.pq_spqr_dequant.argtypes = [_i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64]
     lib.pq_spqr_dequant.restype = None
@@ -89,8 +90,9 @@ def spqr_mm(xp: torch.Tensor, b: dict[str, torch.Tensor], simd: int | None = Non
     m, kp = xp.shape
     n = b["w"].shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
+    xs = xp.view(m, kp // GROUP, GROUP).sum(-1)
     _lib().pq_spqr_mm(m, n, kp, xp.data_ptr(), b["w"].data_ptr(), b["s"].data_ptr(), b["z"].data_ptr(),
-                      b["ro"].data_ptr(), _ptr_of(b["col"]), _ptr_of(b["val"]), y.data_ptr(), n,
+                      b["mz"].data_ptr(), xs.data_ptr(), b["ro"].data_ptr(), _ptr_of(b["col"]), _ptr_of(b["val"]), y.data_ptr(), n,
                       threads or torch.get_num_threads(), simd_level() if simd is None else int(simd))
     return y
 
@@ -130,7 +132,7 @@ def prepare_spqr(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
             cols = torch.argsort(perm)[cols]
         ro, col, val = o.row_offsets.to(torch.int32).contiguous(), cols.to(torch.int32).contiguous(), \
             o.values.to(torch.float32).contiguous()
-    buf = {"w": w, "s": s, "z": z, "ro": ro, "col": col, "val": val}
+    buf = {"w": w, "s": s, "z": z, "mz": (-(s * z)).contiguous(), "ro": ro, "col": col, "val": val}
     if perm is not None:
         buf["perm"] = perm.contiguous()
     return buf
@@ -170,7 +172,7 @@ class CpuSpQRKernel(Kernel):
         if module.act_quant is not None:
             x = module.act_quant(x)
         bb = module._buffers
-        b = {k: bb[f"k_{k}"] for k in ("w", "s", "z", "ro", "col", "val")}
+        b = {k: bb[f"k_{k}"] for k in ("w", "s", "z", "mz", "ro", "col", "val")}
         perm = bb.get("k_perm")
         dtype = x.dtype
         k = module.in_features

@@ -161,12 +161,14 @@ __attribute__((target("avx512f"))) static void dequant_avx512(int64_t n0, int64_
 }
 
 /* ---- AVX2 + FMA -------------------------------------------------------------------------- */
+/* codes 0..7 and 8..15 of a group as floats: each 32-bit half of the 8 bytes holds 8 nibbles (code 2i in
+   the low nibble of byte i), broadcast and shifted per lane - no shuffles */
 __attribute__((target("avx2,fma"))) static inline void codes8x2(const uint8_t *p, __m256 *a, __m256 *b) {
-    const __m128i v = _mm_loadl_epi64((const __m128i *)p);
-    const __m128i mask = _mm_set1_epi8(15);
-    const __m128i c = _mm_unpacklo_epi8(_mm_and_si128(v, mask), _mm_and_si128(_mm_srli_epi16(v, 4), mask));
-    *a = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c));
-    *b = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(c, 8)));
+    const __m256i sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    const __m256i mask = _mm256_set1_epi32(15);
+    const __m256i lo = _mm256_set1_epi32(*(const int32_t *)p), hi = _mm256_set1_epi32(*(const int32_t *)(p + 4));
+    *a = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(lo, sh), mask));
+    *b = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(hi, sh), mask));
 }
 
 __attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
@@ -176,30 +178,69 @@ __attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* The decode path factors the scale out of each group: sum_k (q_k - z) s x_k = s (q . x) - s z sum(x), with
+   mz = -s z per group and xs = the per-group sums of the activations (computed once per call by the
+   caller); the mz . xs term is one vector dot per row. Two groups per step, independent accumulators. */
 __attribute__((target("avx2,fma"))) static void rows_avx2(int64_t M, int64_t n0, int64_t n1, int64_t Kp,
                                                          const float *x, const uint8_t *w, const float *s,
-                                                         const float *z, const int32_t *ro, const int32_t *col,
-                                                         const float *val, float *y, int64_t ldy) {
+                                                         const float *mz, const float *xs, const int32_t *ro,
+                                                         const int32_t *col, const float *val, float *y, int64_t ldy) {
     const int64_t G = Kp / 16;
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *wr = w + n * (Kp / 2);
+        const float *sr = s + n * G, *mr = mz + n * G;
         for (int64_t m0 = 0; m0 < M; m0 += MB) {
             const int64_t mb = (M - m0) < MB ? (M - m0) : MB;
-            __m256 acc[MB];
-            for (int m = 0; m < MB; m++) acc[m] = _mm256_setzero_ps();
-            for (int64_t g = 0; g < G; g++) {
-                const __m256 zb = _mm256_set1_ps(z[n * G + g]), sb = _mm256_set1_ps(s[n * G + g]);
-                __m256 qa, qb;
-                codes8x2(wr + 8 * g, &qa, &qb);
-                const __m256 wa = _mm256_mul_ps(_mm256_sub_ps(qa, zb), sb), wb = _mm256_mul_ps(_mm256_sub_ps(qb, zb), sb);
-                for (int64_t m = 0; m < mb; m++) {
-                    const float *xr = x + (m0 + m) * Kp + 16 * g;
-                    acc[m] = _mm256_fmadd_ps(wa, _mm256_loadu_ps(xr), acc[m]);
-                    acc[m] = _mm256_fmadd_ps(wb, _mm256_loadu_ps(xr + 8), acc[m]);
+            float res[MB];
+            if (mb == 1) {
+                const float *xr = x + m0 * Kp;
+                __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+                int64_t g = 0;
+                for (; g + 1 < G; g += 2) {
+                    __m256 qa, qb, qc, qd;
+                    codes8x2(wr + 8 * g, &qa, &qb);
+                    codes8x2(wr + 8 * g + 8, &qc, &qd);
+                    const float *xg = xr + 16 * g;
+                    __m256 t0 = _mm256_mul_ps(qa, _mm256_loadu_ps(xg));
+                    __m256 t1 = _mm256_mul_ps(qc, _mm256_loadu_ps(xg + 16));
+                    t0 = _mm256_fmadd_ps(qb, _mm256_loadu_ps(xg + 8), t0);
+                    t1 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(xg + 24), t1);
+                    a0 = _mm256_fmadd_ps(t0, _mm256_broadcast_ss(sr + g), a0);
+                    a1 = _mm256_fmadd_ps(t1, _mm256_broadcast_ss(sr + g + 1), a1);
                 }
+                for (; g < G; g++) {
+                    __m256 qa, qb;
+                    codes8x2(wr + 8 * g, &qa, &qb);
+                    __m256 t0 = _mm256_mul_ps(qa, _mm256_loadu_ps(xr + 16 * g));
+                    t0 = _mm256_fmadd_ps(qb, _mm256_loadu_ps(xr + 16 * g + 8), t0);
+                    a0 = _mm256_fmadd_ps(t0, _mm256_broadcast_ss(sr + g), a0);
+                }
+                res[0] = hsum256(_mm256_add_ps(a0, a1));
+            } else {
+                __m256 acc[MB];
+                for (int m = 0; m < MB; m++) acc[m] = _mm256_setzero_ps();
+                for (int64_t g = 0; g < G; g++) {
+                    __m256 qa, qb;
+                    codes8x2(wr + 8 * g, &qa, &qb);
+                    const __m256 sb = _mm256_broadcast_ss(sr + g);
+                    for (int64_t m = 0; m < mb; m++) {
+                        const float *xr = x + (m0 + m) * Kp + 16 * g;
+                        __m256 t = _mm256_mul_ps(qa, _mm256_loadu_ps(xr));
+                        t = _mm256_fmadd_ps(qb, _mm256_loadu_ps(xr + 8), t);
+                        acc[m] = _mm256_fmadd_ps(t, sb, acc[m]);
+                    }
+                }
+                for (int64_t m = 0; m < mb; m++) res[m] = hsum256(acc[m]);
             }
-            for (int64_t m = 0; m < mb; m++)
-                y[(m0 + m) * ldy + n] = hsum256(acc[m]) + sparse_dot(ro, col, val, n, x + (m0 + m) * Kp);
+            for (int64_t m = 0; m < mb; m++) {
+                const float *xsr = xs + (m0 + m) * G;
+                __m256 zacc = _mm256_setzero_ps();
+                int64_t g = 0;
+                for (; g + 8 <= G; g += 8) zacc = _mm256_fmadd_ps(_mm256_loadu_ps(mr + g), _mm256_loadu_ps(xsr + g), zacc);
+                float zt = hsum256(zacc);
+                for (; g < G; g++) zt += mr[g] * xsr[g];
+                y[(m0 + m) * ldy + n] = res[m] + zt + sparse_dot(ro, col, val, n, x + (m0 + m) * Kp);
+            }
         }
     }
 }
@@ -223,10 +264,11 @@ __attribute__((target("avx2,fma"))) static void dequant_avx2(int64_t n0, int64_t
 }
 #endif
 
-/* y [M][ldy] = x [M][Kp] @ W^T for rows 0..N-1. simd: 1 = AVX-512, 2 = AVX2, 0 = portable (the
+/* y [M][ldy] = x [M][Kp] @ W^T for rows 0..N-1 (mz = -s z [N][G] and xs = per-group sums of x [M][G]
+   serve the AVX2 path). simd: 1 = AVX-512, 2 = AVX2, 0 = portable (the
    caller passes at most pq_spqr_simd_level's). */
 void pq_spqr_mm(int64_t M, int64_t N, int64_t Kp, const float *x, const uint8_t *w, const float *s, const float *z,
-                const int32_t *ro, const int32_t *col, const float *val, float *y, int64_t ldy, int64_t nthreads,
+                const float *mz, const float *xs, const int32_t *ro, const int32_t *col, const float *val, float *y, int64_t ldy, int64_t nthreads,
                 int64_t simd) {
     const int64_t chunk = 16;
     const int64_t nchunks = (N + chunk - 1) / chunk;
@@ -235,7 +277,7 @@ void pq_spqr_mm(int64_t M, int64_t N, int64_t Kp, const float *x, const uint8_t 
         const int64_t n0 = c * chunk, n1 = (n0 + chunk < N) ? n0 + chunk : N;
 #ifdef PQ_X86
         if (simd == 1) { rows_avx512(M, n0, n1, Kp, x, w, s, z, ro, col, val, y, ldy); continue; }
-        if (simd == 2) { rows_avx2(M, n0, n1, Kp, x, w, s, z, ro, col, val, y, ldy); continue; }
+        if (simd == 2) { rows_avx2(M, n0, n1, Kp, x, w, s, mz, xs, ro, col, val, y, ldy); continue; }
 #endif
         rows_portable(M, n0, n1, Kp, x, w, s, z, ro, col, val, y, ldy);
     }
