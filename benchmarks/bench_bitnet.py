@@ -74,6 +74,122 @@ def part_finetune(args) -> None:
     _emit(res)
 
 
+# -- interop ----------------------------------------------------------------------------------
+def part_interop(args) -> None:
+    import tempfile
+
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    import polyquant
+    from formats.test_bitnet import write_spec_checkpoint  # the checkpoint writer from the specification
+    from helpers import tiny_llama
+    from polyquant.formats import load, save
+    from polyquant.methods.bitnet import BitNetConfig
+    ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
+
+    def hf(folder):
+        with torch._dynamo.config.patch(disable=True):  # eager BitLinear: the same arithmetic, no compile
+            m = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+            with torch.no_grad():
+                return type(m.model.layers[0].mlp.down_proj).__name__, m(ids).logits
+
+    def cmp(a, b):
+        return {"cosine": float(F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0)),
+                "max_abs_diff": float((a - b).abs().max()), "max_abs_logit": float(b.abs().max()),
+                "bit_identical": bool(torch.equal(a, b))}
+
+    res = {"part": "interop", "model": "tiny Llama (hidden 64, 2 layers, vocab 256), 2 x 64 tokens", "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        model = tiny_llama(tie=False)
+        for cls in ("bitlinear", "autobitlinear"):
+            q = polyquant.quantize(model, BitNetConfig(linear_class=cls), show_progress=False)
+            out = save(q, Path(tmp) / f"ours-{cls}")
+            ours, _ = load(out)
+            with torch.no_grad():
+                a = ours(ids).logits
+            layer, b = hf(out)
+            res["runs"].append({"direction": "polyquant -> transformers", "linear_class": cls, "hf_layer": layer,
+                                **cmp(a, b)})
+            spec = write_spec_checkpoint(model, Path(tmp) / f"spec-{cls}", cls)
+            ours, _ = load(spec)
+            with torch.no_grad():
+                a = ours(ids).logits
+            layer, b = hf(spec)
+            res["runs"].append({"direction": "spec-written -> polyquant vs transformers", "linear_class": cls,
+                                "hf_layer": layer, **cmp(a, b)})
+    _emit(res)
+
+
+# -- speed ------------------------------------------------------------------------------------
+def part_speed(args) -> None:
+    import _common as C
+    import polyquant
+    from polyquant.data import eval_tokens
+    from polyquant.methods.bitnet import BitNetConfig
+    from polyquant.methods.bnb import BnbNF4Config
+    from polyquant.methods.rtn import RTNConfig
+    from polyquant.nn.quantize import kernel_summary, set_kernels
+    torch.set_num_threads(1)
+    model, tok = polyquant.load_model("default")
+    ids = eval_tokens(tok)
+    prompt, window = ids[:C.PROMPT_TOKENS], ids[:512]
+    rows = {"fp32": model}
+    rows["bitnet-ternary"] = polyquant.quantize(model, BitNetConfig(), show_progress=False)
+    w4 = polyquant.quantize(model, RTNConfig(bits=4, group_size=64), show_progress=False)
+    rows["rtn-w4g64-auto"] = w4
+    try:  # cpu-lut4 takes integer codes only on AVX-512 CPUs (elsewhere it names cpu-int4 as faster)
+        lut = polyquant.quantize(model, RTNConfig(bits=4, group_size=64), show_progress=False)
+        set_kernels(lut, "cpu-lut4")
+        rows["rtn-w4g64-cpu-lut4"] = lut
+        lut_note = None
+    except ValueError as e:
+        lut_note = str(e)
+    nf4 = polyquant.quantize(model, BnbNF4Config(blocksize=64), show_progress=False)
+    set_kernels(nf4, "cpu-lut4")
+    rows["nf4-b64-cpu-lut4"] = nf4
+    from polyquant.eval.memory import weight_bytes
+    info = {k: {"kernels": kernel_summary(m) if k != "fp32" else {"float": 1}, "weight_bytes": weight_bytes(m)}
+            for k, m in rows.items()}
+    dec = {k: [] for k in rows}
+    pre = {k: [] for k in rows}
+    for k, m in rows.items():  # warm-up (library load, first-call allocations)
+        C.measure_decode(m, prompt, 4, 1, "inference_mode", warmup=False)
+    first = {}
+    for r in range(args.rounds):  # interleaved: a change of load hits every row alike
+        for k, m in rows.items():
+            d = C.measure_decode(m, prompt, args.decode_tokens, 1, "inference_mode", warmup=False)
+            dec[k].append(d["decode_tok_s"])
+            first.setdefault(k, d["decode_first_tokens"])
+        for k, m in rows.items():
+            if r < args.prefill_rounds:
+                pre[k].append(C.measure_prefill(m, window, 1, "inference_mode")["prefill_tok_s"])
+    res = {"part": "speed", "threads": 1, "rounds": args.rounds, "decode_tokens": args.decode_tokens,
+           "prefill_tokens": 512, "load_avg": os.getloadavg(), "cpu": _cpu(), "cpu_lut4_int4_note": lut_note}
+    for k in rows:
+        res[k] = {**info[k], "decode_tok_s": statistics.median(dec[k]), "decode_runs": [round(v, 2) for v in dec[k]],
+                  "prefill_tok_s": statistics.median(pre[k]), "first_tokens": first[k]}
+    fp = res["fp32"]
+    for k in rows:
+        res[k]["decode_vs_fp32"] = round(res[k]["decode_tok_s"] / fp["decode_tok_s"], 3)
+        res[k]["prefill_vs_fp32"] = round(res[k]["prefill_tok_s"] / fp["prefill_tok_s"], 3)
+    for k in rows:
+        if k.startswith(("rtn", "nf4")):
+            res[f"ternary_vs_{k}_decode"] = round(res["bitnet-ternary"]["decode_tok_s"] / res[k]["decode_tok_s"], 3)
+    _emit(res)
+
+
+def _cpu() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor()
+
+
 # -- ppl --------------------------------------------------------------------------------------
 def part_ppl(args) -> None:
     import polyquant
@@ -108,8 +224,13 @@ def main(argv=None) -> None:
     p.add_argument("--windows", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--granularity", nargs="+", default=["tensor"])
+    sp = sub.add_parser("speed")
+    sp.add_argument("--rounds", type=int, default=5)
+    sp.add_argument("--prefill-rounds", type=int, default=2)
+    sp.add_argument("--decode-tokens", type=int, default=32)
+    sub.add_parser("interop")
     args = ap.parse_args(argv)
-    {"finetune": part_finetune, "ppl": part_ppl}[args.part](args)
+    {"interop": part_interop, "finetune": part_finetune, "ppl": part_ppl, "speed": part_speed}[args.part](args)
 
 
 if __name__ == "__main__":
