@@ -6,6 +6,7 @@ from polyquant.formats import awq as _awq  # noqa: F401,E402  (registers awq)
 from polyquant.formats import eetq as _eetq, quanto as _quanto, torchao as _ao  # noqa: F401,E402  (registers)
 from polyquant.formats import hqq as _hqq, bitsandbytes as _bnb  # noqa: F401,E402  (registers hqq, bitsandbytes)
 from polyquant.formats import fbgemm_fp8 as _fbgemm_fp8, fp8 as _fp8  # noqa: F401,E402  (registers fbgemm_fp8, fp8)
+from polyquant.formats import aqlm as _aqlm  # noqa: F401,E402  (registers aqlm)
 from polyquant.formats import bitnet as _bitnet  # noqa: F401,E402  (registers bitnet)
 from polyquant.formats import spqr as _spqr  # noqa: F401,E402  (registers spqr, polyquant-spqr)
 from polyquant.formats.api import checkpoint_info, detect_format, load, save  # noqa: E402

@@ -9,6 +9,7 @@ from polyquant.methods import gptq  # noqa: F401,E402  (registers gptq)
 from polyquant.methods import awq  # noqa: F401,E402  (registers awq)
 from polyquant.methods import fp8  # noqa: F401,E402  (registers fbgemm-fp8, fp8-block, fp8, fp8-static)
 from polyquant.methods import eetq, quanto, torchao  # noqa: F401,E402  (registers eetq, quanto, torchao-*)
+from polyquant.methods import aqlm  # noqa: F401,E402  (registers aqlm)
 from polyquant.methods import bitnet  # noqa: F401,E402  (registers bitnet)
 from polyquant.methods import spqr  # noqa: F401,E402  (registers spqr)
 from polyquant.methods.gptq import GPTQConfig  # noqa: E402

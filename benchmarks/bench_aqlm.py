@@ -1,0 +1,220 @@
+"""AQLM on the default model (SmolLM2-135M): accuracy at ~2 bits against GPTQ / HQQ / RTN, quantization
+time, interop with transformers + the ``aqlm`` package, decode speed against the ``aqlm`` Numba kernel.
+
+Quality stage (one process; the same calibration and windows as ``bench_gptq_default.py``: 128 x 512
+calibration tokens, seed 0, exact fp32 forwards; perplexity on the first ``--windows`` windows of 512 of
+the default text). Rows: fp32, AQLM (``--scheme``, default 2x8 g8), GPTQ W3 g64, GPTQ W2 g64 (sym,
+group-aware order), HQQ 2-bit g64, RTN W2 g64 sym. Each row appends one JSON line to ``--out`` as it
+finishes. The AQLM row saves its checkpoint (``--ckpt``, ``aqlm`` format) and records where the
+quantization time went (k-means init / code search / code books / scales per layer, summed; the rest
+is the calibration forwards and statistics). Interop: transformers (with ``aqlm`` installed) loads the
+checkpoint and its logits on one 512-token window are compared with ``polyquant.load``'s (cosine).
+
+    nice -n 5 taskset -c 1 python benchmarks/bench_aqlm.py quality --out bench-results/aqlm.jsonl
+
+Speed stage (1 thread, batch 1, greedy decode of 64 tokens after a 32-token prompt, KV cache; rows
+interleaved round-robin in one process): fp32, polyquant's ``cpu-aqlm`` on the checkpoint, and the same
+checkpoint through transformers + ``aqlm`` (its Numba ``numba_gemm_lut`` kernel for Kx8 on CPU):
+
+    flock /tmp/polyquant-core0.lock taskset -c 0 python benchmarks/bench_aqlm.py speed --out bench-results/aqlm.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+import polyquant  # noqa: E402
+from polyquant.calibration import Calibration, calibration_data  # noqa: E402
+
+
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _emit(row: dict, out: str | None) -> None:
+    row = {**row, "load_avg_1min": round(os.getloadavg()[0], 1)}
+    print(json.dumps(row), flush=True)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def _bpw(model) -> float | None:
+    from polyquant.nn.quant_linear import QuantLinear
+    bits = n = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            qw = m.quantized_weight
+            bits += qw.nbytes() * 8
+            n += qw.shape[0] * qw.shape[1]
+    return bits / n if n else None
+
+
+def quality(a) -> None:
+    from polyquant.methods import GPTQConfig, RTNConfig
+    from polyquant.methods import aqlm as aqlm_mod
+    from polyquant.methods.aqlm import AQLMConfig
+    from polyquant.methods.hqq import HQQConfig
+    torch.set_num_threads(a.threads)
+    base, tok = polyquant.load_model("default")
+    calib = calibration_data(tok, n_samples=a.n_samples, seqlen=a.seqlen, seed=a.seed)
+    rows = [r for r in a.rows.split(",") if r]
+    common = {"n_samples": a.n_samples, "seqlen": a.seqlen, "seed": a.seed, "windows": a.windows, "threads": a.threads}
+    for row in rows:
+        model = copy.deepcopy(base)
+        t0, c0 = time.perf_counter(), _cpu()
+        extra: dict = {}
+        if row == "fp32":
+            q = model
+        elif row.startswith("aqlm"):
+            m, b = (int(v) for v in a.scheme.split("x"))
+            cfg = AQLMConfig(num_codebooks=m, nbits_per_codebook=b, in_group_size=a.in_group_size,
+                             beam_size=a.beam_size, max_iters=a.max_iters, init_iters=a.init_iters,
+                             codebook_steps=a.codebook_steps)
+            phases: dict[str, float] = {}
+            orig = aqlm_mod.aqlm_fit
+
+            def fit(*args, **kw):
+                state, info = orig(*args, **kw)
+                for k, v in info["seconds"].items():
+                    phases[k] = phases.get(k, 0.0) + v
+                return state, info
+            aqlm_mod.aqlm_fit = fit
+            try:
+                q = polyquant.quantize(model, cfg, calibration=Calibration(calib, resume_dir=a.resume_dir, autocast=None),
+                                       inplace=True)
+            finally:
+                aqlm_mod.aqlm_fit = orig
+            extra = {"config": cfg.to_dict(), "method_seconds": {k: round(v, 1) for k, v in phases.items()}}
+        elif row.startswith("gptq"):
+            bits = int(row.split("-w")[1].split("-")[0])
+            cfg = GPTQConfig(bits=bits, group_size=64, sym=True)
+            q = polyquant.quantize(model, cfg, calibration=Calibration(calib, autocast=None), inplace=True)
+        elif row == "hqq-2bit-g64":
+            q = polyquant.quantize(model, HQQConfig(bits=2, group_size=64), inplace=True)
+        elif row == "rtn-w2-g64":
+            q = polyquant.quantize(model, RTNConfig(bits=2, group_size=64, sym=True), inplace=True)
+        else:
+            raise SystemExit(f"unknown row {row!r}")
+        quant_s, quant_cpu = time.perf_counter() - t0, _cpu() - c0
+        if row.startswith("aqlm"):
+            extra["method_seconds"]["other (calibration forwards, statistics)"] = round(
+                quant_s - sum(v for k, v in extra["method_seconds"].items()), 1)
+            if a.ckpt:
+                polyquant.save(q, a.ckpt, tokenizer=tok, overwrite=True)
+        ev = C.measure_ppl(q, tok, 512, a.windows, "inference_mode")
+        kernels = sorted({getattr(m, "kernel_name", None) for m in q.modules() if hasattr(m, "kernel_name")} - {None})
+        _emit({"stage": "quality", "row": row, **common, "ppl": ev["ppl"], "eval_windows": ev["windows"],
+               "quant_seconds": round(quant_s, 1), "quant_cpu_seconds": round(quant_cpu, 1),
+               "bits_per_weight": _bpw(q), "kernels": kernels, **extra}, a.out)
+        if row.startswith("aqlm") and a.ckpt:
+            _emit({"stage": "interop", **interop(a.ckpt, tok)}, a.out)
+        del model, q
+
+
+def interop(ckpt: str, tok) -> dict:
+    """transformers + aqlm load the checkpoint; logits on one 512-token window vs polyquant.load's."""
+    from polyquant.eval import make_windows
+    x = make_windows(C.eval_stream(tok), 512, 1)[:1]
+    pq, _ = polyquant.load(ckpt)
+    with torch.inference_mode():
+        a = pq(input_ids=x).logits.double().flatten()
+    try:
+        import aqlm  # noqa: F401
+        from transformers import AutoModelForCausalLM
+    except ImportError as e:
+        return {"interop": f"skipped: {e}"}
+    import numba
+    numba.set_num_threads(1)  # aqlm 1.1.7's Numba kernel races across threads (prange over input groups)
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    with torch.no_grad():  # the aqlm kernel needs no_grad, not inference mode (it permutes codes in place)
+        b = hf(input_ids=x).logits.double().flatten()
+    cos = float(torch.nn.functional.cosine_similarity(a, b, 0))
+    import aqlm as _a
+    return {"interop": "transformers+aqlm", "aqlm_version": getattr(_a, "__version__", "?"),
+            "cosine": cos, "max_abs_diff": float((a - b).abs().max()), "nan": bool(torch.isnan(b).any())}
+
+
+def speed(a) -> None:
+    from polyquant.eval import make_windows
+    torch.set_num_threads(1)
+    try:
+        import numba
+        numba.set_num_threads(1)  # 1 thread, as the other rows (and its kernel races with more)
+    except ImportError:
+        pass
+    fp, tok = polyquant.load_model("default")
+    prompt = make_windows(C.eval_stream(tok), 32, 1)[0]
+    rows = {"fp32": fp}
+    pq, _ = polyquant.load(a.ckpt)
+    rows["pq-cpu-aqlm"] = pq
+    try:
+        import aqlm  # noqa: F401
+        from transformers import AutoModelForCausalLM
+        rows["aqlm-numba"] = AutoModelForCausalLM.from_pretrained(a.ckpt, dtype=torch.float32)
+    except ImportError as e:
+        print(f"aqlm not installed: {e}", file=sys.stderr)
+    res: dict[str, list[float]] = {k: [] for k in rows}
+    cpu: dict[str, list[float]] = {k: [] for k in rows}
+    toks = {}
+    for k, m in rows.items():  # warm-up (numba compiles here)
+        C._decode_once(m, prompt, 8, torch.no_grad)
+    for _ in range(a.rounds):
+        for k, m in rows.items():
+            w, c, t = C._decode_once(m, prompt, 64, torch.no_grad)
+            res[k].append(64 / w)
+            cpu[k].append(64 / c)
+            toks[k] = t[:16].tolist()
+    med = {k: statistics.median(v) for k, v in res.items()}
+    _emit({"stage": "speed", "threads": 1, "rounds": a.rounds, "decode_tok_s": med,
+           "decode_tok_s_cpu": {k: statistics.median(v) for k, v in cpu.items()},
+           "runs": {k: [round(x, 2) for x in v] for k, v in res.items()},
+           "ratio_pq_vs_aqlm": med["pq-cpu-aqlm"] / med["aqlm-numba"] if "aqlm-numba" in med else None,
+           "ratio_pq_vs_fp32": med["pq-cpu-aqlm"] / med["fp32"],
+           "ratio_aqlm_vs_fp32": med["aqlm-numba"] / med["fp32"] if "aqlm-numba" in med else None,
+           "same_tokens_pq_aqlm": toks.get("pq-cpu-aqlm") == toks.get("aqlm-numba"),
+           "kernels": sorted({getattr(m, "kernel_name", None) for m in pq.modules()} - {None})}, a.out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("stage", choices=["quality", "speed"])
+    ap.add_argument("--rows", default="aqlm,fp32,gptq-w3-g64,gptq-w2-g64,hqq-2bit-g64,rtn-w2-g64")
+    ap.add_argument("--scheme", default="2x8")
+    ap.add_argument("--in-group-size", type=int, default=8)
+    ap.add_argument("--beam-size", type=int, default=1)
+    ap.add_argument("--max-iters", type=int, default=4)
+    ap.add_argument("--init-iters", type=int, default=12)
+    ap.add_argument("--codebook-steps", type=int, default=4)
+    ap.add_argument("--n-samples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--ckpt", default="bench-results/aqlm-2x8-ckpt")
+    ap.add_argument("--resume-dir", default=None)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("polyquant.methods.aqlm").setLevel(logging.INFO)  # per-layer error and time
+    quality(a) if a.stage == "quality" else speed(a)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+/* polyquant: AQLM additive code books (codes [N][G][M], code books [M][K][ig], one scale per output row).
+ *
+ * Weight (n, group i) = s[n] * sum_m cb[m][codes[n][i][m]][0..ig)   (out_group_size 1).
+ *
+ * pq_aqlm_lut_mm: y = x @ W^T for a few activation rows. Per activation row, the dot products of each
+ *   input group's ig-vector with every code word form a table lut[i][m][k] (the aqlm package's Numba
+ *   idea); each output is then a sum of G*M table look-ups times its scale. The table is built from the
+ *   transposed code books cbT[m][j][k] (vectorised over k). K <= 256 (uint8 codes).
+ * pq_aqlm_gather_mm: any K (uint16 codes, e.g. 1x16): per output, gather each code word and dot it with
+ *   the input group.
+ * pq_aqlm_sweep: one greedy pass of the code search used by the quantizer (see methods/aqlm.py): for
+ *   each output row and each input group, each code book's code is replaced by the one minimising the
+ *   Hessian-weighted output error with the rest fixed, R = W - Q and G = R H kept up to date. Rows are
+ *   independent (the objective is a sum over rows), so rows run in parallel tiles.
+ *
+ * Code paths: the same C compiled twice, portable and with AVX2+FMA enabled (auto-vectorised), plus
+ * AVX2 gathers for the table look-ups; simd 2 = AVX2, 0 = portable.
+ */
+#include <stdint.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+#include <float.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define PQ_X86 1
+#define AVX2_FN __attribute__((target("avx2,fma")))
+#else
+#define AVX2_FN
+#endif
+
+int pq_aqlm_simd_level(void) {
+#ifdef PQ_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 2;
+#endif
+    return 0;
+}
+
+/* ---- table build: lut[(i*M + m)*K + k] = x[i*ig .. +ig) . cb[m][k] ---------------------------- */
+#define BUILD_LUT_BODY                                                                              \
+    for (int64_t i = 0; i < G; i++) {                                                               \
+        const float *xg = x + i * ig;                                                               \
+        for (int64_t m = 0; m < M; m++) {                                                           \
+            float *restrict t = lut + (i * M + m) * K;                                              \
+            const float *ct = cbT + m * ig * K;                                                     \
+            for (int64_t k = 0; k < K; k++) t[k] = xg[0] * ct[k];                                   \
+            for (int64_t j = 1; j < ig; j++) {                                                      \
+                const float xj = xg[j];                                                             \
+                const float *restrict cj = ct + j * K;                                              \
+                for (int64_t k = 0; k < K; k++) t[k] += xj * cj[k];                                 \
+            }                                                                                       \
+        }                                                                                           \
+    }
+
+static void build_lut_portable(int64_t G, int64_t M, int64_t K, int64_t ig, const float *x, const float *cbT,
+                               float *lut) { BUILD_LUT_BODY }
+AVX2_FN static void build_lut_avx2(int64_t G, int64_t M, int64_t K, int64_t ig, const float *x, const float *cbT,
+                                   float *lut) { BUILD_LUT_BODY }
+
+/* ---- look-ups: y[n] = s[n] * sum_t lut[t*K + codes[n][t]], t over G*M ------------------------- */
+static void lookup_portable(int64_t n0, int64_t n1, int64_t T, int64_t K, const uint8_t *codes, const float *lut,
+                            const float *s, float *y) {
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *c = codes + n * T;
+        float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+        int64_t t = 0;
+        for (; t + 4 <= T; t += 4) {
+            a0 += lut[t * K + c[t]];
+            a1 += lut[(t + 1) * K + c[t + 1]];
+            a2 += lut[(t + 2) * K + c[t + 2]];
+            a3 += lut[(t + 3) * K + c[t + 3]];
+        }
+        for (; t < T; t++) a0 += lut[t * K + c[t]];
+        y[n] = ((a0 + a1) + (a2 + a3)) * s[n];
+    }
+}
+
+#ifdef PQ_X86
+AVX2_FN static void lookup_avx2(int64_t n0, int64_t n1, int64_t T, int64_t K, const uint8_t *codes, const float *lut,
+                                const float *s, float *y) {
+    const __m256i step = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i kvec = _mm256_set1_epi32((int)K);
+    const __m256i base0 = _mm256_mullo_epi32(step, kvec);
+    const __m256i stride = _mm256_set1_epi32((int)(8 * K));
+    int64_t n = n0;
+    /* two rows at a time: two independent gather chains */
+    for (; n + 2 <= n1; n += 2) {
+        const uint8_t *c0 = codes + n * T, *c1 = c0 + T;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        __m256i base = base0;
+        int64_t t = 0;
+        for (; t + 8 <= T; t += 8) {
+            __m256i i0 = _mm256_add_epi32(base, _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(c0 + t))));
+            __m256i i1 = _mm256_add_epi32(base, _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(c1 + t))));
+            a0 = _mm256_add_ps(a0, _mm256_i32gather_ps(lut, i0, 4));
+            a1 = _mm256_add_ps(a1, _mm256_i32gather_ps(lut, i1, 4));
+            base = _mm256_add_epi32(base, stride);
+        }
+        float r0[8], r1[8];
+        _mm256_storeu_ps(r0, a0);
+        _mm256_storeu_ps(r1, a1);
+        float s0 = ((r0[0] + r0[1]) + (r0[2] + r0[3])) + ((r0[4] + r0[5]) + (r0[6] + r0[7]));
+        float s1 = ((r1[0] + r1[1]) + (r1[2] + r1[3])) + ((r1[4] + r1[5]) + (r1[6] + r1[7]));
+        for (; t < T; t++) {
+            s0 += lut[t * K + c0[t]];
+            s1 += lut[t * K + c1[t]];
+        }
+        y[n] = s0 * s[n];
+        y[n + 1] = s1 * s[n + 1];
+    }
+    if (n < n1) lookup_portable(n, n1, T, K, codes, lut, s, y);
+}
+#endif
+
+/* x [Mr][ldx] (in = G*ig used), codes [N][G*M] uint8, cbT [M][ig][K], s [N], y [Mr][ldy]; lut: scratch
+   of G*M*K floats (one per thread group is not needed: rows are processed one after another). */
+void pq_aqlm_lut_mm(int64_t Mr, int64_t N, int64_t G, int64_t ig, int64_t M, int64_t K, const float *x, int64_t ldx,
+                    const uint8_t *codes, const float *cbT, const float *s, float *lut, float *y, int64_t ldy,
+                    int64_t nthreads, int64_t simd) {
+    const int64_t T = G * M;
+    for (int64_t r = 0; r < Mr; r++) {
+#ifdef PQ_X86
+        if (simd == 2) build_lut_avx2(G, M, K, ig, x + r * ldx, cbT, lut);
+        else
+#endif
+            build_lut_portable(G, M, K, ig, x + r * ldx, cbT, lut);
+        const int64_t nt = nthreads > 0 ? nthreads : 1;
+        const int64_t chunk = (N + nt - 1) / nt;
+#pragma omp parallel for schedule(static) num_threads((int)nt) if (nt > 1)
+        for (int64_t p = 0; p < nt; p++) {
+            const int64_t n0 = p * chunk, n1 = (n0 + chunk < N) ? n0 + chunk : N;
+            if (n0 >= n1) continue;
+#ifdef PQ_X86
+            if (simd == 2) { lookup_avx2(n0, n1, T, K, codes, lut, s, y + r * ldy); continue; }
+#endif
+            lookup_portable(n0, n1, T, K, codes, lut, s, y + r * ldy);
+        }
+    }
+}
+
+/* ---- code-word gather (any K): y[r][n] = s[n] * sum_{i,m} cb[m][codes[n][i][m]] . x[r][i*ig..] ------ */
+#define GATHER_BODY                                                                                 \
+    for (int64_t n = n0; n < n1; n++) {                                                             \
+        const uint16_t *c = codes + n * G * M;                                                      \
+        for (int64_t r = 0; r < Mr; r++) {                                                          \
+            const float *xr = x + r * ldx;                                                          \
+            float acc = 0.f;                                                                        \
+            for (int64_t i = 0; i < G; i++) {                                                       \
+                float w[64];                                                                        \
+                for (int64_t j = 0; j < ig; j++) w[j] = 0.f;                                        \
+                for (int64_t m = 0; m < M; m++) {                                                   \
+                    const float *cw = cb + (m * K + c[i * M + m]) * ig;                             \
+                    for (int64_t j = 0; j < ig; j++) w[j] += cw[j];                                 \
+                }                                                                                   \
+                const float *xg = xr + i * ig;                                                      \
+                for (int64_t j = 0; j < ig; j++) acc += w[j] * xg[j];                               \
+            }                                                                                       \
+            y[r * ldy + n] = acc * s[n];                                                            \
+        }                                                                                           \
+    }
+
+static void gather_portable(int64_t n0, int64_t n1, int64_t Mr, int64_t G, int64_t ig, int64_t M, int64_t K,
+                            const float *x, int64_t ldx, const uint16_t *codes, const float *cb, const float *s,
+                            float *y, int64_t ldy) { GATHER_BODY }
+AVX2_FN static void gather_avx2(int64_t n0, int64_t n1, int64_t Mr, int64_t G, int64_t ig, int64_t M, int64_t K,
+                                const float *x, int64_t ldx, const uint16_t *codes, const float *cb, const float *s,
+                                float *y, int64_t ldy) { GATHER_BODY }
+
+void pq_aqlm_gather_mm(int64_t Mr, int64_t N, int64_t G, int64_t ig, int64_t M, int64_t K, const float *x, int64_t ldx,
+                       const uint16_t *codes, const float *cb, const float *s, float *y, int64_t ldy, int64_t nthreads,
+                       int64_t simd) {
+    const int64_t nt = nthreads > 0 ? nthreads : 1;
+    const int64_t chunk = (N + nt - 1) / nt;
+#pragma omp parallel for schedule(static) num_threads((int)nt) if (nt > 1)
+    for (int64_t p = 0; p < nt; p++) {
+        const int64_t n0 = p * chunk, n1 = (n0 + chunk < N) ? n0 + chunk : N;
+        if (n0 >= n1) continue;
+        if (simd == 2) gather_avx2(n0, n1, Mr, G, ig, M, K, x, ldx, codes, cb, s, y, ldy);
+        else gather_portable(n0, n1, Mr, G, ig, M, K, x, ldx, codes, cb, s, y, ldy);
+    }
+}
+
+/* ---- the quantizer's greedy code pass ----------------------------------------------------------
+ * H [in][in], G_ [out][in] (= R H), R [out][in], codes [out][ng][M] int32 (updated), cb [M][K][ig],
+ * cbT [M][ig][K], nb [ng][M][K] (c^T H_ii c), s [out]. Returns the number of codes changed. ig <= 64.
+ * For row o, group i, code book m, with x0 the group's current reconstruction, b = g + H_ii x0 and
+ * y the reconstruction without code book m: cost(k) = s*(2 (H_ii y - b)) . c_k + s^2 nb[k] (+ const);
+ * the current code is kept unless another is strictly cheaper. */
+#define SWEEP_ROW_BODY                                                                              \
+    float Hii[64 * 64], x0[64], b[64], y[64], Hy[64], lin[64];                                      \
+    for (int64_t i = 0; i < ng; i++) {                                                              \
+        const int64_t c0 = i * ig;                                                                  \
+        for (int64_t j = 0; j < ig; j++)                                                            \
+            for (int64_t l = 0; l < ig; l++) Hii[j * ig + l] = H[(c0 + j) * in + c0 + l];           \
+        for (int64_t o = o0; o < o1; o++) {                                                         \
+            int32_t *cur = codes + (o * ng + i) * M;                                                \
+            const float so = s[o];                                                                  \
+            float *Go = G_ + o * in;                                                                \
+            for (int64_t j = 0; j < ig; j++) x0[j] = 0.f;                                           \
+            for (int64_t m = 0; m < M; m++) {                                                       \
+                const float *cw = cb + (m * K + cur[m]) * ig;                                       \
+                for (int64_t j = 0; j < ig; j++) x0[j] += cw[j];                                    \
+            }                                                                                       \
+            for (int64_t j = 0; j < ig; j++) x0[j] *= so;                                           \
+            for (int64_t j = 0; j < ig; j++) {                                                      \
+                float acc = Go[c0 + j];                                                             \
+                for (int64_t l = 0; l < ig; l++) acc += Hii[j * ig + l] * x0[l];                    \
+                b[j] = acc;                                                                         \
+            }                                                                                       \
+            for (int64_t j = 0; j < ig; j++) y[j] = x0[j];                                          \
+            int changed = 0;                                                                        \
+            for (int64_t m = 0; m < M; m++) {                                                       \
+                const float *cw = cb + (m * K + cur[m]) * ig;                                       \
+                for (int64_t j = 0; j < ig; j++) y[j] -= so * cw[j];                                \
+                for (int64_t j = 0; j < ig; j++) {                                                  \
+                    float acc = 0.f;                                                                \
+                    for (int64_t l = 0; l < ig; l++) acc += Hii[j * ig + l] * y[l];                 \
+                    Hy[j] = acc;                                                                    \
+                    lin[j] = 2.f * so * (acc - b[j]);                                               \
+                }                                                                                   \
+                const float *ct = cbT + m * ig * K;                                                 \
+                const float *nbm = nb + (i * M + m) * K;                                            \
+                const float s2 = so * so;                                                           \
+                for (int64_t k = 0; k < K; k++) cost[k] = s2 * nbm[k];                              \
+                for (int64_t j = 0; j < ig; j++) {                                                  \
+                    const float lj = lin[j];                                                        \
+                    const float *restrict cj = ct + j * K;                                          \
+                    for (int64_t k = 0; k < K; k++) cost[k] += lj * cj[k];                          \
+                }                                                                                   \
+                int32_t best = cur[m];                                                              \
+                float bv = cost[best];                                                              \
+                for (int64_t k = 0; k < K; k++)                                                     \
+                    if (cost[k] < bv) { bv = cost[k]; best = (int32_t)k; }                          \
+                if (best != cur[m]) { cur[m] = best; changed = 1; nchg++; }                         \
+                const float *nw = cb + (m * K + best) * ig;                                         \
+                for (int64_t j = 0; j < ig; j++) y[j] += so * nw[j];                                \
+            }                                                                                       \
+            if (changed) {                                                                          \
+                float *Ro = R + o * in;                                                             \
+                for (int64_t j = 0; j < ig; j++) {                                                  \
+                    const float dj = y[j] - x0[j];                                                  \
+                    if (dj == 0.f) continue;                                                        \
+                    Ro[c0 + j] -= dj;                                                               \
+                    const float *restrict Hr = H + (c0 + j) * in;                                   \
+                    for (int64_t c = 0; c < in; c++) Go[c] -= dj * Hr[c];                           \
+                }                                                                                   \
+            }                                                                                       \
+        }                                                                                           \
+    }
+
+static int64_t sweep_portable(int64_t o0, int64_t o1, int64_t in, int64_t ig, int64_t M, int64_t K, const float *H,
+                              float *G_, float *R, int32_t *codes, const float *cb, const float *cbT, const float *nb,
+                              const float *s, float *cost) {
+    const int64_t ng = in / ig;
+    int64_t nchg = 0;
+    SWEEP_ROW_BODY
+    return nchg;
+}
+AVX2_FN static int64_t sweep_avx2(int64_t o0, int64_t o1, int64_t in, int64_t ig, int64_t M, int64_t K, const float *H,
+                                  float *G_, float *R, int32_t *codes, const float *cb, const float *cbT,
+                                  const float *nb, const float *s, float *cost) {
+    const int64_t ng = in / ig;
+    int64_t nchg = 0;
+    SWEEP_ROW_BODY
+    return nchg;
+}
+
+#define TILE 16
+int64_t pq_aqlm_sweep(int64_t out, int64_t in, int64_t ig, int64_t M, int64_t K, const float *H, float *G_, float *R,
+                      int32_t *codes, const float *cb, const float *cbT, const float *nb, const float *s,
+                      int64_t nthreads, int64_t simd) {
+    if (ig > 64 || ig < 1) return -1;
+    const int64_t ntiles = (out + TILE - 1) / TILE;
+    const int64_t nt = nthreads > 0 ? nthreads : 1;
+    int64_t total = 0;
+    int failed = 0;
+#pragma omp parallel num_threads((int)nt) if (nt > 1) reduction(+ : total)
+    {
+        float *cost = (float *)malloc(sizeof(float) * (size_t)K);
+        if (!cost) {
+            failed = 1;
+        } else {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t t = 0; t < ntiles; t++) {
+                const int64_t o0 = t * TILE, o1 = (o0 + TILE < out) ? o0 + TILE : out;
+                if (simd == 2) total += sweep_avx2(o0, o1, in, ig, M, K, H, G_, R, codes, cb, cbT, nb, s, cost);
+                else total += sweep_portable(o0, o1, in, ig, M, K, H, G_, R, codes, cb, cbT, nb, s, cost);
+            }
+            free(cost);
+        }
+    }
+    return failed ? -2 : total;
+}
