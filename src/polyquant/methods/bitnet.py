@@ -26,6 +26,7 @@ import torch
 from polyquant.activations.bitnet import BitNetActivation
 from polyquant.methods.base import MethodConfig, check_choice, check_int
 from polyquant.methods.registry import MethodSpec, register_method
+from polyquant.methods.traits import Preset
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
 __all__ = ["BitNetConfig", "bitnet_quantize", "absmean_ternary", "GRANULARITIES", "LINEAR_CLASSES", "WEIGHT_FLOOR"]
@@ -102,4 +103,4 @@ register_method(MethodSpec(
     family="ternary", bits=(2,), formats=("bitnet",), activations="int8 per token (absmax, BitLinear)",
     description="BitNet b1.58 absmean ternary weights (per tensor; per channel / group options), int8 activations",
     reference="BitNet b1.58 (arXiv 2402.17764); transformers BitLinear / AutoBitLinear",
-    extra={"layer_act_quant": _bind_rule}))
+    layer_act_rule=_bind_rule, order=95, presets=(Preset("bitnet-ternary"),)))
