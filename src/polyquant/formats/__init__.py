@@ -9,7 +9,8 @@ from polyquant.formats import fbgemm_fp8 as _fbgemm_fp8, fp8 as _fp8  # noqa: F4
 from polyquant.formats import aqlm as _aqlm  # noqa: F401,E402  (registers aqlm)
 from polyquant.formats import bitnet as _bitnet  # noqa: F401,E402  (registers bitnet)
 from polyquant.formats import spqr as _spqr  # noqa: F401,E402  (registers spqr, polyquant-spqr)
-from polyquant.formats.api import checkpoint_info, detect_format, load, save  # noqa: E402
+from polyquant.formats.api import detect_format, load, save  # noqa: E402
+from polyquant.formats.info import checkpoint_info  # noqa: E402
 
 __all__ = ["FORMATS", "CheckpointError", "Format", "get_format", "list_formats", "register_format",
            "save", "load", "detect_format", "checkpoint_info"]

@@ -12,27 +12,27 @@ key there could break them.
 ``load`` builds the model skeleton from config.json without allocating float weights, swaps in
 the format's quantized layers (reading each layer's tensors lazily from safetensors), loads the
 remaining float tensors, checks that nothing is missing, extra or misshapen, ties weights,
-moves to the device and selects kernels. ``detect_format`` / ``checkpoint_info`` read only
-config.json and the safetensors headers.
+moves to the device and selects kernels. ``detect_format`` reads only config.json; the accounting
+of every tensor is :mod:`polyquant.formats.accounting`, ``checkpoint_info`` :mod:`polyquant.formats.info`.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from polyquant.formats.accounting import (_account_for_tensors, _tied_keys, _under, check_layer_tensors,  # noqa: F401
+                                          foreign_hint)
 from polyquant.formats.base import FORMATS, CheckpointError, Format, get_format, list_formats
 from polyquant.formats.io import (DEFAULT_MAX_SHARD_BYTES, SafetensorsIndex, atomic_dir, check_output_dir,
                                   read_config, read_json, write_json, write_safetensors)
 
-__all__ = ["save", "load", "detect_format", "checkpoint_info", "check_layer_tensors", "foreign_hint",
-           "POLYQUANT_FILE"]
+__all__ = ["save", "load", "detect_format", "check_layer_tensors", "foreign_hint", "POLYQUANT_FILE"]
 
 log = logging.getLogger(__name__)
 
@@ -45,22 +45,6 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 def _quant_layers(model: nn.Module) -> dict[str, nn.Module]:
     from polyquant.nn.quant_linear import QuantLinear
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-
-
-def _tied_keys(model: nn.Module) -> set[str]:
-    """State-dict keys that transformers ties to another key (e.g. ``lm_head.weight``)."""
-    keys: set[str] = set()
-    for attr in ("all_tied_weights_keys", "_tied_weights_keys"):
-        t = getattr(model, attr, None)
-        if isinstance(t, dict):
-            keys.update(t)
-        elif isinstance(t, (list, tuple, set)):
-            keys.update(str(k) for k in t)
-    return keys
-
-
-def _under(key: str, prefixes: tuple[str, ...]) -> bool:
-    return bool(prefixes) and key.startswith(prefixes)
 
 
 def _format_for_save(model: nn.Module, format: str | None) -> Format:
@@ -92,103 +76,6 @@ def _config_dict(model: nn.Module, float_dtype: torch.dtype | None) -> dict[str,
     if float_dtype is not None:
         d["dtype"] = str(float_dtype).removeprefix("torch.")
     return d
-
-
-# -- accounting for every tensor ---------------------------------------------------------------
-def _few(keys: list[str], n: int = 5) -> str:
-    return f"{keys[:n]}" + (f" and {len(keys) - n} more" if len(keys) > n else "")
-
-
-def foreign_hint(keys: set[str] | list[str]) -> str:
-    """What a set of tensor keys the model does not have looks like: the formats whose per-layer
-    tensors they are (judged by each format's ``layers_from_keys``), or ''."""
-    keys = set(keys)
-    hits = []
-    for fmt in list_formats():
-        try:
-            found = fmt.layers_from_keys({}, keys)
-        except Exception:  # a format's key reader must not hide the real error
-            found = None
-        if found:
-            hits.append((fmt.name, found))
-    if not hits:
-        return ""
-    names = "/".join(n for n, _ in hits)
-    layer = hits[0][1][0]
-    sample = sorted(k[len(layer) + 1:] for k in keys if k.startswith(layer + "."))
-    return (f"; these are {names} per-layer tensors (e.g. {layer!r}: {', '.join(sample[:4])}), but config.json has "
-            f"no quantization_config that says so: this is a quantized checkpoint written without its config "
-            f"(add the quantization_config the writing tool produces, or re-save it with that tool)")
-
-
-def _account_for_tensors(folder: Path, model: nn.Module, index: SafetensorsIndex, names: list[str]
-                         ) -> tuple[dict[str, torch.Tensor], set[str], set[str]]:
-    """Check, from the safetensors headers alone, that the folder holds exactly the float tensors
-    the model skeleton expects outside the quantized layers ``names``: nothing missing, nothing
-    extra, every shape equal, no float parameter stored as integers. Raises ``CheckpointError``
-    naming a few of the offending tensors and what they look like. Returns ``(expected, float_keys,
-    tied)`` for the loader."""
-    keys = index.keys()
-    modules = dict(model.named_modules())
-    prefixes = tuple(n + "." for n in names)
-    expected = {k: v for k, v in model.state_dict().items() if not _under(k, prefixes)}
-    persistent = set(model.state_dict())
-    transient = {n for n, _ in model.named_buffers()} - persistent
-    float_keys = {k for k in keys if not _under(k, prefixes)}
-    extra = sorted(k for k in float_keys - set(expected) if k not in transient)
-    if extra:
-        hint = foreign_hint(extra) if not names else ""
-        layer_hint = [k for k in extra if k.rsplit(".", 1)[0] in modules]
-        if not hint and layer_hint and not layer_hint[0].endswith((".weight", ".bias")):
-            hint = (f" (e.g. {layer_hint[0]!r}: quantized tensors for a layer the quantization_config does not "
-                    "quantize)")
-        raise CheckpointError(f"{folder}: {len(extra)} tensor(s) the model does not have: {_few(extra)}{hint}")
-    tied = _tied_keys(model) if getattr(model.config, "tie_word_embeddings", False) else set()
-    if tied and any(k.rsplit(".", 1)[0] in names for k in tied):
-        # a quantized output head cannot share the float embedding: keep both, untied
-        log.warning("%s: the config ties the output head, which is stored quantized; loading it untied", folder)
-        model.config.tie_word_embeddings = False
-        tied = set()
-    missing = sorted(k for k in set(expected) - float_keys if k not in tied)
-    if missing:
-        raise CheckpointError(f"{folder}: missing tensor(s) {_few(missing)}: the model needs them and nothing is "
-                              "initialised at random (a partial or foreign checkpoint)")
-    for k in sorted(float_keys & set(expected)):
-        info = index.tensors[k]
-        if tuple(info.shape) != tuple(expected[k].shape):
-            raise CheckpointError(f"{info.file}: tensor {k!r} has shape {list(info.shape)}, the model expects "
-                                  f"{list(expected[k].shape)}")
-        if expected[k].is_floating_point() != info.is_float:
-            raise CheckpointError(f"{info.file}: tensor {k!r} is stored as {info.dtype}, the model expects a "
-                                  f"{str(expected[k].dtype).removeprefix('torch.')} tensor")
-    return expected, float_keys, tied
-
-
-def _shape_dtype(t: torch.Tensor) -> str:
-    return f"{str(t.dtype).removeprefix('torch.')} {list(t.shape)}"
-
-
-def check_layer_tensors(fmt: Format, name: str, found: dict[str, torch.Tensor], module: nn.Module,
-                        where: Any = "") -> None:
-    """The generic shape / dtype check of every quantized layer read: the format writes the layer
-    it just built (``fmt.layer_tensors``) and every tensor it would write must have the shape and
-    dtype of the tensor found under the same key (``fmt.tensor_mismatch`` may accept a documented
-    variant, e.g. a byte view). A layout the format reads but cannot write is not compared."""
-    if not found:
-        return
-    try:
-        written = fmt.layer_tensors(name, module)
-    except (ValueError, NotImplementedError, TypeError, KeyError, RuntimeError):
-        return
-    for k, ref in written.items():
-        t = found.get(k)
-        if t is None or not isinstance(ref, torch.Tensor):
-            continue
-        why = fmt.tensor_mismatch(k, t, ref)
-        if why is not None:
-            prefix = f"{where}: " if where else ""
-            raise CheckpointError(f"{prefix}{fmt.name} layer {name!r}, tensor {k!r}: expected "
-                                  f"{_shape_dtype(ref)}, found {_shape_dtype(t)}{why}")
 
 
 # -- save ---------------------------------------------------------------------------------------
@@ -561,91 +448,3 @@ def _written_by(record: dict[str, Any] | None, qcfg: dict[str, Any] | None, meta
     return "foreign"
 
 
-# -- info -----------------------------------------------------------------------------------------
-_CODE_HINT = re.compile(r"(qweight|weight_packed|packed|^weight$|codes|q_weight|W_q)")
-
-
-def _heuristic_layers(keys_info: dict) -> list[str]:
-    """Modules holding integer / fp8 tensors (formats without ``layers_from_keys``)."""
-    names = set()
-    for k, info in keys_info.items():
-        if info.is_float and info.dtype not in ("F8_E4M3", "F8_E5M2"):
-            continue
-        mod = k.rsplit(".", 1)[0]
-        if ".weight." in k:
-            mod = k.split(".weight.", 1)[0]
-        names.add(mod)
-    return sorted(names)
-
-
-def _kind(rel: str, info) -> str:
-    r = rel.lower()
-    if "zero" in r or r in ("qzeros", "zeros"):
-        return "zeros"
-    if "scale" in r or r in ("scales", "absmax", "scb"):
-        return "scales"
-    if r == "bias":
-        return "bias"
-    if _CODE_HINT.search(rel) and (not info.is_float or info.dtype in ("F8_E4M3", "F8_E5M2")):
-        return "codes"
-    return "other"
-
-
-def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
-    """Summary of a checkpoint folder from config.json and safetensors headers (no model built):
-    format, quant_method, method, bits, group_size, sym, quantized layers (count, first names),
-    float parameter count, bytes on disk (total and by kind) and who wrote it."""
-    folder = Path(path)
-    config = read_config(folder)
-    qcfg = _qcfg(config, folder)
-    record = _read_record(folder)
-    index = SafetensorsIndex(folder)
-    tinfo = index.tensors
-    fmt = _find_format(qcfg) if qcfg is not None else None
-    layers: list[str] = []
-    if qcfg is not None:
-        found = fmt.layers_from_keys(qcfg, set(tinfo)) if fmt is not None else None
-        layers = sorted(found) if found is not None else _heuristic_layers(tinfo)
-    prefixes = tuple(n + "." for n in layers)
-    by_kind = {"codes": 0, "scales": 0, "zeros": 0, "bias": 0, "other_quantized": 0, "float": 0}
-    float_params = 0
-    by_dtype: dict[str, int] = {}
-    for k, info in tinfo.items():
-        by_dtype[info.dtype] = by_dtype.get(info.dtype, 0) + info.nbytes
-        if _under(k, prefixes):
-            mod = next(n for n in layers if k.startswith(n + "."))
-            kind = _kind(k[len(mod) + 1:], info)
-            by_kind["other_quantized" if kind == "other" else kind] += info.nbytes
-        else:
-            by_kind["float"] += info.nbytes
-            if info.is_float:
-                float_params += int(torch.Size(info.shape).numel())
-    desc = fmt.describe(qcfg) if (fmt is not None and qcfg is not None) else {}
-    meta = {}
-    try:
-        with index:
-            meta = index.metadata()
-    except CheckpointError:
-        pass
-    files_bytes = sum(f.stat().st_size for f in index.files)
-    return {
-        "path": str(folder),
-        "format": fmt.name if fmt is not None else None,
-        "quant_method": qcfg.get("quant_method") if qcfg else None,
-        "readable": qcfg is None or fmt is not None,
-        "method": (record or {}).get("method") or (fmt.name if fmt is not None else None),
-        "method_config": (record or {}).get("config"),
-        "bits": desc.get("bits"),
-        "group_size": desc.get("group_size"),
-        "sym": desc.get("sym"),
-        "quantized_layers": len(layers),
-        "layer_names": layers[:5],
-        "float_params": float_params,
-        "tensors": len(tinfo),
-        "bytes_total": files_bytes,
-        "bytes_tensors": sum(i.nbytes for i in tinfo.values()),
-        "bytes_by_kind": by_kind,
-        "bytes_by_dtype": by_dtype,
-        "architectures": config.get("architectures"),
-        "written_by": _written_by(record, qcfg, meta),
-    }
