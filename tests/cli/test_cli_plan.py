@@ -104,6 +104,7 @@ def test_a_setting_that_cannot_work_is_refused_before_quantizing(capsys, tmp_pat
     def never(*a, **k):
         raise AssertionError("quantization started")
     monkeypatch.setattr(polyquant, "quantize", never)
+    monkeypatch.setattr(polyquant, "load_model", never)  # checked on the config.json skeleton, before the weights
     code, out, err = run(capsys, "quantize", tiny576_dir, *extra, "-o", tmp_path / "q", "-q")
     assert code == 2 and "Traceback" not in err, err
     assert "cannot quantize and save this model" in err and "Fix:" in err

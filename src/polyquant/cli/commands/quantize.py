@@ -165,18 +165,16 @@ def cmd_quantize(args) -> int:
     if args.quiet:
         _quiet_loaders()
 
+    skeleton = _skeleton(args.model)  # shapes from config.json: the plan is checked before the weights load
+    if skeleton is not None:
+        config = _plan(skeleton, config, values, fmt, args.kernel)
     t0 = time.perf_counter()
     model, tok = polyquant.load_model(args.model)
     if getattr(model, "polyquant", None) is not None:
         raise UsageError(f"{args.model} is already quantized")
     log.info("loaded %s in %.1f s", args.model, time.perf_counter() - t0)
-    from polyquant.formats.preflight import PlanError, plan_config
-    try:
-        config, notes = plan_config(model, config, explicit=values, format=fmt, kernel=args.kernel)
-    except PlanError as e:
-        raise UsageError(str(e)) from None
-    for note in notes:
-        err(f"polyquant: {note}")
+    if skeleton is None:
+        config = _plan(model, config, values, fmt, args.kernel)
 
     calibration, calib_record = None, None
     if spec.needs_calibration:
@@ -219,6 +217,44 @@ def cmd_quantize(args) -> int:
                                "command to resume)" if calibration is not None else "")) from None
         err(f"polyquant: interrupted after the checkpoint was saved to {out_dir}; it is complete")
     return 0
+
+
+def _plan(model, config, values: dict, fmt: str, kernel: str):
+    """The plan check (``polyquant.formats.preflight``): the config to run, notes on stderr."""
+    from polyquant.formats.preflight import PlanError, plan_config
+    t0 = time.perf_counter()
+    try:
+        config, notes = plan_config(model, config, explicit=values, format=fmt, kernel=kernel)
+    except PlanError as e:
+        raise UsageError(str(e)) from None
+    log.info("plan checked in %.2f s", time.perf_counter() - t0)
+    for note in notes:
+        err(f"polyquant: {note}")
+    return config
+
+
+def _skeleton(spec: str):
+    """The model built from its config.json on the meta device (no weights read), or None when
+    that is not cheap (a .gguf, the default model before its first conversion) or fails."""
+    try:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig
+
+        from polyquant import models
+        if spec == "default":
+            folder = models.cache_dir() / "gguf" / models._gguf_key(models.default_model_path())
+        else:
+            folder = Path(spec).expanduser()
+        if not (folder / "config.json").is_file():
+            return None
+        cfg = AutoConfig.from_pretrained(str(folder))
+        cls = models._model_class(cfg, False)
+        with init_empty_weights():
+            return cls.from_config(cfg) if hasattr(cls, "from_config") and cls.__name__.startswith("Auto") \
+                else cls(cfg)
+    except Exception as e:  # noqa: BLE001 - the loaded model is checked instead
+        log.debug("no meta skeleton for %s: %s", spec, e)
+        return None
 
 
 def _save(formats, model, out_dir: Path, fmt: str, tok, overwrite: bool) -> None:
