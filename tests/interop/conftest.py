@@ -19,7 +19,7 @@ def record(fmt: str, direction: str, tool: str, result: str, detail: str = "") -
 
 
 def record_corrupt(case: str, api: str, cli: str) -> None:
-    CORRUPT.append({"case": case, "api": " ".join(api.split())[:300], "cli": cli})
+    CORRUPT.append({"case": case, "api": " ".join(api.split())[:600], "cli": cli})
 
 
 def _versions() -> str:

@@ -58,10 +58,12 @@ def test_readme_headline_formats_are_current():
     text = README.read_text(encoding="utf-8")
     start, end = "<!-- headline-formats:start -->\n", "<!-- headline-formats:end -->"
     table = headline_markdown()
-    if os.environ.get("POLYQUANT_UPDATE_README"):
+    if os.environ.get("POLYQUANT_UPDATE_README") and start in text and end in text:
         text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: start + table + "\n" + end, text,
                       flags=re.S)
-        README.write_text(text, encoding="utf-8")
+        tmp = README.with_name(README.name + ".tmp-headline")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, README)  # atomic: a concurrent reader never sees a half-written README
     assert start in text and end in text, "README.md lacks the headline-formats section"
     got = text.split(start, 1)[1].split(end, 1)[0].strip()
     assert got == table, "README's headline formats are stale: POLYQUANT_UPDATE_README=1 python -m pytest " \
