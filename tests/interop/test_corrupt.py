@@ -130,3 +130,23 @@ def test_corrupt_input_is_refused_in_one_line(case, sharded, nf4, tmp_path, caps
     assert not out.exists() and not list(tmp_path.glob(".out*")), "the failed quantize left files behind"
     record_corrupt(case, msg.replace(str(tmp_path), "DIR"), f"exit {code} / {code_q}: one line, no traceback, "
                                                              "nothing written")
+
+
+def test_float_folder_with_missing_or_foreign_weights_is_refused(tmp_path):
+    """A float folder whose tensors do not match the model: no layer initialised at random, by any
+    load path (polyquant.load, load_model), and the foreign keys are named."""
+    from polyquant.models import load_model
+    folder = tmp_path / "float"
+    tiny_llama(seed=4, tie=False).save_pretrained(str(folder))
+    f = folder / "model.safetensors"
+    sd = load_file(str(f))
+    sd.pop("model.layers.1.mlp.up_proj.weight")
+    save_file(sd, str(f), metadata={"format": "pt"})
+    for load in (polyquant.load, load_model):
+        with pytest.raises(ValueError, match=r"missing tensor\(s\) \['model\.layers\.1\.mlp\.up_proj\.weight'\]"):
+            load(folder)
+    sd["model.layers.1.mlp.up_proj.W_q"] = torch.zeros(4, 64, dtype=torch.uint8)
+    save_file(sd, str(f), metadata={"format": "pt"})
+    for load in (polyquant.load, load_model):
+        with pytest.raises(ValueError, match=r"up_proj\.W_q.*hqq per-layer tensors.*no quantization_config"):
+            load(folder)
