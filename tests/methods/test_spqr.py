@@ -40,6 +40,16 @@ def test_two_level_statistics_round_trip():
         assert int(codes[run].min()) == 0 and int(codes[run].max()) == 7
 
 
+def test_nearly_equal_values_keep_a_finite_second_order_zero():
+    v = torch.full((16,), 0.0123) + torch.arange(16) * 1e-9  # the reference's zero -min/s2 would be ~1e6: inf in fp16
+    codes, s2, z2, dec = two_level_encode(v, 3, 16)
+    assert torch.isfinite(z2).all() and torch.isfinite(dec).all() and abs(float(z2[0])) <= 2048
+    assert float((dec - v).abs().max()) <= 0.0123 * 3e-3  # float16 rounding of a subnormal step
+    for x in (0.5, 0.0, -2.0):  # all equal: decoded to themselves (the reference's [-1, 1] gives 0.43 for 0.5)
+        same = torch.full((16,), x)
+        assert torch.allclose(two_level_encode(same, 3, 16)[3], same, atol=abs(x) / 1000 + 1e-7)
+
+
 def test_quantized_weight_holds_exactly_what_its_statistics_decode_to():
     W, X, st = _problem()
     qw = spqr_quantize(W, SpQRConfig(), st)

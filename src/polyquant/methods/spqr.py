@@ -33,7 +33,10 @@ Where polyquant departs from the reference, on purpose:
   (the sparse matrix is added to the dense part: ``W = dequant(dense) + S``, as the CUDA kernel
   computes). The reference stores the weight itself and the dense code of 0, whose decoded value
   ``s * (round(z) - z)`` is then added on top (an error of up to ``s / 2`` per outlier);
-  GPTQ's error feedback uses the decoded value (dense + float16 residual).
+  GPTQ's error feedback uses the decoded value (dense + float16 residual);
+* a second-order run of (nearly) equal values gets a grid step of ``max|v| / 2048`` (the float16
+  zero ``-min / step`` stays finite, equal values decode to themselves); the reference's min/max rule
+  overflows float16 there or, for equal values, falls back to [-1, 1].
 
 Result (``QuantizedWeight``): qtype ``uint{bits}``, ``block = (1, group_size)``; ``scale`` and
 ``zero`` (float16 ``[out, G]``, ``G = ceil(in / group_size)``) are the decoded two-level
@@ -83,6 +86,7 @@ log = logging.getLogger(__name__)
 
 SPQR_BITS = (2, 3, 4)
 _EPS = 1e-9  # the reference's clamp of a scale before dividing by it
+_Z2_MAX = 2048.0  # largest |zero| of a second-order grid (float16 keeps it exact enough)
 
 
 @dataclass
@@ -185,6 +189,15 @@ def two_level_encode(v: torch.Tensor, bits: int, group: int
     g = vv.view(runs, group)
     maxq = (1 << bits) - 1
     s2, z2 = minmax_params(g, maxq)
+    # a run of nearly equal values: keep the float16 zero -min/s2 finite (|zero| <= 2048: a grid step of
+    # 1/2048 of the values); a run of equal values gets the same grid and decodes to itself (the
+    # reference's [-1, 1] would decode 16 equal scales of 0.5 as 0.43)
+    big = g.abs().amax(-1, keepdim=True)
+    lo = g.amin(-1, keepdim=True)
+    wide = (s2 < big / _Z2_MAX) | (lo == g.amax(-1, keepdim=True))
+    if bool(wide.any()):
+        s2 = torch.where(wide, torch.where(big > 0, big / _Z2_MAX, torch.ones_like(big)), s2)
+        z2 = torch.where(wide, -lo / s2, z2)
     s2h, z2h = s2.to(torch.float16), z2.to(torch.float16)
     s2h = torch.where(s2h > 0, s2h, torch.full_like(s2h, 2.0 ** -24))  # an underflowed scale stays positive
     q = _codes(g, s2h.float(), z2h.float(), maxq)
