@@ -146,3 +146,15 @@ def test_registered_with_its_formats():
     from polyquant.methods import get_method
     spec = get_method("spqr")
     assert spec.needs_calibration and spec.bits == (2, 3, 4) and spec.formats[0] == "spqr"
+
+
+def test_calibration_resume_files_keep_the_outliers_and_statistics(tmp_path):
+    from polyquant.calibration.checkpoint import ResumeState
+    W, X, st = _problem()
+    qw = spqr_quantize(W, SpQRConfig(), st)
+    rs = ResumeState(tmp_path / "r", {"k": "v"}, 2)
+    rs.save_block(0, {"q": qw}, {"q": 0.1})
+    back = rs.load_block(0)[0]["q"]
+    assert back.outliers is not None and back.outliers.nnz == qw.outliers.nnz > 0
+    assert torch.equal(back.dequantize(), qw.dequantize()) and back.nbytes() == qw.nbytes()
+    assert set(back.extras) == set(qw.extras)

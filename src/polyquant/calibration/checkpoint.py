@@ -126,7 +126,6 @@ class ResumeState:
         out = {}
         for name, m in meta.items():
             t = {f: tensors[f"{name}::{f}"] for f in m["fields"]}
-            extras = {k[len("extra_"):]: v for k, v in t.items() if k.startswith("extra_")}
-            out[name] = QuantizedWeight(m["qtype"], tuple(m["shape"]), tuple(m["block"]), t["data"], t["scale"],
-                                        t.get("zero"), t.get("g_idx"), extras)
+            # the inverse of tensors(): extras, code books and sparse outliers (SpQR) come back too
+            out[name] = QuantizedWeight.from_tensors(m["qtype"], tuple(m["shape"]), tuple(m["block"]), t)
         return out, errors
