@@ -73,3 +73,17 @@ def test_kernels_pick_rules_by_description_and_a_new_rule_is_one_class(monkeypat
     assert not int8k.runs_act(None) and KERNELS["reference"].runs_act(Halve())
     with pytest.raises(ValueError, match="already registered"):
         register_act_rule(Halve)
+
+
+@pytest.mark.parametrize("args,tensors", [
+    ({"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}, {}),
+    ({"num_bits": 8, "type": "float", "symmetric": True, "strategy": "group", "group_size": 16, "dynamic": True}, {}),
+    ({"num_bits": 8, "type": "int", "symmetric": False, "strategy": "tensor", "dynamic": False},
+     {"scale": torch.tensor([0.05]), "zero_point": torch.tensor([3])}),
+])
+def test_a_formats_rule_describes_itself_too(args, tensors):
+    from polyquant.formats.compressed_tensors import CTActivationQuant
+    a = CTActivationQuant(args, **tensors)
+    b = act_from_dict(a.to_dict(), **tensors)
+    x = torch.randn(4, 64) * 3
+    assert rule_of(a) == b.rule and a.rule.recipe == "compressed-tensors" and torch.equal(a(x), b(x))

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from polyquant.activations.base import ActRule, register_act_rule
 from polyquant.formats.base import CheckpointError
 
 __all__ = ["CTActivationQuant"]
@@ -87,11 +88,14 @@ def _args_dict(a: _Args) -> dict[str, Any]:
 
 
 # -- activation quantization ------------------------------------------------------------------
+@register_act_rule
 class CTActivationQuant:
     """Activation fake-quantization as compressed-tensors applies ``input_activations``:
     dynamic (per token, per token and group of input channels, or per tensor, from the current
     min/max) or static per tensor (``input_scale`` / ``input_zero_point``). ``ct_args`` is the
-    dict it was built from."""
+    dict it was built from; ``rule`` its description (registered as ``compressed-tensors``)."""
+
+    kind = "compressed-tensors"
 
     def __init__(self, ct_args: dict[str, Any], scale: torch.Tensor | None = None,
                  zero_point: torch.Tensor | None = None) -> None:
@@ -155,6 +159,27 @@ class CTActivationQuant:
         if zp is not None:
             y = y - zp
         return (y * s).to(x.dtype)
+
+    @property
+    def rule(self) -> ActRule:
+        """The description of this rule (:class:`polyquant.activations.ActRule`)."""
+        a = self.args
+        return ActRule(self.kind, "float8_e4m3fn" if a.type == "float" else f"int{a.num_bits}", a.strategy,
+                       a.group_size if a.strategy == "group" else None, dynamic=a.dynamic is True,
+                       symmetric=a.symmetric, recipe="compressed-tensors")
+
+    @classmethod
+    def from_rule(cls, rule: ActRule, scale: torch.Tensor | None = None, zero_point: torch.Tensor | None = None,
+                  **tensors) -> "CTActivationQuant":
+        fl = rule.dtype.startswith("float")
+        d: dict[str, Any] = {"num_bits": 8 if fl else int(rule.dtype[3:]), "type": "float" if fl else "int",
+                             "symmetric": rule.symmetric, "strategy": rule.granularity, "dynamic": rule.dynamic}
+        if rule.group_size is not None:
+            d["group_size"] = rule.group_size
+        return cls(d, scale, zero_point)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.rule.to_dict()
 
     def __repr__(self) -> str:
         a = self.args
