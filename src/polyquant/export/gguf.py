@@ -367,6 +367,10 @@ def export_gguf(model: nn.Module, tokenizer: Any, out: Path, *, type: str = "aut
     if refused:
         raise ExportError("GGUF export refused:\n  " + "\n  ".join(refused))
 
+    if source is None:  # a model loaded with load_model("default") (and quantized in memory) keeps its name
+        from polyquant.models import DEFAULT_NAME
+        if getattr(model, "name_or_path", None) == DEFAULT_NAME:
+            source = "default"
     pre = tokenizer_pre or _source_pre(source) or "default"
     result = ExportResult(path=Path(out), target="gguf")
     file_types = []
