@@ -17,6 +17,10 @@ interleaved round-robin in one process): fp32, polyquant's ``cpu-aqlm`` on the c
 checkpoint through transformers + ``aqlm`` (its Numba ``numba_gemm_lut`` kernel for Kx8 on CPU):
 
     flock /tmp/polyquant-core0.lock taskset -c 0 python benchmarks/bench_aqlm.py speed --out bench-results/aqlm.jsonl
+
+Layers stage (cheap): per-layer Hessian-weighted output error of AQLM and the peers on the same Linears:
+
+    nice -n 5 taskset -c 1 python benchmarks/bench_aqlm.py layers --n-samples 16 --out bench-results/aqlm.jsonl
 """
 from __future__ import annotations
 
@@ -150,8 +154,80 @@ def interop(ckpt: str, tok) -> dict:
             "cosine": cos, "max_abs_diff": float((a - b).abs().max()), "nan": bool(torch.isnan(b).any())}
 
 
+def quick_checkpoint(path: str) -> None:
+    """A full-size AQLM 2x8 checkpoint of the default model made in about a minute (one k-means assignment
+    from sampled code words, no alternation, 1 x 32 calibration tokens): poor accuracy, but the same shapes,
+    so the same work per decoded token as a fully optimised one (decode speed only)."""
+    from polyquant.methods.aqlm import AQLMConfig
+    model, tok = polyquant.load_model("default")
+    calib = calibration_data(tok, n_samples=1, seqlen=32, seed=0)
+    q = polyquant.quantize(model, AQLMConfig(init_iters=0, max_iters=0), calibration=Calibration(calib, autocast=None),
+                           inplace=True, show_progress=False)
+    polyquant.save(q, path, tokenizer=tok, overwrite=True)
+
+
+def layers(a) -> None:
+    """Per-layer Hessian-weighted relative output error ``tr(D H D^T) / tr(W H W^T)`` of AQLM 2x8 and the
+    2-3-bit peers on the same Linears and Hessians (``--blocks``, ``--n-samples`` x 512 calibration tokens):
+    the quantity each method minimises, far cheaper than a whole-model run."""
+    from polyquant.calibration.stats import HessianCollector
+    from polyquant.methods import get_method
+    from polyquant.methods.aqlm import AQLMConfig
+    from polyquant.methods import GPTQConfig, RTNConfig
+    from polyquant.methods.hqq import HQQConfig
+    torch.set_num_threads(a.threads)
+    model, tok = polyquant.load_model("default")
+    calib = calibration_data(tok, n_samples=a.n_samples, seqlen=a.seqlen, seed=a.seed)
+    blocks = [int(b) for b in a.blocks.split(",")]
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"]
+    cols, hooks = {}, []
+    for b in blocks:
+        for n in names:
+            lin = model.model.layers[b].get_submodule(n)
+            key = f"{b}.{n}"
+            cols[key] = HessianCollector(lin.in_features)
+            hooks.append(lin.register_forward_pre_hook(lambda m, x, key=key: cols[key].add(x[0])))
+    with torch.inference_mode():
+        for smp in calib:
+            ids = smp["input_ids"] if isinstance(smp, dict) else smp
+            model(input_ids=ids if ids.dim() == 2 else ids[None])
+    for h in hooks:
+        h.remove()
+    m, b = (int(v) for v in a.scheme.split("x"))
+    configs = {f"aqlm-{a.scheme}": AQLMConfig(num_codebooks=m, nbits_per_codebook=b, max_iters=a.max_iters,
+                                              init_iters=a.init_iters, codebook_steps=a.codebook_steps),
+               "gptq-w3-g64": GPTQConfig(bits=3, group_size=64), "gptq-w2-g64": GPTQConfig(bits=2, group_size=64),
+               "hqq-2bit-g64": HQQConfig(bits=2, group_size=64), "rtn-w2-g64": RTNConfig(bits=2, group_size=64)}
+    table: dict[str, dict[str, float]] = {}
+    secs: dict[str, float] = {}
+    for key, col in cols.items():
+        b_, n = key.split(".", 1)
+        W = model.model.layers[int(b_)].get_submodule(n).weight.detach().float()
+        H = col.H
+        den = float(((W @ H) * W).double().sum())
+        table[key] = {}
+        for row, cfg in configs.items():
+            t0 = time.perf_counter()
+            qw = get_method(cfg.method).quantize_weight(W, cfg, {"H": H, "n": col.n})
+            secs[row] = secs.get(row, 0.0) + time.perf_counter() - t0
+            d = W - qw.dequantize()
+            table[key][row] = float(((d @ H) * d).double().sum()) / den
+            if row.startswith("aqlm"):
+                table[key]["aqlm_bits_per_weight"] = qw.bits_per_weight
+        print(key, {k: round(v, 5) for k, v in table[key].items()}, flush=True)
+    rows = list(configs)
+    import math
+    geo = {r: math.exp(sum(math.log(max(t[r], 1e-30)) for t in table.values()) / len(table)) for r in rows}
+    _emit({"stage": "layers", "blocks": blocks, "n_samples": a.n_samples, "seqlen": a.seqlen, "per_layer": table,
+           "geomean_relative_error": geo, "seconds": {k: round(v, 1) for k, v in secs.items()},
+           "aqlm_below_gptq_w3_layers": sum(t[rows[0]] < t["gptq-w3-g64"] for t in table.values()),
+           "layers": len(table)}, a.out)
+
+
 def speed(a) -> None:
     from polyquant.eval import make_windows
+    if a.quick_ckpt and not Path(a.ckpt, "config.json").exists():
+        quick_checkpoint(a.ckpt)
     torch.set_num_threads(1)
     try:
         import numba
@@ -193,7 +269,9 @@ def speed(a) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("stage", choices=["quality", "speed"])
+    ap.add_argument("stage", choices=["quality", "speed", "layers"])
+    ap.add_argument("--blocks", default="0,10,20,29")
+    ap.add_argument("--quick-ckpt", action="store_true", help="speed: make a quick full-size checkpoint if --ckpt is absent")
     ap.add_argument("--rows", default="aqlm,fp32,gptq-w3-g64,gptq-w2-g64,hqq-2bit-g64,rtn-w2-g64")
     ap.add_argument("--scheme", default="2x8")
     ap.add_argument("--in-group-size", type=int, default=8)
@@ -213,7 +291,7 @@ def main() -> None:
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("polyquant.methods.aqlm").setLevel(logging.INFO)  # per-layer error and time
-    quality(a) if a.stage == "quality" else speed(a)
+    {"quality": quality, "speed": speed, "layers": layers}[a.stage](a)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ import torch
 
 from polyquant.methods.base import MethodConfig, check_int
 from polyquant.methods.registry import MethodSpec, register_method
+from polyquant.methods.traits import BENCH, Preset, Prior, rel
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
 __all__ = ["AQLMConfig", "aqlm_quantize", "aqlm_fit", "AQLMState", "weighted_kmeans", "SCHEMES"]
@@ -475,5 +476,17 @@ register_method(MethodSpec(
     description="additive code books (M x nbits per 8-vector), Hessian-weighted k-means + beam search + "
                 "least-squares code books",
     reference="Egiazarian et al. 2024, AQLM (arXiv 2401.06118); Vahe1994/AQLM",
-    extra={"collect": "hessian"},
+    collect="hessian",
+    # compare's rows: 2x8 (about 2.2 bits per weight on SmolLM2-135M, code books counted) and 1x16 (the
+    # paper's default; its 65536 x 8 fp16 code book per layer outweighs the codes of a 576-wide model)
+    presets=(Preset("aqlm-2x8", {"num_codebooks": 2, "nbits_per_codebook": 8}),
+             Preset("aqlm-1x16", {"num_codebooks": 1, "nbits_per_codebook": 16})),
+    # the advisor matches ``bits`` against the code index width (8 for Kx8, 16 for 1x16)
+    priors=(Prior(8, None, None, rel(35.0), "assumed: no whole-model perplexity of AQLM 2x8 measured yet; between GPTQ W3 "
+                  "g64 (" + BENCH + ": 27.099) and W2 g64: benchmarks/bench_aqlm.py layers (blocks 0/15/29, 16 x 512) "
+                  "gives a geometric-mean relative output error of 0.0067 for 2x8 against 0.0035 GPTQ W3 g64, 0.023 GPTQ "
+                  "W2 g64, 0.096 HQQ 2-bit g64"),
+            Prior(16, None, None, rel(35.0), "assumed: AQLM 1x16 as 2x8 in accuracy, but on a 576-wide model its "
+                  "65536 x 8 fp16 code book per layer (1 MiB) costs more than the codes: about 27 bits per weight "
+                  "on a 576 x 576 layer, so it never wins on size here (it pays on 4096-wide models: ~2.3 bits)")),
 ))
