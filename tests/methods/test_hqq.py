@@ -108,7 +108,7 @@ def test_chunking_does_not_change_the_result(monkeypatch):
     assert torch.allclose(full.zero, chunked.zero, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("bits", [b for b in range(1, 9) if b != 7])  # the widths hqq lists (no 7)
 def test_every_bit_width(bits):
     w = heavy_tailed(32, 128, seed=bits)
     qw = hqq_quantize(w, HQQConfig(bits=bits, group_size=32))

@@ -19,7 +19,7 @@ def test_unknown_method_lists_known_ones():
 
 def test_config_round_trip():
     cfg = RTNConfig(bits=3, group_size=64, sym=False, clip_search=True, clip_grid=7, clip_min=0.6,
-                    include=[r"mlp\."], exclude=["down_proj"], quantize_lm_head=True, kernel="reference")
+                    include=[r"mlp\."], exclude=["down_proj"], quantize_lm_head=True)
     d = cfg.to_dict()
     assert d["method"] == "rtn" and d["bits"] == 3 and d["include"] == [r"mlp\."]
     back = config_from_dict(d)
