@@ -276,8 +276,12 @@ def test_summary_markdown_lists_settings_runs_failures_and_skips():
 
 def test_default_run_list_covers_every_registered_method_at_its_headline_setting(exploding_method):
     runs, skipped = build_runs()
-    assert skipped == [] and runs[0] == Run("fp32")
-    assert {r.method for r in runs[1:]} == set(METHODS)  # every registered method, the new one too
+    assert runs[0] == Run("fp32")
+    # methods whose presets are all opt-in (sweep=False: AQLM's code book search) are listed, not run
+    opt_in = {m for m, s in METHODS.items() if s.presets and not any(p.sweep for p in s.presets)}
+    assert {x["method"] for x in skipped} == opt_in
+    assert all(f"--methods {x['method']}" in x["reason"] for x in skipped)
+    assert {r.method for r in runs[1:]} == set(METHODS) - opt_in  # every other method, the new one too
     names = [r.name for r in runs]
     assert len(set(names)) == len(names)
     for name, method, fields in HEADLINE:
@@ -413,17 +417,19 @@ def test_compare_command_runs_every_registered_method_and_writes_the_report(tmp_
     stdout, _ = capsys.readouterr()
     recs = results(out)
     no_presets = sorted(m for m, s in METHODS.items() if not s.presets)  # one run at defaults, after the presets
+    opt_in = {m for m, s in METHODS.items() if s.presets and not any(p.sweep for p in s.presets)}
     assert [r["name"] for r in recs] == ["fp32"] + [n for n, _, _ in HEADLINE] + no_presets
-    assert {r["method"] for r in recs} == {"fp32", *METHODS}
+    assert {r["method"] for r in recs} == {"fp32", *METHODS} - opt_in
     assert all(r["status"] == "ok" for r in recs), [(r["name"], r.get("error")) for r in recs if r["status"] != "ok"]
     assert all(r["config"] is None or r["config"]["quantize_lm_head"] is False for r in recs)
     calibrated = {r["method"] for r in recs if r["calibration"] is not None}
-    assert calibrated == {m for m, s in METHODS.items() if s.needs_calibration}
+    assert calibrated == {m for m, s in METHODS.items() if s.needs_calibration} - opt_in
     lines = stdout.splitlines()
     assert lines[0].split()[:3] == ["method", "setting", "ppl"]
     assert f"{len(recs)} runs (0 failed)" in stdout and "report: " in stdout
     payload = json.loads((out / "results.json").read_text())
-    assert payload["settings"]["run_list"] == "headline" and payload["skipped"] == []
+    assert payload["settings"]["run_list"] == "headline"
+    assert {x["method"] for x in payload["skipped"]} == opt_in
     assert payload["settings"]["calibration"]["samples"] == 4
     for f in ("report.html", "summary.md", "matrix.md", "matrix.json", "charts/ppl_vs_bits.svg",
               "charts/ppl_vs_bits.png", "charts/kl_vs_bits.svg", "charts/quantize_time.png"):
@@ -469,3 +475,13 @@ def test_compare_and_report_commands_refuse_bad_input(tmp_path, capsys):
     (tmp_path / "results.json").write_text("{}")
     assert main(["report", str(tmp_path)]) == 2
     assert "no 'runs' list" in capsys.readouterr().err
+
+
+def test_opt_in_presets_run_when_their_method_is_named():
+    from polyquant.methods.traits import Preset
+    slow = [sp for sp in METHODS.values() if sp.presets and not any(p.sweep for p in sp.presets)]
+    for sp in slow:
+        runs, skipped = build_runs([sp.name])
+        assert [r.name for r in runs[1:]] == [p.name for p in sp.presets] and skipped == []
+    with pytest.raises(ValueError, match="sweep must be a bool"):
+        Preset("x", {}, sweep="no")

@@ -479,8 +479,8 @@ register_method(MethodSpec(
     collect="hessian",
     # compare's rows: 2x8 (about 2.2 bits per weight on SmolLM2-135M, code books counted) and 1x16 (the
     # paper's default; its 65536 x 8 fp16 code book per layer outweighs the codes of a 576-wide model)
-    presets=(Preset("aqlm-2x8", {"num_codebooks": 2, "nbits_per_codebook": 8}),
-             Preset("aqlm-1x16", {"num_codebooks": 1, "nbits_per_codebook": 16})),
+    presets=(Preset("aqlm-2x8", {"num_codebooks": 2, "nbits_per_codebook": 8}, sweep=False),
+             Preset("aqlm-1x16", {"num_codebooks": 1, "nbits_per_codebook": 16}, sweep=False)),
     # the advisor matches ``bits`` against the code index width (8 for Kx8, 16 for 1x16)
     priors=(Prior(8, None, None, rel(35.0), "assumed: no whole-model perplexity of AQLM 2x8 measured yet; between GPTQ W3 "
                   "g64 (" + BENCH + ": 27.099) and W2 g64: benchmarks/bench_aqlm.py layers (blocks 0/15/29, 16 x 512) "

@@ -25,16 +25,21 @@ def rel(ppl: float, base: float = FP32_PPL) -> float:
 @dataclass(frozen=True)
 class Preset:
     """A named setting of a method: ``name`` is the run name in a sweep, ``fields`` the config
-    fields that differ from the config's defaults."""
+    fields that differ from the config's defaults. ``sweep``: whether ``compare`` runs it without
+    ``--methods`` (False for settings that take far longer than the rest on a CPU, such as AQLM's
+    code book search: they run when their method is named)."""
 
     name: str
     fields: dict[str, Any] = field(default_factory=dict)
+    sweep: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
             raise ValueError(f"preset name must be a non-empty string, got {self.name!r}")
         if not isinstance(self.fields, dict):
             raise ValueError(f"preset {self.name}: fields must be a dict, got {self.fields!r}")
+        if not isinstance(self.sweep, bool):
+            raise ValueError(f"preset {self.name}: sweep must be a bool, got {self.sweep!r}")
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,11 @@ __all__ = ["Run", "HEADLINE", "headline", "build_runs", "default_runs", "run_nam
 def headline() -> list[tuple[str, str, dict[str, Any]]]:
     """The default sweep, read from the method registry: ``(run name, method, config fields)`` for
     each preset of every registered method (``MethodSpec.presets``, methods in ``MethodSpec.order``).
-    Methods without presets run once with their config's defaults (named after the method)."""
+    Methods without presets run once with their config's defaults (named after the method);
+    presets with ``sweep=False`` run only when their method is named."""
     from polyquant.methods import METHODS
     specs = sorted(METHODS.values(), key=lambda sp: (sp.order, sp.name))
-    return [(p.name, sp.name, dict(p.fields)) for sp in specs for p in sp.presets]
+    return [(p.name, sp.name, dict(p.fields)) for sp in specs for p in sp.presets if p.sweep]
 
 
 def __getattr__(name: str) -> Any:
@@ -149,10 +150,16 @@ def build_runs(methods: Iterable[str] | None = None, bits: Iterable[int] | None 
         seen.update({k: name for k in keys})
         runs.append(Run(name, cfg))
 
+    named = methods is not None
     for m in names:
         spec = METHODS[m]
         cls = spec.config_cls
-        heads = [(p.name, dict(p.fields)) for p in spec.presets] or [(m, {})]
+        presets = [p for p in spec.presets if named or p.sweep]
+        if spec.presets and not presets:  # every preset opt-in: the method runs when it is named
+            skipped.append({"method": m, "setting": ", ".join(p.name for p in spec.presets),
+                            "reason": f"not in the default sweep (slow on a CPU); run it with --methods {m}"})
+            continue
+        heads = [(p.name, dict(p.fields)) for p in presets] or [(m, {})]
         if bits_l is None and groups_l is None:
             for n, f in heads:
                 add(n, cls, dict(f), " ".join(f"{k}={v}" for k, v in f.items()) or "defaults")
