@@ -22,7 +22,7 @@ INDEX = "model.safetensors.index.json"
 def sharded(tmp_path_factory):
     """A W4 g32 compressed-tensors checkpoint in several shards."""
     q = polyquant.quantize(tiny_llama(seed=2, hidden=128, tie=False), polyquant.RTNConfig(bits=4, group_size=32),
-                           show_progress=False)
+                           show_progress=False, kernel="reference")
     out = polyquant.save(q, tmp_path_factory.mktemp("ck") / "w4", max_shard_size=60_000)
     assert (out / INDEX).is_file()
     return out
@@ -31,7 +31,7 @@ def sharded(tmp_path_factory):
 @pytest.fixture(scope="module")
 def nf4(tmp_path_factory):
     from polyquant.methods.bnb import BnbNF4Config
-    q = polyquant.quantize(tiny_llama(seed=2, hidden=128, tie=False), BnbNF4Config(), show_progress=False)
+    q = polyquant.quantize(tiny_llama(seed=2, hidden=128, tie=False), BnbNF4Config(), show_progress=False, kernel="reference")
     return polyquant.save(q, tmp_path_factory.mktemp("ck") / "nf4")
 
 

@@ -50,7 +50,7 @@ def _config_for(fmt_name: str, model):
     with_acts = None
     for spec in specs:
         try:
-            q = polyquant.quantize(model, spec.config_cls(), show_progress=False)
+            q = polyquant.quantize(model, spec.config_cls(), show_progress=False, kernel="reference")
         except (ValueError, RuntimeError):
             continue
         layers = [(n, m) for n, m in q.named_modules() if isinstance(m, QuantLinear)]
