@@ -179,13 +179,19 @@ def pipeline_model() -> Sequence:
 # -- (c) integration graph --------------------------------------------------------------------
 
 def format_tools(fmt) -> dict[str, dict[str, object]]:
-    """``tool -> {"reads": bool, "writes": bool, "note": str}`` for one format object."""
+    """``tool -> {"reads": bool, "writes": bool, "note": str, "verified": bool}`` for one format
+    object: the tools ``tests/interop`` verified (``readers`` / ``writers``) and, unverified, the
+    others the format names (``untested_readers`` / ``untested_writers``, with why)."""
     tools: dict[str, dict[str, object]] = {}
-    for attr, flag in (("readers", "reads"), ("writers", "writes")):
+    for attr, flag, verified in (("readers", "reads", True), ("writers", "writes", True),
+                                 ("untested_readers", "reads", False), ("untested_writers", "writes", False)):
         for entry in getattr(fmt, attr, ()) or ():
             for tool, qual in tool_name(entry):
-                t = tools.setdefault(tool, {"reads": False, "writes": False, "note": ""})
+                t = tools.setdefault(tool, {"reads": False, "writes": False, "note": "", "verified": verified})
+                if t[flag] and not verified:
+                    continue  # already verified in this direction
                 t[flag] = True
+                t["verified"] = bool(t["verified"]) and verified  # solid only if every direction is
                 if qual and qual not in str(t["note"]):
                     t["note"] = f"{t['note']}; {qual}" if t["note"] else qual
     return tools
@@ -208,10 +214,11 @@ def integration_model() -> Flowchart:
         nodes.append(Node(fid, [f.name, f"quant_method: {f.quant_method}"], "format", 2, "formats"))
         for tool, info in sorted(format_tools(f).items()):
             tid = tools.setdefault(tool, "t_" + _slug(tool))
+            dashed = not info["verified"]  # named by the format, not verified by tests/interop
             if info["reads"]:
-                tool_edges.append(Edge(fid, tid, str(info["note"]), both=bool(info["writes"])))
+                tool_edges.append(Edge(fid, tid, str(info["note"]), both=bool(info["writes"]), dashed=dashed))
             else:
-                tool_edges.append(Edge(tid, fid, str(info["note"])))
+                tool_edges.append(Edge(tid, fid, str(info["note"]), dashed=dashed))
     from polyquant.export import list_exporters  # export targets: files another runtime reads
     exps = list(list_exporters().values())
     if exps:
@@ -226,7 +233,8 @@ def integration_model() -> Flowchart:
     for tool, tid in sorted(tools.items(), key=lambda kv: _tool_label(kv[0]).lower()):
         nodes.append(Node(tid, [_tool_label(tool)], "tool", 3))
     legend = ["format -> tool: the tool reads it", "tool -> format: the tool writes it",
-              "<-> both; the label qualifies"]
+              "<-> both; the label qualifies",
+              "solid: verified by tests/interop here; dashed: not verified here (docs/interop.md says why)"]
     return Flowchart("LR", nodes, edges + tool_edges, clusters, legend)
 
 
