@@ -21,7 +21,7 @@ import threading
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["load_library", "library_error", "cache_dir"]
+__all__ = ["load_library", "library_error", "cache_dir", "runnable_levels"]
 
 _LIBS: dict[str, ctypes.CDLL | str] = {}
 _LOCK = threading.Lock()
@@ -109,3 +109,9 @@ def library_error(name: str) -> str | None:
         return None
     except RuntimeError as e:
         return str(e)
+
+
+def runnable_levels(level: int) -> list[int]:
+    """Every code path a CPU whose best is ``level`` can run (tests cover each), in the C files'
+    shared numbering: 0 portable C, 2 AVX2 + FMA, 1 AVX-512F, 3 AVX-512 VNNI (a superset of 1)."""
+    return [0] + ([2] if level in (1, 2, 3) else []) + ([1] if level in (1, 3) else []) + ([3] if level == 3 else [])

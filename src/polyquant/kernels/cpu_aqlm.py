@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from polyquant.kernels.base import Kernel, register_kernel
-from polyquant.kernels.cext import library_error, load_library
+from polyquant.kernels.cext import library_error, load_library, runnable_levels
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
 __all__ = ["CpuAqlmKernel", "simd_level", "simd_levels", "aqlm_lut_mm", "aqlm_gather_mm", "aqlm_sweep",
@@ -56,7 +56,7 @@ def simd_level() -> int:
 
 
 def simd_levels() -> list[int]:
-    return [0] + ([2] if simd_level() == 2 else [])
+    return runnable_levels(simd_level())
 
 
 def sweep_available() -> bool:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from polyquant.kernels.base import Kernel, register_kernel
-from polyquant.kernels.cext import library_error, load_library
+from polyquant.kernels.cext import library_error, load_library, runnable_levels
 from polyquant.kernels.cpu_actorder import gather_columns, group_perm, sort_by_group
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
@@ -55,8 +55,7 @@ def simd_level() -> int:
 
 def simd_levels() -> list[int]:
     """Every code path this CPU can run (tests cover each): 0, and 2 / 1 where available."""
-    lv = simd_level()
-    return [0] + ([2] if lv in (1, 2) else []) + ([1] if lv == 1 else [])
+    return runnable_levels(simd_level())
 
 
 def _group(qw: QuantizedWeight) -> int | str:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from polyquant.kernels.base import Kernel, register_kernel
-from polyquant.kernels.cext import library_error, load_library
+from polyquant.kernels.cext import library_error, load_library, runnable_levels
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
 __all__ = ["CpuSpQRKernel", "simd_level", "simd_levels", "spqr_mm", "spqr_dequantize", "DEQUANT_MIN_M", "GROUP"]
@@ -58,8 +58,7 @@ def simd_level() -> int:
 
 
 def simd_levels() -> list[int]:
-    lv = simd_level()
-    return [0] + ([2] if lv in (1, 2) else []) + ([1] if lv == 1 else [])
+    return runnable_levels(simd_level())
 
 
 def _order(qw: QuantizedWeight) -> torch.Tensor | None | str:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from polyquant.activations.bitnet import BitNetActivation
 from polyquant.kernels.base import Kernel, register_kernel
-from polyquant.kernels.cext import library_error, load_library
+from polyquant.kernels.cext import library_error, load_library, runnable_levels
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
 __all__ = ["CpuTernaryKernel", "pack_ternary", "ternary_int_mm", "ternary_linear",
@@ -73,8 +73,7 @@ def simd_level() -> int:
 
 def simd_levels() -> list[int]:
     """Every code path this CPU can run (tests cover each)."""
-    lv = simd_level()
-    return [0] + ([2] if lv in (1, 2, 3) else []) + ([1] if lv in (1, 3) else []) + ([3] if lv == 3 else [])
+    return runnable_levels(simd_level())
 
 
 def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
