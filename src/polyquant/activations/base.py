@@ -24,6 +24,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from polyquant.registry import add_entry
+
 __all__ = ["ActRule", "ActivationQuantizer", "ACT_RULES", "register_act_rule", "rule_of", "act_from_dict",
            "GRANULARITIES"]
 
@@ -135,11 +137,7 @@ ACT_RULES: dict[str, type] = {}
 
 def register_act_rule(cls: type) -> type:
     """Class decorator: add a rule to ``ACT_RULES`` under its ``kind`` (names are never reused)."""
-    kind = getattr(cls, "kind", "")
-    if not kind or kind in ACT_RULES:
-        raise ValueError(f"activation rule kind {kind!r} is empty or already registered")
-    ACT_RULES[kind] = cls
-    return cls
+    return add_entry(ACT_RULES, getattr(cls, "kind", ""), cls, "activation rule")
 
 
 def rule_of(act: Any) -> ActRule | None:

@@ -16,6 +16,8 @@ from typing import Any, Callable, Iterator
 
 from torch import nn
 
+from polyquant.registry import lookup
+
 __all__ = ["ExportError", "Exporter", "EXPORTERS", "register_exporter", "get_exporter", "atomic_file",
            "resolve_model", "quant_layers", "ExportResult"]
 
@@ -37,6 +39,10 @@ class Exporter:
         options: the accepted options with a short description each.
         check_layer: ``QuantizedWeight -> None | reason``: None when the target stores the layer's
             codes and scales as they are (for the compatibility matrix); the reason otherwise.
+        layer_type: ``QuantizedWeight -> str``: the target's storage type for a layer it holds
+            (``Q4_0``, ``MatMulNBits4``; for the compatibility matrix).
+        untested_readers: other runtimes that are meant to read the output but were not run here,
+            each with why (dashed in the integration graph, named in the matrix).
     """
 
     name: str
@@ -46,6 +52,8 @@ class Exporter:
     description: str
     options: dict[str, str] = field(default_factory=dict)
     check_layer: Callable[[Any], "str | None"] | None = None
+    layer_type: Callable[[Any], str] | None = None
+    untested_readers: dict[str, str] = field(default_factory=dict)
 
 
 EXPORTERS: dict[str, Exporter] = {}
@@ -57,10 +65,7 @@ def register_exporter(exp: Exporter) -> Exporter:
 
 
 def get_exporter(name: str) -> Exporter:
-    try:
-        return EXPORTERS[name]
-    except KeyError:
-        raise ValueError(f"unknown export target {name!r}; choose one of {sorted(EXPORTERS)}") from None
+    return lookup(EXPORTERS, name, "export target", hint=lambda t: f"choose one of {sorted(t)}")
 
 
 @dataclass

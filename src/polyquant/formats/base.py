@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from polyquant.registry import add_entry, instance, lookup
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
 __all__ = ["Format", "LayerRefusal", "refusal", "register_format", "get_format", "list_formats", "FORMATS", "CheckpointError"]
@@ -97,6 +98,20 @@ class Format:
         """Other JSON files to write next to config.json (e.g. GPTQ's ``quantize_config.json``)."""
         return {}
 
+    #: names among ``extra_files`` that need every layer's tensors at once (hqq's ``qmodel.pt``):
+    #: a streaming save, which releases each layer once it is written, leaves them out and records it
+    whole_model_files: tuple[str, ...] = ()
+
+    def layer_summary(self, name: str, module: nn.Module) -> QuantizedWeight:
+        """What ``quantization_config`` / ``extra_files`` need of one layer once its tensors are
+        written and the layer released (streaming saves keep this, not the layer): a
+        ``QuantizedWeight`` that stands in for the layer's. Default: the layer's, with its codes
+        (``data``, the bulk of it) reduced to their shape and dtype on the meta device; a format
+        whose config reads the codes' values returns more."""
+        qw = module.quantized_weight
+        return QuantizedWeight.from_tensors(qw.qtype, qw.shape, qw.block,
+                                            {**qw.tensors(), "data": torch.empty_like(qw.data, device="meta")})
+
     def safetensors_metadata(self, tensors: dict[str, torch.Tensor], layers: dict[str, nn.Module]
                              ) -> dict[str, str]:
         """Extra string entries for the safetensors header of every shard, given the complete
@@ -154,18 +169,12 @@ FORMATS: dict[str, Format] = {}
 
 
 def register_format(fmt: Format | Callable[[], Format]) -> Format:
-    f = fmt() if isinstance(fmt, type) else fmt
-    if not f.name or f.name in FORMATS:
-        raise ValueError(f"format name {f.name!r} is empty or already registered")
-    FORMATS[f.name] = f
-    return f
+    f = instance(fmt)
+    return add_entry(FORMATS, f.name, f, "format")
 
 
 def get_format(name: str) -> Format:
-    try:
-        return FORMATS[name]
-    except KeyError:
-        raise ValueError(f"unknown format {name!r}; known formats: {', '.join(sorted(FORMATS))}") from None
+    return lookup(FORMATS, name, "format")
 
 
 def list_formats() -> list[Format]:

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 
 from polyquant.activations.base import rule_of
+from polyquant.registry import add_entry, instance, lookup
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
 __all__ = ["Kernel", "register_kernel", "get_kernel", "list_kernels", "select_kernel", "KERNELS"]
@@ -74,18 +75,12 @@ KERNELS: dict[str, Kernel] = {}
 
 
 def register_kernel(kernel: Kernel | Callable[[], Kernel]) -> Kernel:
-    k = kernel() if isinstance(kernel, type) else kernel
-    if not k.name or k.name in KERNELS:
-        raise ValueError(f"kernel name {k.name!r} is empty or already registered")
-    KERNELS[k.name] = k
-    return k
+    k = instance(kernel)
+    return add_entry(KERNELS, k.name, k, "kernel")
 
 
 def get_kernel(name: str) -> Kernel:
-    try:
-        return KERNELS[name]
-    except KeyError:
-        raise ValueError(f"unknown kernel {name!r}; known kernels: {', '.join(sorted(KERNELS))}") from None
+    return lookup(KERNELS, name, "kernel")
 
 
 def list_kernels() -> list[Kernel]:

@@ -13,6 +13,7 @@ import torch
 
 from polyquant.methods.base import MethodConfig
 from polyquant.methods.traits import Preset, Prior
+from polyquant.registry import lookup
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
 __all__ = ["MethodSpec", "Preset", "Prior", "register_method", "get_method", "list_methods", "config_from_dict", "METHODS"]
@@ -134,10 +135,7 @@ def unregister_method(name: str) -> None:
 
 
 def get_method(name: str) -> MethodSpec:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}") from None
+    return lookup(METHODS, name, "method")
 
 
 def list_methods() -> list[MethodSpec]:
