@@ -478,4 +478,5 @@ register_exporter(Exporter(
              "requantize": "re-round layers whose grid is not the type's (else refuse)",
              "tokenizer_pre": "llama.cpp pre-tokenizer name"},
     check_layer=gguf_check_layer,
+    layer_type=_natural_type,
 ))

@@ -419,6 +419,22 @@ def _verify(data: bytes, fmodel: nn.Module) -> dict[str, float]:
     return {"max_abs_logit_diff": float(np.abs(got - ref).max()), "max_abs_logit": float(np.abs(ref).max())}
 
 
+def onnx_layer_type(qw) -> str:
+    """The MatMulNBits variant a layer it holds becomes (``MatMulNBits4``, ``+g_idx`` / ``+gather`` for act-order)."""
+    t = f"MatMulNBits{qw.bits}"
+    if qw.g_idx is not None:
+        sym = qw.zero is None and qw.bits in (2, 4) and qw.qt.code_offset == 1 << (qw.bits - 1)
+        t += "+g_idx" if sym else "+gather"
+    return t
+
+
+#: Why optimum-onnx's ``ORTModelForCausalLM`` is not a verified reader (checked on this machine).
+OPTIMUM_ONNX_NOTE = ("does not load with transformers 5: optimum-onnx 0.1.0 (the latest) requires "
+                     "transformers<4.58 and optimum~=2.1; installed beside transformers 5.24 with --no-deps, "
+                     "`from optimum.onnxruntime import ORTModelForCausalLM` fails with ImportError: cannot import "
+                     "name 'get_parameter_dtype' from 'transformers.modeling_utils'")
+
+
 register_exporter(Exporter(
     name="onnx", suffix=".onnx", readers=("onnxruntime",),
     run=export_onnx,
@@ -426,6 +442,8 @@ register_exporter(Exporter(
     options={"accuracy_level": "0 (float activations) .. 4 (int8 activations)", "dynamo": "torch.export exporter",
              "opset": "ONNX opset (17)"},
     check_layer=onnx_check_layer,
+    layer_type=onnx_layer_type,
+    untested_readers={"optimum-onnx": OPTIMUM_ONNX_NOTE},
 ))
 
 

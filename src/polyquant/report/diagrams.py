@@ -58,7 +58,8 @@ _TOOL_LABELS = {"transformers": "transformers", "vllm": "vLLM", "sglang": "SGLan
                 "optimum": "optimum", "exllamav2": "ExLlamaV2", "bitsandbytes": "bitsandbytes", "peft": "PEFT",
                 "hqq": "hqq", "optimum-quanto": "optimum-quanto", "torchao": "torchao",
                 "compressed-tensors": "compressed-tensors", "llm-compressor": "llm-compressor", "eetq": "EETQ",
-                "deepseek": "DeepSeek-V3 inference", "llama.cpp": "llama.cpp", "fbgemm": "FBGEMM"}
+                "deepseek": "DeepSeek-V3 inference", "llama.cpp": "llama.cpp", "fbgemm": "FBGEMM",
+                "onnxruntime": "ONNX Runtime", "optimum-onnx": "optimum-onnx"}
 
 
 def tool_name(entry: str) -> list[tuple[str, str]]:
@@ -230,6 +231,10 @@ def integration_model() -> Flowchart:
         for entry in x.readers:
             for tool, qual in tool_name(entry):
                 tool_edges.append(Edge(xid, tools.setdefault(tool, "t_" + _slug(tool)), qual))
+        for entry, why in (getattr(x, "untested_readers", None) or {}).items():  # named, not run here
+            for tool, qual in tool_name(entry):
+                label = qual or (str(why).split(":", 1)[0] if why else "not verified")
+                tool_edges.append(Edge(xid, tools.setdefault(tool, "t_" + _slug(tool)), label, dashed=True))
     for tool, tid in sorted(tools.items(), key=lambda kv: _tool_label(kv[0]).lower()):
         nodes.append(Node(tid, [_tool_label(tool)], "tool", 3))
     legend = ["format -> tool: the tool reads it", "tool -> format: the tool writes it",

@@ -13,6 +13,11 @@ This module owns:
   asked ``supports(qw, device)`` (a kernel that raises is recorded with the error, never fatal).
   For a device this machine does not have, the kernels' declared ``devices`` and
   ``min_capability`` decide, plus the layout checks ``supports`` makes without the device;
+* the *export* cells of each declared row (:func:`export_cell`): for every registered export
+  target (``polyquant.export.EXPORTERS``: ONNX for onnxruntime, GGUF for llama.cpp), whether it
+  stores the sample layer's codes and scales as they are, in which of its types, or why not
+  (the target's own ``check_layer``), and which runtimes read the file (verified, and the
+  others with why they are not);
 * the *probed* matrix (:func:`probed_matrix`): what actually ran in a sweep (records of
   ``polyquant compare``'s ``results.json``), with the kernels used or the error;
 * their renderings (Markdown, JSON and an HTML fragment) are :mod:`polyquant.report.matrix_render`.
@@ -31,7 +36,7 @@ from polyquant.report.devices import DEVICE_CLASSES, DeviceClass, _present, devi
 from polyquant.report.matrix_render import matrix_html, matrix_json, matrix_markdown  # noqa: F401
 
 __all__ = ["DeviceClass", "DEVICE_CLASSES", "device_class", "representative_configs", "sample_layer",
-           "device_cell", "declared_row", "declared_matrix", "record_kernels", "probed_matrix", "matrix_markdown",
+           "device_cell", "export_cell", "export_targets", "declared_row", "declared_matrix", "record_kernels", "probed_matrix", "matrix_markdown",
            "matrix_json", "matrix_html", "SAMPLE_SHAPE"]
 
 #: The sample weight every setting is quantized on: [out, in] (multiples of 16 and of the common
@@ -183,6 +188,39 @@ def device_cell(qw, act_quant, dc: DeviceClass | str, capability: tuple[int, int
     return cell
 
 
+def export_targets() -> list:
+    """The registered export targets (``polyquant.export.list_exporters()``), sorted by name; a target
+    whose dependency is missing is left out."""
+    from polyquant.export import list_exporters
+    return [x for _, x in sorted(list_exporters().items())]
+
+
+def export_cell(qw, exporter) -> dict[str, Any]:
+    """Whether one export target holds a quantized layout as it is: ``exact`` (bool), ``type`` (the
+    target's storage type, e.g. ``Q4_0`` / ``MatMulNBits4``, when exact), ``reason`` (why not, from
+    the target's ``check_layer``; None when exact), ``readers`` (runtimes verified to run its files)
+    and ``untested_readers`` (runtime -> why it is not verified)."""
+    cell: dict[str, Any] = {"exact": False, "type": None, "reason": None, "readers": list(exporter.readers),
+                            "untested_readers": dict(exporter.untested_readers)}
+    if exporter.check_layer is None:
+        cell["reason"] = f"the {exporter.name} target declares no layer check"
+        return cell
+    try:
+        reason = exporter.check_layer(qw)
+    except Exception as e:  # a target's check must not break the matrix
+        reason = f"check_layer() raised {type(e).__name__}: {e}"
+    if reason is None:
+        cell["exact"] = True
+        if exporter.layer_type is not None:
+            try:
+                cell["type"] = exporter.layer_type(qw)
+            except Exception as e:
+                cell["type"] = f"? ({type(e).__name__}: {e})"
+    else:
+        cell["reason"] = reason
+    return cell
+
+
 def _spec_traits(spec) -> dict[str, Any]:
     return {"method": spec.name, "family": spec.family, "needs_calibration": spec.needs_calibration,
             "activations": spec.activations, "formats": list(spec.formats)}
@@ -195,7 +233,7 @@ def declared_row(spec, bits: int, config, error: str | None = None,
                            "setting": config.describe() if config is not None else f"{spec.name} w{bits}",
                            "config": config.to_dict() if config is not None else None,
                            "qtype": None, "block": None, "bits_per_weight": None, "activation_rule": None,
-                           "error": error, "devices": {}}
+                           "error": error, "devices": {}, "exports": {}}
     if config is None:
         return row
     try:
@@ -209,14 +247,16 @@ def declared_row(spec, bits: int, config, error: str | None = None,
     row["activation_rule"] = type(act).__name__ if act is not None else None
     for dc in devices:
         row["devices"][dc.key] = device_cell(qw, act, dc, checked_quantize=True)
+    row["exports"] = {x.name: export_cell(qw, x) for x in export_targets()}
     return row
 
 
 def declared_matrix(methods: Iterable[str] | None = None) -> list[dict[str, Any]]:
     """The declared matrix: one JSON-able row per (registered method, bit width), sorted by
     method name then bits. Row keys: ``method family bits setting config needs_calibration
-    activations formats qtype block bits_per_weight activation_rule error devices``;
-    ``devices`` maps each ``DEVICE_CLASSES`` key to a :func:`device_cell` dict. ``methods``
+    activations formats qtype block bits_per_weight activation_rule error devices exports``;
+    ``devices`` maps each ``DEVICE_CLASSES`` key to a :func:`device_cell` dict, ``exports`` each
+    export target's name to an :func:`export_cell` dict (absent when the sample failed). ``methods``
     restricts the rows to those names (ValueError naming an unknown one)."""
     from polyquant.methods import METHODS, get_method
     names = sorted(METHODS) if methods is None else [get_method(m).name for m in methods]

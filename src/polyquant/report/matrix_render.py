@@ -40,18 +40,53 @@ def _md(v: Any) -> str:
     return str(v).replace("|", "\\|").replace("\n", " ")
 
 
+def _export_targets(rows: Sequence[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """``(target, a cell of it)`` for every export target the rows carry, sorted by name (the cell
+    gives the readers, the same in every row)."""
+    seen: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        for name, cell in (r.get("exports") or {}).items():
+            seen.setdefault(name, cell)
+    return sorted(seen.items())
+
+
+def _export_label(name: str, cell: dict[str, Any]) -> str:
+    readers = ", ".join(cell.get("readers") or []) or "no verified reader"
+    return f"export {name} → {readers}"
+
+
+def _export_text(cell: dict[str, Any] | None) -> str:
+    if cell is None:
+        return "?"
+    if cell["exact"]:
+        return f"{_YES} {cell.get('type') or 'as is'}"
+    return f"{_NO} {cell.get('reason') or ''}".rstrip()
+
+
+def _untested_lines(targets: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    return [f"{tool} (reads {name}): not verified here: {why}"
+            for name, cell in targets for tool, why in sorted((cell.get("untested_readers") or {}).items())]
+
+
 def _declared_markdown(rows: Sequence[dict[str, Any]]) -> str:
-    head = ["method", "bits", "setting"] + [d.label for d in DEVICE_CLASSES]
-    lines = ["Each cell: quantize / run with the reference kernel / fast kernels (— none; cc: minimum "
-             "CUDA compute capability).", "",
+    targets = _export_targets(rows)
+    head = ["method", "bits", "setting"] + [d.label for d in DEVICE_CLASSES] + [_export_label(n, c)
+                                                                              for n, c in targets]
+    lines = ["Each device cell: quantize / run with the reference kernel / fast kernels (— none; cc: minimum "
+             "CUDA compute capability). Each export cell: the target stores the layer's own codes and scales "
+             "(✓ and its type) or why not (then `polyquant export` re-rounds or refuses it).", "",
              "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         if r.get("error") and not r.get("devices"):
-            cells = [f"error: {r['error']}"] + [""] * (len(DEVICE_CLASSES) - 1)
+            cells = [f"error: {r['error']}"] + [""] * (len(DEVICE_CLASSES) + len(targets) - 1)
         else:
             cells = [_cell_text(r["devices"].get(d.key)) for d in DEVICE_CLASSES]
+            cells += [_export_text((r.get("exports") or {}).get(n)) for n, _ in targets]
         lines.append("| " + " | ".join(_md(c) for c in [f"`{r['method']}`", r["bits"], r["setting"], *cells]) + " |")
     lines += ["", "Needs: " + "; ".join(f"{d.label}: {d.needs}" for d in DEVICE_CLASSES) + "."]
+    untested = _untested_lines(targets)
+    if untested:
+        lines += ["", "Export readers not verified: " + "; ".join(untested) + "."]
     return "\n".join(lines)
 
 
@@ -118,23 +153,36 @@ def _cell_html(cell: dict[str, Any] | None) -> str:
     return f'<td class="{cls}" title="{_e(title)}">' + "<br>".join(parts) + "</td>"
 
 
+def _export_html(cell: dict[str, Any] | None) -> str:
+    if cell is None:
+        return '<td class="pq-no">?</td>'
+    if cell["exact"]:
+        return f'<td class="pq-fast pq-k">{_YES} {_e(cell.get("type") or "as is")}</td>'
+    return f'<td class="pq-no" title="{_e(cell.get("reason"))}">{_NO} {_e(cell.get("reason"))}</td>'
+
+
 def _declared_html(rows: Sequence[dict[str, Any]]) -> str:
+    targets = _export_targets(rows)
     head = "".join(f"<th>{_e(h)}</th>" for h in ["method", "family", "bits", "setting"]) + "".join(
-        f'<th title="{_e(d.needs)}">{_e(d.label)}</th>' for d in DEVICE_CLASSES)
+        f'<th title="{_e(d.needs)}">{_e(d.label)}</th>' for d in DEVICE_CLASSES) + "".join(
+        f"<th>{_e(_export_label(n, c))}</th>" for n, c in targets)
     body = []
     for r in rows:
         lead = (f'<td class="pq-k">{_e(r["method"])}</td><td>{_e(r["family"])}</td><td>{_e(r["bits"])}</td>'
                 f'<td>{_e(r["setting"])}</td>')
         if r.get("error") and not r.get("devices"):
-            cells = f'<td class="pq-no" colspan="{len(DEVICE_CLASSES)}">{_e(r["error"])}</td>'
+            cells = f'<td class="pq-no" colspan="{len(DEVICE_CLASSES) + len(targets)}">{_e(r["error"])}</td>'
         else:
             cells = "".join(_cell_html(r["devices"].get(d.key)) for d in DEVICE_CLASSES)
+            cells += "".join(_export_html((r.get("exports") or {}).get(n)) for n, _ in targets)
         body.append(f'<tr data-method="{_e(r["method"])}">{lead}{cells}</tr>')
     needs = "".join(f"<li><b>{_e(d.label)}</b>: {_e(d.needs)}</li>" for d in DEVICE_CLASSES)
+    needs += "".join(f"<li>{_e(line)}</li>" for line in _untested_lines(targets))
     return (f'<table class="pq-matrix-declared"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
             f'<p class="pq-legend">Q: polyquant can quantize there; R: the reference kernel runs it; then the fast '
             f'kernels (cc: minimum CUDA compute capability; — none). Hover a cell for the reasons kernels '
-            f'declined.</p><ul class="pq-legend">{needs}</ul>')
+            f'declined. Export columns: the target stores the layer\'s own codes and scales (its type), or '
+            f'why not.</p><ul class="pq-legend">{needs}</ul>')
 
 
 def _probed_html(rows: Sequence[dict[str, Any]]) -> str:
