@@ -333,6 +333,7 @@ class HQQFormat(Format):
 
     name = "hqq"
     quant_method = "hqq"
+    whole_model_files = (QMODEL_FILE,)  # a pickle of every module's tensors: not written by streaming saves
     readers = ("hqq",)  # AutoHQQHFModel.from_quantized reads qmodel.pt
     writers = ("hqq",)  # AutoHQQHFModel.save_to_safetensors
     untested_readers = {"transformers": "transformers 5.24 has no HQQ loader (HqqConfig raises NotImplementedError): "
