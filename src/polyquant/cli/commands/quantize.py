@@ -47,7 +47,7 @@ def _description() -> str:
             f"replaced by the largest smaller one that fits (said on stderr), and a setting that cannot work "
             f"is refused with the reason. Defaults (bits, group size) per method: {_defaults_line()}. "
             f"Methods that use data calibrate on {CALIB_SAMPLES} x {CALIB_SEQLEN} tokens of the built-in "
-            f"text's calibration slice (seed 0). Expected cost on the default model at one thread: seconds "
+            f"mix: half pydoc, half the enwiki excerpt, their calibration slices (seed 0). Expected cost on the default model at one thread: seconds "
             f"for the calibration-free methods; GPTQ W4 g64 about 2-3 minutes (125-140 s measured, "
             f"benchmarks/README.md), growing with samples x seqlen. Methods that use data keep per-block "
             f"checkpoints in .DIR.calibration-resume beside DIR: after Ctrl-C, rerunning the same command "
@@ -78,8 +78,8 @@ def _args() -> list:
         arg("--threads", type=positive, metavar="N",
             help="torch threads (default: OMP_NUM_THREADS, else the cores that are idle now: one on a busy "
                  "machine); recorded in polyquant.json"),
-        arg("--calib-text", metavar="FILE", help="calibration text file (default: the built-in text's "
-                                                 "calibration slice)"),
+        arg("--calib-text", metavar="FILE", help="calibration text file, best from the domain the model will serve (default: "
+                                                 "the pydoc + enwiki mix's calibration slices)"),
         arg("--calib-samples", type=positive, metavar="N",
             help=f"calibration sequences (default {CALIB_SAMPLES})"),
         arg("--calib-seqlen", type=positive, metavar="L",
@@ -94,6 +94,10 @@ def _args() -> list:
         arg("--overwrite", action="store_true",
             help="replace an existing output folder (and a resume folder left by different settings)"),
         arg("-q", "--quiet", action="store_true", help="no progress bars"),
+        arg("--stream", action=argparse.BooleanOptionalAction, default=None,
+            help="read, quantize and write one decoder layer at a time (memory bounded by one layer; resumable "
+                 "from DIR.partial after any interruption). Default: streamed when the float model would not "
+                 "fit in the memory available; recorded in polyquant.json"),
     ]
 
 
@@ -168,6 +172,11 @@ def cmd_quantize(args) -> int:
     skeleton = _skeleton(args.model)  # shapes from config.json: the plan is checked before the weights load
     if skeleton is not None:
         config = _plan(skeleton, config, values, fmt, args.kernel)
+    from polyquant.cli.stream import choose, run_stream
+    streaming, why = choose(args, spec, fmt, out_dir)
+    log.info("%s (%s)", "streaming" if streaming else "in memory", why)
+    if streaming:
+        return run_stream(args, spec, config, fmt, out_dir, calib_text, threads, _calib_settings, Interrupted)
     t0 = time.perf_counter()
     model, tok = polyquant.load_model(args.model)
     if getattr(model, "polyquant", None) is not None:
@@ -197,7 +206,7 @@ def cmd_quantize(args) -> int:
     quant_s = time.perf_counter() - t1
     rec = q.polyquant
     rec.source, rec.format = source_of(args.model), fmt
-    rec.extra["runtime"] = {"kernel": args.kernel, **threads}
+    rec.extra["runtime"] = {"kernel": args.kernel, **threads, "stream": False}
     if calib_record is not None:
         rec.extra["calibration"] = {**calib_record, **(rec.extra.get("calibration") or {})}
     saved = False
@@ -217,6 +226,14 @@ def cmd_quantize(args) -> int:
                                "command to resume)" if calibration is not None else "")) from None
         err(f"polyquant: interrupted after the checkpoint was saved to {out_dir}; it is complete")
     return 0
+
+
+def _calib_settings(args):
+    """(samples, seqlen, seed, the built-in text's record) of a calibration run."""
+    from polyquant.calibration.data import default_sources
+    return (args.calib_samples or CALIB_SAMPLES, args.calib_seqlen or CALIB_SEQLEN,
+            args.seed if args.seed is not None else 0,
+            BUILTIN_CALIB.replace("text", "texts " + "+".join(default_sources()), 1))
 
 
 def _plan(model, config, values: dict, fmt: str, kernel: str):

@@ -43,8 +43,8 @@ def _args() -> list:
             help=f"calibration sequences for methods that use data (default {cmp.DEFAULT_CALIB_SAMPLES})"),
         arg("--calib-seqlen", type=positive, default=cmp.DEFAULT_CALIB_SEQLEN, metavar="L",
             help=f"tokens per calibration sequence (default {cmp.DEFAULT_CALIB_SEQLEN})"),
-        arg("--calib-text", metavar="FILE", help="calibration text (default: the built-in text's calibration slice, "
-                                                 "never evaluated)"),
+        arg("--calib-text", metavar="FILE", help="calibration text (default: the pydoc + enwiki mix's calibration "
+                                                 "slices, never evaluated)"),
         arg("--threads", type=positive, default=1, metavar="N",
             help="torch threads for quantizing, the windows and the speed measurement (default 1: a sweep's "
                  "timings must not depend on what else runs; recorded in results.json)"),
