@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from polyquant.formats.base import CheckpointError, Format, register_format
+from polyquant.formats.base import CheckpointError, Format, check_linears, layer_bias, register_format
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
 __all__ = ["AQLMFormat", "pack_codes", "unpack_codes", "aqlm_layer_tensors", "aqlm_weight_from_tensors", "scheme_of"]
@@ -169,15 +169,12 @@ class AQLMFormat(Format):
 
     def quantized_layers(self, qcfg: dict[str, Any], model: nn.Module, keys: set[str]) -> list[str]:
         config_scheme(qcfg)
-        mods = dict(model.named_modules())
         names = set()
         for k in keys:
             for marker in _KEYS:
                 if k.endswith("." + marker):
                     names.add(k[: -len(marker) - 1])
-        for n in sorted(names):
-            if not isinstance(mods.get(n), nn.Linear):
-                raise CheckpointError(f"AQLM tensors for {n!r}, but the model has no Linear layer of that name")
+        for n in check_linears(sorted(names), model, "AQLM"):
             for marker in _KEYS:
                 if f"{n}.{marker}" not in keys:
                     raise CheckpointError(f"AQLM layer {n!r}: missing tensor {marker!r} in the checkpoint")
@@ -187,11 +184,7 @@ class AQLMFormat(Format):
                    module: nn.Linear) -> nn.Module:
         from polyquant.nn.quant_linear import QuantLinear
         qw = aqlm_weight_from_tensors(name, qcfg, tensors, module.in_features, module.out_features)
-        bias = tensors.get("bias")
-        if bias is not None:
-            if tuple(bias.shape) != (module.out_features,):
-                raise _fail(name, f"bias has shape {tuple(bias.shape)}, expected ({module.out_features},)")
-            bias = bias.float()
+        bias = layer_bias(tensors, module.out_features, lambda m: _fail(name, m), torch.float32)
         return QuantLinear(qw, bias, kernel="reference", method="aqlm")
 
     def describe(self, qcfg: dict[str, Any]) -> dict[str, Any]:

@@ -53,7 +53,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from polyquant.formats.base import CheckpointError, Format, register_format
+from polyquant.formats.base import (CheckpointError, Format, check_linears, float_dtype, layer_bias,
+                                     layer_names, output_head_names, register_format)
 from polyquant.tensor.packing import pack, unpack
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
@@ -317,12 +318,6 @@ def awq_weight_from_tensors(name: str, cfg: dict[str, Any], tensors: dict[str, t
 
 
 # -- the Format ------------------------------------------------------------------------------
-def _output_head_names(model: nn.Module) -> set[str]:
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    return {n for n, m in model.named_modules() if head is not None and m is head}
-
-
 def _version_of(model: nn.Module) -> str:
     rec = getattr(model, "polyquant", None)
     cfg = dict(getattr(rec, "config", {}) or {}) if rec is not None else {}
@@ -390,7 +385,7 @@ class AWQFormat(Format):
             if wide:
                 raise ValueError(f"layers {wide[:3]} are per-channel but others use group_size {gs}")
         zero_point = not all(qw.qtype == "int4" and qw.zero is None for qw in qws.values())
-        head = _output_head_names(model)
+        head = output_head_names(model)
         floats = sorted(n for n, m in model.named_modules()
                         if isinstance(m, nn.Linear) and n not in layers and n not in head)
         return {"bits": 4, "group_size": gs, "zero_point": zero_point, "version": version,
@@ -410,7 +405,7 @@ class AWQFormat(Format):
 
     # -- loading --------------------------------------------------------------------------
     def layers_from_keys(self, qcfg: dict[str, Any], keys: set[str]) -> list[str] | None:
-        return sorted({k[: -len(".qweight")] for k in keys if k.endswith(".qweight")})
+        return layer_names(keys, "qweight")
 
     def describe(self, qcfg: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -422,25 +417,14 @@ class AWQFormat(Format):
 
     def quantized_layers(self, qcfg: dict[str, Any], model: nn.Module, keys: set[str]) -> list[str]:
         normalize_awq_config(qcfg)  # refuses unreadable versions before any tensor is read
-        names = sorted({k[: -len(".qweight")] for k in keys if k.endswith(".qweight")})
-        mods = dict(model.named_modules())
-        for n in names:
-            if not isinstance(mods.get(n), nn.Linear):
-                raise CheckpointError(f"AWQ tensors for {n!r}, but the model has no Linear layer of that name")
-        return names
+        return check_linears(layer_names(keys, "qweight"), model, "AWQ")
 
     def load_layer(self, name: str, qcfg: dict[str, Any], tensors: dict[str, torch.Tensor],
                    module: nn.Linear) -> nn.Module:
         from polyquant.nn.quant_linear import QuantLinear
         cfg = normalize_awq_config(qcfg)
         qw = awq_weight_from_tensors(name, cfg, tensors, module.in_features, module.out_features)
-        bias = tensors.get("bias")
-        if bias is not None:
-            if tuple(bias.shape) != (module.out_features,):
-                raise _fail(name, f"bias has shape {tuple(bias.shape)}, expected ({module.out_features},)")
-            wdt = getattr(module, "weight", None)
-            if wdt is not None and wdt.dtype.is_floating_point:
-                bias = bias.to(wdt.dtype)
+        bias = layer_bias(tensors, module.out_features, lambda m: _fail(name, m), float_dtype(module))
         return QuantLinear(qw, bias, kernel="reference", method="awq")
 
 

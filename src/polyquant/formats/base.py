@@ -25,7 +25,8 @@ from torch import nn
 from polyquant.registry import add_entry, instance, lookup
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
-__all__ = ["Format", "LayerRefusal", "refusal", "register_format", "get_format", "list_formats", "FORMATS", "CheckpointError"]
+__all__ = ["Format", "LayerRefusal", "refusal", "register_format", "get_format", "list_formats", "FORMATS", "CheckpointError",
+           "layer_names", "check_linears", "linears_with_key", "layer_bias", "float_dtype", "output_head_names"]
 
 
 class CheckpointError(ValueError):
@@ -179,3 +180,57 @@ def get_format(name: str) -> Format:
 
 def list_formats() -> list[Format]:
     return [FORMATS[k] for k in sorted(FORMATS)]
+
+
+# -- helpers the formats' loaders share -----------------------------------------------------------
+
+def layer_names(keys: set[str], marker: str) -> list[str]:
+    """The modules that hold a tensor ``<module>.<marker>`` (sorted)."""
+    return sorted({k[: -len(marker) - 1] for k in keys if k.endswith("." + marker)})
+
+
+def check_linears(names: list[str], model: nn.Module, fmt: str) -> list[str]:
+    """``names``, each checked to be a Linear of ``model`` (CheckpointError naming the first that is not)."""
+    mods = dict(model.named_modules())
+    for n in names:
+        if not isinstance(mods.get(n), nn.Linear):
+            raise CheckpointError(f"{fmt} tensors for {n!r}, but the model has no Linear layer of that name")
+    return names
+
+
+def linears_with_key(model: nn.Module, keys: set[str], suffix: str, fmt: str) -> list[str]:
+    """The modules of ``model`` (in module order) that hold a tensor ``<module>.<suffix>``; one
+    that is not a Linear is refused by name."""
+    names = []
+    for name, module in model.named_modules():
+        if name and f"{name}.{suffix}" in keys:
+            if not isinstance(module, nn.Linear):
+                raise CheckpointError(f"{fmt} quantizes {name!r} ({type(module).__name__}); polyquant reads "
+                                      "quantized Linear layers only")
+            names.append(name)
+    return names
+
+
+def layer_bias(tensors: dict[str, torch.Tensor], out_features: int, fail: Callable[[str], Exception],
+               dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """A layer's optional ``bias``: checked to be ``[out_features]`` (``fail(message)`` is raised
+    otherwise), cast to ``dtype`` when one is given."""
+    bias = tensors.get("bias")
+    if bias is None:
+        return None
+    if tuple(bias.shape) != (out_features,):
+        raise fail(f"bias has shape {list(bias.shape)}, expected [{out_features}]")
+    return bias if dtype is None else bias.to(dtype)
+
+
+def float_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype of a module's float ``weight`` (None when it has none)."""
+    w = getattr(module, "weight", None)
+    return w.dtype if w is not None and w.dtype.is_floating_point else None
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """The module names of the model's output head (``get_output_embeddings``)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return {n for n, m in model.named_modules() if head is not None and m is head}

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from polyquant.formats.base import CheckpointError, Format, register_format
+from polyquant.formats.base import CheckpointError, Format, linears_with_key, register_format
 from polyquant.activations.bitnet import BitNetActivation
 from polyquant.kernels.cpu_ternary import weight_multiplier
 from polyquant.tensor.quantized_weight import QuantizedWeight
@@ -216,14 +216,8 @@ class BitNetFormat(Format):
 
     def quantized_layers(self, qcfg: dict[str, Any], model: nn.Module, keys: set[str]) -> list[str]:
         cls, mode = self._settings(qcfg)
-        names = []
         if mode == "offline":
-            for name, module in model.named_modules():
-                if name and f"{name}.weight_scale" in keys:
-                    if not isinstance(module, nn.Linear):
-                        raise CheckpointError(f"bitnet quantizes {name!r} ({type(module).__name__}), not a Linear layer")
-                    names.append(name)
-            return names
+            return linears_with_key(model, keys, "weight_scale", "bitnet")
         skip = qcfg.get("modules_to_not_convert")
         if skip is None:  # transformers' default: the output head stays float
             head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

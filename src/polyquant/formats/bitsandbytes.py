@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from polyquant.formats.base import CheckpointError, Format, register_format
+from polyquant.formats.base import CheckpointError, Format, check_linears, layer_bias, register_format
 from polyquant.methods.bnb import (BLOCKSIZES, NESTED_BLOCKSIZE, bnb_block, code_book, dequantize_blockwise_flat,
                                    int8_weight_from_scb)
 from polyquant.tensor.quantized_weight import QuantizedWeight
@@ -337,12 +337,7 @@ class BitsAndBytesFormat(Format):
             raise CheckpointError("quantization_config says load_in_8bit but the tensors are 4-bit")
         if eight and qcfg.get("load_in_4bit"):
             raise CheckpointError("quantization_config says load_in_4bit but the tensors are 8-bit (SCB)")
-        mods = dict(model.named_modules())
-        names = sorted(four | eight)
-        for n in names:
-            if not isinstance(mods.get(n), nn.Linear):
-                raise CheckpointError(f"bitsandbytes tensors for {n!r}, but the model has no Linear layer of that name")
-        return names
+        return check_linears(sorted(four | eight), model, "bitsandbytes")
 
     def load_layer(self, name: str, qcfg: dict[str, Any], tensors: dict[str, torch.Tensor],
                    module: nn.Linear) -> nn.Module:
@@ -361,11 +356,7 @@ class BitsAndBytesFormat(Format):
         else:
             qw = bnb4_weight_from_tensors(name, tensors, in_f, out_f)
             method = f"bnb-{qw.qtype}"
-        bias = tensors.get("bias")
-        if bias is not None:
-            if tuple(bias.shape) != (out_f,):
-                raise _fail(name, f"bias has shape {tuple(bias.shape)}, expected ({out_f},)")
-            bias = bias.float()
+        bias = layer_bias(tensors, out_f, lambda m: _fail(name, m), torch.float32)
         return QuantLinear(qw, bias, kernel="reference", act_quant=act, method=method)
 
     def describe(self, qcfg: dict[str, Any]) -> dict[str, Any]:

@@ -71,7 +71,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from polyquant.formats.base import CheckpointError, Format, register_format
+from polyquant.formats.base import CheckpointError, Format, layer_bias, register_format
 from polyquant.formats.ct_schema import (_FP8_MAX, _READ_FORMATS, _STRATEGIES, FLOAT_Q, INT_Q, NAIVE, PACK,  # noqa: F401
                                          CTActivationQuant, _args_dict, _Args, _class_match, _Config, _name_match,
                                          _parse_args)
@@ -470,9 +470,7 @@ class CompressedTensorsFormat(Format):
         act = None
         if inputs is not None:
             act = CTActivationQuant(inputs, tensors.get("input_scale"), tensors.get("input_zero_point"))
-        bias = tensors.get("bias")
-        if bias is not None and tuple(bias.shape) != (out,):
-            raise _fail(name, f"bias has shape {list(bias.shape)}, expected [{out}]")
+        bias = layer_bias(tensors, out, lambda m: _fail(name, m))
         return QuantLinear(qw, bias, kernel="reference", act_quant=act, method="")
 
 

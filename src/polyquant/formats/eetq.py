@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from polyquant.formats.base import CheckpointError, Format, register_format
+from polyquant.formats.base import CheckpointError, Format, layer_bias, linears_with_key, register_format
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
 __all__ = ["EETQFormat", "eetq_preprocess", "eetq_unpreprocess", "WRITE_ARCH", "ARCHS"]
@@ -146,13 +146,7 @@ class EETQFormat(Format):
     def quantized_layers(self, qcfg: dict[str, Any], model: nn.Module, keys: set[str]) -> list[str]:
         if qcfg.get("weights", "int8") != "int8":
             raise CheckpointError(f"eetq weights {qcfg.get('weights')!r}: only int8 exists")
-        names = []
-        for name, module in model.named_modules():
-            if name and f"{name}.weight_scales" in keys:
-                if not isinstance(module, nn.Linear):
-                    raise CheckpointError(f"eetq quantizes {name!r} ({type(module).__name__}), not a Linear layer")
-                names.append(name)
-        return names
+        return linears_with_key(model, keys, "weight_scales", "eetq")
 
     def layers_from_keys(self, qcfg: dict[str, Any], keys: set[str]) -> list[str] | None:
         return sorted(k[: -len(".weight_scales")] for k in keys if k.endswith(".weight_scales"))
@@ -180,9 +174,7 @@ class EETQFormat(Format):
         except ValueError as e:
             raise _fail(name, str(e)) from None
         qw = QuantizedWeight.from_codes(codes, "int8", (1, k), s.reshape(n, 1))
-        bias = tensors.get("bias")
-        if bias is not None and tuple(bias.shape) != (n,):
-            raise _fail(name, f"bias has shape {list(bias.shape)}, expected [{n}]")
+        bias = layer_bias(tensors, n, lambda m: _fail(name, m))
         return QuantLinear(qw, bias, kernel="reference", method="")
 
 

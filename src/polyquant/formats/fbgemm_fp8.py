@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from polyquant.formats.base import CheckpointError, Format, register_format
+from polyquant.formats.base import CheckpointError, Format, layer_bias, register_format
 from polyquant.kernels.fp8 import Fp8ActQuant
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
@@ -192,9 +192,7 @@ class FbgemmFp8Format(Format):
             raise fail("missing tensor 'weight'")
         scale = check_fp8_tensors(fail, tensors["weight"], tensors["weight_scale"], out, inp, (out, 1), "weight_scale")
         qw = QuantizedWeight.from_codes(tensors["weight"], "float8_e4m3fn", (1, inp), scale)
-        bias = tensors.get("bias")
-        if bias is not None and tuple(bias.shape) != (out,):
-            raise fail(f"bias has shape {list(bias.shape)}, expected [{out}]")
+        bias = layer_bias(tensors, out, fail)
         return QuantLinear(qw, bias, kernel="reference", act_quant=Fp8ActQuant("fbgemm", None, _ub(qcfg)),
                            method="fbgemm-fp8")
 

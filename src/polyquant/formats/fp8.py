@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from polyquant.formats.base import CheckpointError, Format, register_format
+from polyquant.formats.base import CheckpointError, Format, layer_bias, register_format
 from polyquant.formats.fbgemm_fp8 import check_fp8_tensors, check_quantized_set, float_linears
 from polyquant.kernels.fp8 import Fp8ActQuant
 from polyquant.tensor.quantized_weight import QuantizedWeight
@@ -175,9 +175,7 @@ class FineGrainedFp8Format(Format):
             act = Fp8ActQuant("deepseek", scale=a.float())
         else:
             act = Fp8ActQuant("deepseek", block[1] if block is not None else None)
-        bias = tensors.get("bias")
-        if bias is not None and tuple(bias.shape) != (out,):
-            raise fail(f"bias has shape {list(bias.shape)}, expected [{out}]")
+        bias = layer_bias(tensors, out, fail)
         return QuantLinear(qw, bias, kernel="reference", act_quant=act, method="fp8-block")
 
 

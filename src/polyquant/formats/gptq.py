@@ -40,7 +40,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from polyquant.formats.base import CheckpointError, Format, register_format
+from polyquant.formats.base import (CheckpointError, Format, check_linears, float_dtype, layer_bias,
+                                     layer_names, output_head_names, register_format)
 from polyquant.tensor.packing import pack, unpack
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
@@ -258,12 +259,6 @@ def gptq_weight_from_tensors(name: str, qcfg: dict[str, Any], tensors: dict[str,
 
 # -- the Format ----------------------------------------------------------------------------
 
-def _output_head_names(model: nn.Module) -> set[str]:
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    return {n for n, m in model.named_modules() if head is not None and m is head}
-
-
 class GPTQFormat(Format):
     """GPTQ checkpoints, ``checkpoint_format`` v1 (``gptq``) or ``gptq_v2``."""
 
@@ -338,7 +333,7 @@ class GPTQFormat(Format):
             "checkpoint_format": self.checkpoint_format,
             "format": self.checkpoint_format,
             "pack_dtype": "int32",
-            "lm_head": bool(set(layers) & _output_head_names(model)),
+            "lm_head": bool(set(layers) & output_head_names(model)),
             "meta": {"quantizer": [f"polyquant:{__version__}"], "method": method or "unknown",
                      "damp_percent": damp, "static_groups": static_groups, "true_sequential": true_seq,
                      "act_order": bool(mcfg.get("act_order", desc_act)), "mse": mcfg.get("mse", False)},
@@ -351,7 +346,7 @@ class GPTQFormat(Format):
 
     # -- loading --------------------------------------------------------------------------
     def layers_from_keys(self, qcfg: dict[str, Any], keys: set[str]) -> list[str] | None:
-        return sorted({k[: -len(".qweight")] for k in keys if k.endswith(".qweight")})
+        return layer_names(keys, "qweight")
 
     def describe(self, qcfg: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -365,12 +360,7 @@ class GPTQFormat(Format):
 
     def quantized_layers(self, qcfg: dict[str, Any], model: nn.Module, keys: set[str]) -> list[str]:
         normalize_gptq_config(qcfg)  # refuses marlin / unreadable configs before any tensor is read
-        names = sorted({k[: -len(".qweight")] for k in keys if k.endswith(".qweight")})
-        mods = dict(model.named_modules())
-        for n in names:
-            if not isinstance(mods.get(n), nn.Linear):
-                raise CheckpointError(f"GPTQ tensors for {n!r}, but the model has no Linear layer of that name")
-        return names
+        return check_linears(layer_names(keys, "qweight"), model, "GPTQ")
 
     def load_layer(self, name: str, qcfg: dict[str, Any], tensors: dict[str, torch.Tensor],
                    module: nn.Linear) -> nn.Module:
@@ -379,13 +369,7 @@ class GPTQFormat(Format):
             warnings.simplefilter("ignore")  # the 'sym' default is warned once by the caller
             cfg = normalize_gptq_config(qcfg)
         qw = gptq_weight_from_tensors(name, cfg, tensors, module.in_features, module.out_features)
-        bias = tensors.get("bias")
-        if bias is not None:
-            if tuple(bias.shape) != (module.out_features,):
-                raise _fail(name, f"bias has shape {tuple(bias.shape)}, expected ({module.out_features},)")
-            wdt = getattr(module, "weight", None)
-            if wdt is not None and wdt.dtype.is_floating_point:
-                bias = bias.to(wdt.dtype)
+        bias = layer_bias(tensors, module.out_features, lambda m: _fail(name, m), float_dtype(module))
         return QuantLinear(qw, bias, kernel="reference", method="gptq")
 
 

@@ -60,7 +60,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from polyquant.formats.base import CheckpointError, Format, register_format
+from polyquant.formats.base import CheckpointError, Format, check_linears, layer_bias, register_format
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
 __all__ = ["HQQFormat", "hqq_pack", "hqq_unpack", "packing_for", "hqq_layer_tensors", "hqq_weight_from_tensors",
@@ -413,21 +413,13 @@ class HQQFormat(Format):
 
     def quantized_layers(self, qcfg: dict[str, Any], model: nn.Module, keys: set[str]) -> list[str]:
         names = self.layers_from_keys(qcfg, keys) or []
-        mods = dict(model.named_modules())
-        for n in names:
-            if not isinstance(mods.get(n), nn.Linear):
-                raise CheckpointError(f"HQQ tensors for {n!r}, but the model has no Linear layer of that name")
-        return names
+        return check_linears(names, model, "HQQ")
 
     def load_layer(self, name: str, qcfg: dict[str, Any], tensors: dict[str, torch.Tensor],
                    module: nn.Linear) -> nn.Module:
         from polyquant.nn.quant_linear import QuantLinear
         qw = hqq_weight_from_tensors(name, tensors, module.in_features, module.out_features)
-        bias = tensors.get("bias")
-        if bias is not None:
-            if tuple(bias.shape) != (module.out_features,):
-                raise _fail(name, f"bias has shape {tuple(bias.shape)}, expected ({module.out_features},)")
-            bias = bias.float()
+        bias = layer_bias(tensors, module.out_features, lambda m: _fail(name, m), torch.float32)
         return QuantLinear(qw, bias, kernel="reference", method="hqq")
 
     def describe(self, qcfg: dict[str, Any]) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from polyquant.formats.base import CheckpointError, Format, register_format
+from polyquant.formats.base import CheckpointError, Format, linears_with_key, register_format
 from polyquant.formats.base import LayerRefusal as _Refuse, refusal
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
@@ -205,14 +205,7 @@ class QuantoFormat(Format):
                 "modules_to_not_convert": None}
 
     def quantized_layers(self, qcfg: dict[str, Any], model: nn.Module, keys: set[str]) -> list[str]:
-        names = []
-        for name, module in model.named_modules():
-            if name and f"{name}.weight._scale" in keys:
-                if not isinstance(module, nn.Linear):
-                    raise CheckpointError(f"quanto quantizes {name!r} ({type(module).__name__}); polyquant reads "
-                                          "quantized Linear layers only")
-                names.append(name)
-        return names
+        return linears_with_key(model, keys, "weight._scale", "quanto")
 
     def layers_from_keys(self, qcfg: dict[str, Any], keys: set[str]) -> list[str] | None:
         return sorted(k[: -len(".weight._scale")] for k in keys if k.endswith(".weight._scale"))

@@ -58,7 +58,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from polyquant.formats.base import CheckpointError, Format, register_format
+from polyquant.formats.base import (CheckpointError, Format, check_linears, layer_bias, layer_names,
+                                     register_format)
 from polyquant.methods.spqr import decode_stats, spqr_stats
 from polyquant.tensor.packing import pack, packed_length, unpack
 from polyquant.tensor.quantized_weight import QuantizedWeight
@@ -279,25 +280,8 @@ def _not_converted(model: nn.Module, layers: dict[str, nn.Module]) -> list[str]:
     return out
 
 
-def _layer_names(keys: set[str], marker: str) -> list[str]:
-    return sorted(k[: -len(marker) - 1] for k in keys if k.endswith("." + marker))
-
-
-def _check_linears(names: list[str], model: nn.Module, fmt: str) -> list[str]:
-    mods = dict(model.named_modules())
-    for n in names:
-        if not isinstance(mods.get(n), nn.Linear):
-            raise CheckpointError(f"{fmt} tensors for {n!r}, but the model has no Linear layer of that name")
-    return names
-
-
 def _bias(name: str, t: dict[str, torch.Tensor], out: int) -> torch.Tensor | None:
-    b = t.get("bias")
-    if b is not None:
-        if tuple(b.shape) != (out,):
-            raise _fail(name, f"bias has shape {tuple(b.shape)}, expected ({out},)")
-        b = b.float()
-    return b
+    return layer_bias(t, out, lambda m: _fail(name, m), torch.float32)
 
 
 class SpQRFormat(Format):
@@ -329,7 +313,7 @@ class SpQRFormat(Format):
                 "modules_to_not_convert": _not_converted(model, layers)}
 
     def layers_from_keys(self, qcfg: dict[str, Any], keys: set[str]) -> list[str] | None:
-        return _layer_names(keys, "dense_weights")
+        return layer_names(keys, "dense_weights")
 
     def quantized_layers(self, qcfg: dict[str, Any], model: nn.Module, keys: set[str]) -> list[str]:
         for k in ("bits", "beta1", "beta2"):
@@ -338,7 +322,7 @@ class SpQRFormat(Format):
                 raise CheckpointError(f"SpQR checkpoint with {k}={qcfg.get(k)!r}: the layout holds bits=3, beta1=beta2=16")
         if not isinstance(qcfg.get("shapes", {}), dict):
             raise CheckpointError("SpQR quantization_config.shapes must be a map of tensor lengths")
-        return _check_linears(_layer_names(keys, "dense_weights"), model, "SpQR")
+        return check_linears(layer_names(keys, "dense_weights"), model, "SpQR")
 
     def load_layer(self, name: str, qcfg: dict[str, Any], tensors: dict[str, torch.Tensor],
                    module: nn.Linear) -> nn.Module:
@@ -404,12 +388,12 @@ class PolyquantSpQRFormat(Format):
                 "modules_to_not_convert": _not_converted(model, layers)}
 
     def layers_from_keys(self, qcfg: dict[str, Any], keys: set[str]) -> list[str] | None:
-        return _layer_names(keys, "qq_stats")
+        return layer_names(keys, "qq_stats")
 
     def quantized_layers(self, qcfg: dict[str, Any], model: nn.Module, keys: set[str]) -> list[str]:
         if qcfg.get("layout_version") != 1:
             raise CheckpointError(f"polyquant-spqr layout_version {qcfg.get('layout_version')!r} is not 1")
-        return _check_linears(_layer_names(keys, "qq_stats"), model, "polyquant-spqr")
+        return check_linears(layer_names(keys, "qq_stats"), model, "polyquant-spqr")
 
     def load_layer(self, name: str, qcfg: dict[str, Any], tensors: dict[str, torch.Tensor],
                    module: nn.Linear) -> nn.Module:
@@ -477,7 +461,7 @@ def outlier_info(folder: Any) -> dict[str, Any] | None:
     marker, nnz_key = ("dense_weights", "col_vals") if method == "spqr" else ("qq_stats", "values")
     by: dict[str, float] = {}
     total_nnz = total_w = 0
-    for name in _layer_names(set(t), marker):
+    for name in layer_names(set(t), marker):
         nnz = int(torch.Size(t[f"{name}.{nnz_key}"].shape).numel())
         rows = int(t[f"{name}.row_offsets"].shape[0]) - 1
         if method == "spqr":

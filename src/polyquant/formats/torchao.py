@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from polyquant.formats.base import CheckpointError, Format, register_format
+from polyquant.formats.base import CheckpointError, Format, linears_with_key, register_format
 from polyquant.formats.base import LayerRefusal as _Refuse, refusal
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
@@ -350,14 +350,7 @@ class TorchAOFormat(Format):
         if qcfg.get("include_input_output_embeddings"):
             raise CheckpointError("torchao checkpoints with quantized embeddings (include_input_output_embeddings) "
                                   "are not supported")
-        names = []
-        for name, module in model.named_modules():
-            if name and f"{name}.{_PREFIX}qdata" in keys:
-                if not isinstance(module, nn.Linear):
-                    raise CheckpointError(f"torchao quantizes {name!r} ({type(module).__name__}); polyquant reads "
-                                          "quantized Linear layers only")
-                names.append(name)
-        return names
+        return linears_with_key(model, keys, f"{_PREFIX}qdata", "torchao")
 
     def layers_from_keys(self, qcfg: dict[str, Any], keys: set[str]) -> list[str] | None:
         return sorted(k[: -len(f".{_PREFIX}qdata")] for k in keys if k.endswith(f".{_PREFIX}qdata"))
