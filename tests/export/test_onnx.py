@@ -183,3 +183,51 @@ def test_onnx_runtime_model_scores_and_decodes_like_polyquant(tmp_path, bpe):
     toks, _ = om.greedy(prompt, 6)
     ref, _ = greedy_decode(q, prompt.reshape(1, -1), 6)
     assert toks == ref.tolist()
+
+
+def _float_mats(path):
+    from onnx import numpy_helper
+    return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer
+            if len(i.dims) == 2 and i.data_type == 1}
+
+
+def _folded_transposes(path, tmp_path):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # constant folding, portable
+    so.optimized_model_filepath = str(tmp_path / (path.name + ".opt"))
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return sum(n.op_type == "Transpose" for n in onnx.load(so.optimized_model_filepath).graph.node)
+
+
+def test_tied_lm_head_is_stored_once_with_unchanged_logits(tmp_path):
+    q = _model(polyquant.RTNConfig(bits=4, group_size=32))
+    assert q.config.tie_word_embeddings and q.lm_head.weight is q.model.embed_tokens.weight
+    two, one = tmp_path / "two.onnx", tmp_path / "one.onnx"
+    export(q, "onnx", two, tokenizer_dir=False, share_weights=False)
+    r = export(q, "onnx", one, tokenizer_dir=False)
+    emb = q.model.embed_tokens.weight.detach().numpy()
+    # before: the embedding and the exporter's folded E^T for the lm_head MatMul; after: E alone
+    before = _float_mats(two)
+    assert sorted(a.shape for a in before.values()) == sorted([emb.shape, emb.shape[::-1]])
+    after = _float_mats(one)
+    assert list(after.values())[0].shape == emb.shape and len(after) == 1
+    assert np.array_equal(list(after.values())[0], emb)
+    assert r.extra["shared_initializers"] == [{"name": next(n for n, a in before.items() if a.shape == emb.shape[::-1]),
+                                               "kept": next(iter(after)), "how": "transpose", "bytes": emb.nbytes}]
+    assert two.stat().st_size - one.stat().st_size >= emb.nbytes - 512 and r.extra["shared_bytes"] == emb.nbytes
+    # onnxruntime folds the one Transpose when the session is made: same MatMul, identical logits
+    assert _folded_transposes(one, tmp_path) == _folded_transposes(two, tmp_path)
+    ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(5)).numpy()
+    a, b = (_session(str(p)).run(["logits"], feeds(q.config, ids))[0] for p in (two, one))
+    assert np.array_equal(a, b)
+    with torch.no_grad():
+        ref = q(torch.from_numpy(ids)).logits.numpy()
+    assert np.abs(b - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_untied_lm_head_is_not_shared(tmp_path):
+    m = tiny_llama(vocab=VOCAB, tie=False)
+    q = polyquant.quantize(m, polyquant.RTNConfig(bits=4, group_size=32), show_progress=False, kernel="reference")
+    r = export(q, "onnx", tmp_path / "m.onnx", tokenizer_dir=False)
+    assert r.extra["shared_initializers"] == [] and len(_float_mats(tmp_path / "m.onnx")) == 2

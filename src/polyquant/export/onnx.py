@@ -325,9 +325,68 @@ def _swap_matmuls(model_proto, qlayers: dict[str, nn.Module], keys: dict[str, by
     return report
 
 
+def share_tied_weights(model_proto) -> list[dict[str, Any]]:
+    """Store each float matrix once: the exporter writes a tied ``lm_head`` as its own initializer
+    ``E^T`` beside the embedding ``E`` the Gather reads (constant folding of the transpose), so the
+    file holds the embedding twice. Every 2-D float initializer equal to another one (``same``) or to
+    another one's transpose (``transpose``) is removed and its consumers read the kept one (through
+    one ``Transpose`` node for the second kind; onnxruntime folds it when the session is created, so
+    the MatMul sees the same matrix and the logits are unchanged). Returns one entry per removed
+    initializer: ``{"name", "kept", "how", "bytes"}``."""
+    from onnx import helper, numpy_helper
+    g = model_proto.graph
+    mats = [(i, numpy_helper.to_array(i)) for i in g.initializer if len(i.dims) == 2 and i.data_type == 1]
+    if len(mats) < 2:
+        return []
+    first: dict[tuple[tuple[int, ...], bytes], str] = {}
+    for init, arr in mats:
+        first.setdefault((arr.shape, hashlib.sha1(np.ascontiguousarray(arr).tobytes()).digest()), init.name)
+    consumers: dict[str, list[Any]] = {}
+    for node in g.node:
+        for j, name in enumerate(node.input):
+            consumers.setdefault(name, []).append((node.op_type, j))
+
+    def folded(name: str) -> bool:  # only ever a MatMul's B: the exporter's folded transpose
+        return all(op == "MatMul" and j == 1 for op, j in consumers.get(name, [("?", 0)]))
+
+    rename: dict[str, str] = {}
+    transposes: dict[str, str] = {}  # kept initializer -> its Transpose node's output
+    shared: list[dict[str, Any]] = []
+    for init, arr in mats:
+        key = (arr.shape, hashlib.sha1(np.ascontiguousarray(arr).tobytes()).digest())
+        if first[key] != init.name:  # an exact duplicate of an earlier one
+            rename[init.name] = first[key]
+            shared.append({"name": init.name, "kept": first[key], "how": "same", "bytes": arr.nbytes})
+    for init, arr in mats:
+        if init.name in rename or init.name in transposes:
+            continue
+        other = first.get((arr.shape[::-1], hashlib.sha1(np.ascontiguousarray(arr.T).tobytes()).digest()))
+        if other is None or other == init.name or other in rename:
+            continue
+        drop, keep = (init.name, other) if folded(init.name) or not folded(other) else (other, init.name)
+        if keep in rename or drop in transposes or drop in rename.values():
+            continue
+        rename[drop] = transposes.setdefault(keep, f"{keep}.T")
+        shared.append({"name": drop, "kept": keep, "how": "transpose",
+                       "bytes": int(np.prod(arr.shape)) * arr.itemsize})
+    if not rename:
+        return []
+    for node in g.node:
+        for j, name in enumerate(node.input):
+            if name in rename:
+                node.input[j] = rename[name]
+    for j, (src, dst) in enumerate(sorted(transposes.items())):
+        g.node.insert(j, helper.make_node("Transpose", [src], [dst], perm=[1, 0],
+                                          name=f"/polyquant/shared/{src.replace('.', '_')}/Transpose"))
+    kept = [i for i in g.initializer if i.name not in rename]
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    return shared
+
+
 def export_onnx(model: nn.Module, tokenizer: Any, out: Path, *, accuracy_level: int = 0, opset: int = 17,
                 dynamo: bool = False, verify: bool = True, overwrite: bool = False, source: str | None = None,
-                tokenizer_dir: bool = True) -> ExportResult:
+                tokenizer_dir: bool = True, share_weights: bool = True) -> ExportResult:
     """Write ``model`` as one ONNX decoder file with KV cache at ``out`` (atomically).
 
     Args:
@@ -339,6 +398,8 @@ def export_onnx(model: nn.Module, tokenizer: Any, out: Path, *, accuracy_level: 
             the float graph of the same (dequantized) weights.
         tokenizer_dir: also save the tokenizer and config.json in ``<out>.tokenizer/`` beside the file
             (for ``polyquant eval OUT.onnx``).
+        share_weights: store a float matrix the graph holds twice once (a tied ``lm_head`` is the
+            embedding's transpose: :func:`share_tied_weights`); ``False`` keeps the exporter's copies.
     """
     import onnx
 
@@ -365,6 +426,7 @@ def export_onnx(model: nn.Module, tokenizer: Any, out: Path, *, accuracy_level: 
         t_export = time.perf_counter() - t0
         proto = onnx.load(str(fpath))
     result.layers = _swap_matmuls(proto, qlayers, keys, accuracy_level)
+    shared = share_tied_weights(proto) if share_weights else []
     proto.ir_version = IR_VERSION
     proto.producer_name = "polyquant"
     rec = getattr(model, "polyquant", None)
@@ -388,7 +450,8 @@ def export_onnx(model: nn.Module, tokenizer: Any, out: Path, *, accuracy_level: 
     result.seconds = time.perf_counter() - t0
     result.extra.update({"torch_export_seconds": round(t_export, 2), "exporter": "dynamo" if dynamo else "torchscript",
                          "ir_version": IR_VERSION, "accuracy_level": accuracy_level,
-                         "matmulnbits": len(result.layers)})
+                         "matmulnbits": len(result.layers),
+                         "shared_initializers": shared, "shared_bytes": sum(x["bytes"] for x in shared)})
     return result
 
 
@@ -440,7 +503,8 @@ register_exporter(Exporter(
     run=export_onnx,
     description="ONNX decoder with KV cache for onnxruntime (com.microsoft.MatMulNBits with polyquant's codes)",
     options={"accuracy_level": "0 (float activations) .. 4 (int8 activations)", "dynamo": "torch.export exporter",
-             "opset": "ONNX opset (17)"},
+             "opset": "ONNX opset (17)",
+             "share_weights": "store a tied lm_head once (the embedding's transpose; default on)"},
     check_layer=onnx_check_layer,
     layer_type=onnx_layer_type,
     untested_readers={"optimum-onnx": OPTIMUM_ONNX_NOTE},
