@@ -1,5 +1,7 @@
 """Small compiled CPU kernels: build a C file from ``kernels/csrc`` with the system C compiler once,
-cache the shared library, load it with ctypes.
+cache the shared library, load it with ctypes. The C files share ``csrc/*.h`` headers
+(``pq_common.h``: includes, the x86 switch, the CPU feature probe), copied beside the file built;
+:class:`CLibrary` types a library's functions once.
 
 No Python headers, no ninja, no torch C++ API: the C functions take raw pointers and sizes, so any C
 compiler (``$CC``, ``cc``, ``gcc``, ``clang``) builds them in about a second. The library is cached
@@ -20,8 +22,11 @@ import tempfile
 import threading
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
-__all__ = ["load_library", "library_error", "cache_dir", "runnable_levels"]
+__all__ = ["load_library", "library_error", "cache_dir", "runnable_levels", "CLibrary", "I64", "PTR"]
+
+I64, PTR = ctypes.c_int64, ctypes.c_void_p  # the C functions take sizes as int64 and raw pointers
 
 _LIBS: dict[str, ctypes.CDLL | str] = {}
 _LOCK = threading.Lock()
@@ -55,14 +60,18 @@ def _load_cached(path: Path) -> ctypes.CDLL | None:
 def _build(name: str) -> ctypes.CDLL:
     if os.environ.get("POLYQUANT_NO_CEXT", "") not in ("", "0"):
         raise RuntimeError("compiled CPU kernels are disabled (POLYQUANT_NO_CEXT is set)")
-    src = resources.files("polyquant.kernels").joinpath("csrc", f"{name}.c").read_bytes()
+    csrc = resources.files("polyquant.kernels").joinpath("csrc")
+    src = csrc.joinpath(f"{name}.c").read_bytes()
+    # the shared headers (``#include "pq_common.h"``): copied next to the C file, hashed into the key
+    headers = {h.name: h.read_bytes() for h in sorted(csrc.iterdir(), key=lambda h: h.name) if h.name.endswith(".h")}
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found ($CC, cc, gcc or clang) to build the compiled CPU kernel")
     suffix = ".dll" if os.name == "nt" else ".so"
     for omp in (["-fopenmp"], []):  # OpenMP when the compiler has it (threads > 1), else serial
         flags = _FLAGS + omp
-        key = hashlib.sha256(src + "\0".join([cc, *flags, platform.machine(), platform.system()]).encode()).hexdigest()[:16]
+        key = hashlib.sha256(src + b"".join(b"\0" + h.encode() + b"\0" + t for h, t in headers.items())
+                             + "\0".join([cc, *flags, platform.machine(), platform.system()]).encode()).hexdigest()[:16]
         out = cache_dir() / f"{name}-{key}{suffix}"
         if (lib := _load_cached(out)) is not None:
             return lib
@@ -78,6 +87,8 @@ def _build(name: str) -> ctypes.CDLL:
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             c_file = Path(tmp) / f"{name}.c"
             c_file.write_bytes(src)
+            for h, text in headers.items():
+                (Path(tmp) / h).write_bytes(text)
             lib = Path(tmp) / f"{name}{suffix}"
             r = subprocess.run([cc, *flags, str(c_file), "-o", str(lib)], capture_output=True, text=True)
             if r.returncode == 0:
@@ -115,3 +126,43 @@ def runnable_levels(level: int) -> list[int]:
     """Every code path a CPU whose best is ``level`` can run (tests cover each), in the C files'
     shared numbering: 0 portable C, 2 AVX2 + FMA, 1 AVX-512F, 3 AVX-512 VNNI (a superset of 1)."""
     return [0] + ([2] if level in (1, 2, 3) else []) + ([1] if level in (1, 3) else []) + ([3] if level == 3 else [])
+
+
+class CLibrary:
+    """One compiled ``kernels/csrc/<name>.c`` with its functions typed once.
+
+    ``signatures`` maps a C function to ``(argtypes, restype)``; ``pq_<name>_simd_level`` (the
+    best code path this CPU runs, in :func:`runnable_levels`' numbering) is declared for every
+    library. ``lib()`` builds, loads and types it (RuntimeError saying why not), ``error()`` is
+    that reason for a kernel's ``supports`` (None when it loads)."""
+
+    def __init__(self, name: str, signatures: dict[str, tuple[list[Any], Any]]) -> None:
+        self.name = name
+        self.signatures = {**signatures, f"pq_{name}_simd_level": ([], ctypes.c_int)}
+        self._lib: ctypes.CDLL | None = None
+        self._level: int | None = None
+
+    def lib(self) -> ctypes.CDLL:
+        if self._lib is None:
+            lib = load_library(self.name)
+            for fn, (argtypes, restype) in self.signatures.items():
+                f = getattr(lib, fn)
+                f.argtypes, f.restype = argtypes, restype
+            self._lib = lib
+        return self._lib
+
+    def error(self) -> str | None:
+        return library_error(self.name)
+
+    def simd_level(self) -> int:
+        if self._level is None:
+            self._level = int(getattr(self.lib(), f"pq_{self.name}_simd_level")())
+        return self._level
+
+    def simd_levels(self) -> list[int]:
+        """Every code path this CPU can run (tests cover each)."""
+        return runnable_levels(self.simd_level())
+
+    def level(self, simd: int | None) -> int:
+        """The code path a call runs: ``simd`` when given, else this CPU's best."""
+        return self.simd_level() if simd is None else int(simd)

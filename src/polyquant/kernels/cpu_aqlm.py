@@ -17,14 +17,12 @@ The module also binds the quantizer's greedy code pass (``aqlm_sweep``), used by
 """
 from __future__ import annotations
 
-import ctypes
-import functools
 
 import torch
 import torch.nn.functional as F
 
 from polyquant.kernels.base import Kernel, register_kernel
-from polyquant.kernels.cext import library_error, load_library, runnable_levels
+from polyquant.kernels.cext import CLibrary, I64, PTR, library_error
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
 __all__ = ["CpuAqlmKernel", "simd_level", "simd_levels", "aqlm_lut_mm", "aqlm_gather_mm", "aqlm_sweep",
@@ -33,30 +31,20 @@ __all__ = ["CpuAqlmKernel", "simd_level", "simd_levels", "aqlm_lut_mm", "aqlm_ga
 DEQUANT_MIN_M = 8
 LUT_MAX_K = 256
 _LIB = "aqlm"
-_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
 
-@functools.lru_cache(maxsize=None)
-def _lib() -> ctypes.CDLL:
-    lib = load_library(_LIB)
-    lib.pq_aqlm_lut_mm.argtypes = [_i64] * 6 + [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64]
-    lib.pq_aqlm_lut_mm.restype = None
-    lib.pq_aqlm_gather_mm.argtypes = [_i64] * 6 + [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64]
-    lib.pq_aqlm_gather_mm.restype = None
-    lib.pq_aqlm_sweep.argtypes = [_i64] * 5 + [_ptr] * 8 + [_i64, _i64]
-    lib.pq_aqlm_sweep.restype = _i64
-    lib.pq_aqlm_simd_level.restype = ctypes.c_int
-    return lib
+_C = CLibrary(_LIB, {
+    "pq_aqlm_lut_mm": ([I64] * 6 + [PTR, I64, PTR, PTR, PTR, PTR, PTR, I64, I64, I64], None),
+    "pq_aqlm_gather_mm": ([I64] * 6 + [PTR, I64, PTR, PTR, PTR, PTR, I64, I64, I64], None),
+    "pq_aqlm_sweep": ([I64] * 5 + [PTR] * 8 + [I64, I64], I64),
+})
+_lib = _C.lib  # the library with its signatures declared (RuntimeError when it cannot build)
+simd_levels = _C.simd_levels  # every code path this CPU can run (tests cover each)
 
 
-@functools.lru_cache(maxsize=None)
 def simd_level() -> int:
-    """2: AVX2 + FMA, 0: portable C."""
-    return int(_lib().pq_aqlm_simd_level())
-
-
-def simd_levels() -> list[int]:
-    return runnable_levels(simd_level())
+    """The code path this CPU runs: 2 AVX2 + FMA, 0 portable C."""
+    return _C.simd_level()
 
 
 def sweep_available() -> bool:
@@ -81,7 +69,7 @@ def aqlm_sweep(H: torch.Tensor, G: torch.Tensor, R: torch.Tensor, codes: torch.T
     cbT = cb.permute(0, 2, 1).contiguous()
     n = _lib().pq_aqlm_sweep(out, inp, ig, M, K, H.data_ptr(), G.data_ptr(), R.data_ptr(), codes.data_ptr(),
                              cb.data_ptr(), cbT.data_ptr(), nb.data_ptr(), s.data_ptr(),
-                             threads or torch.get_num_threads(), simd_level() if simd is None else int(simd))
+                             threads or torch.get_num_threads(), _C.level(simd))
     if n < 0:
         raise RuntimeError(f"pq_aqlm_sweep failed ({n}): in_group_size {ig} over 64 or out of memory")
     return int(n)
@@ -99,7 +87,7 @@ def aqlm_lut_mm(x: torch.Tensor, codes: torch.Tensor, cbT: torch.Tensor, s: torc
     y = torch.empty(r, n, dtype=torch.float32)
     _lib().pq_aqlm_lut_mm(r, n, g, ig, m, k, x.data_ptr(), inp, codes.data_ptr(), cbT.data_ptr(), s.data_ptr(),
                           lut.data_ptr(), y.data_ptr(), n, threads or torch.get_num_threads(),
-                          simd_level() if simd is None else int(simd))
+                          _C.level(simd))
     return y
 
 
@@ -114,7 +102,7 @@ def aqlm_gather_mm(x: torch.Tensor, codes: torch.Tensor, cb: torch.Tensor, s: to
     y = torch.empty(r, n, dtype=torch.float32)
     _lib().pq_aqlm_gather_mm(r, n, g, ig, m, k, x.data_ptr(), inp, codes.data_ptr(), cb.data_ptr(), s.data_ptr(),
                              y.data_ptr(), n, threads or torch.get_num_threads(),
-                             simd_level() if simd is None else int(simd))
+                             _C.level(simd))
     return y
 
 

@@ -17,14 +17,12 @@ multiple of 32 dividing ``K``, or whole rows.
 """
 from __future__ import annotations
 
-import ctypes
-import functools
 
 import torch
 import torch.nn.functional as F
 
 from polyquant.kernels.base import Kernel, register_kernel
-from polyquant.kernels.cext import library_error, load_library, runnable_levels
+from polyquant.kernels.cext import CLibrary, I64, PTR, library_error
 from polyquant.kernels.cpu_actorder import gather_columns, group_perm, sort_by_group
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
@@ -32,30 +30,19 @@ __all__ = ["CpuLut4Kernel", "simd_level", "simd_levels", "pack_lut4", "lut4_scal
 
 DEQUANT_MIN_M = 16  # activation rows from which the weight is dequantized and PyTorch's matmul runs
 _LIB = "lut4"
-_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
 
-@functools.lru_cache(maxsize=None)
-def _lib() -> ctypes.CDLL:
-    """The compiled library with its signatures declared (once; RuntimeError when it cannot build)."""
-    lib = load_library(_LIB)
-    lib.pq_lut4_mm.argtypes = [_i64, _i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64]
-    lib.pq_lut4_mm.restype = None
-    lib.pq_lut4_dequant.argtypes = [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64]
-    lib.pq_lut4_dequant.restype = None
-    lib.pq_lut4_simd_level.restype = ctypes.c_int
-    return lib
+_C = CLibrary(_LIB, {
+    "pq_lut4_mm": ([I64, I64, I64, I64, PTR, I64, PTR, PTR, PTR, PTR, PTR, I64, I64, I64], None),
+    "pq_lut4_dequant": ([I64, I64, I64, PTR, PTR, PTR, PTR, PTR, I64, I64], None),
+})
+_lib = _C.lib  # the library with its signatures declared (RuntimeError when it cannot build)
+simd_levels = _C.simd_levels  # every code path this CPU can run (tests cover each)
 
 
-@functools.lru_cache(maxsize=None)
 def simd_level() -> int:
     """The code path this CPU runs: 1 AVX-512F, 2 AVX2 + FMA, 0 the portable C loop."""
-    return int(_lib().pq_lut4_simd_level())
-
-
-def simd_levels() -> list[int]:
-    """Every code path this CPU can run (tests cover each): 0, and 2 / 1 where available."""
-    return runnable_levels(simd_level())
+    return _C.simd_level()
 
 
 def _group(qw: QuantizedWeight) -> int | str:
@@ -106,7 +93,7 @@ def lut4_mm(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, lut: torch.Tensor
         x = x.contiguous()
     y = torch.empty(m, n, dtype=torch.float32)
     _lib().pq_lut4_mm(m, n, k, k // s.shape[1], x.data_ptr(), k, w.data_ptr(), s.data_ptr(), _zp(z), lut.data_ptr(),
-                      y.data_ptr(), n, threads or torch.get_num_threads(), simd_level() if simd is None else int(simd))
+                      y.data_ptr(), n, threads or torch.get_num_threads(), _C.level(simd))
     return y
 
 
@@ -116,7 +103,7 @@ def lut4_dequantize(w: torch.Tensor, s: torch.Tensor, lut: torch.Tensor, z: torc
     n, k = w.shape[0], w.shape[1] * 2
     out = torch.empty(n, k, dtype=torch.float32)
     _lib().pq_lut4_dequant(n, k, k // s.shape[1], w.data_ptr(), s.data_ptr(), _zp(z), lut.data_ptr(), out.data_ptr(),
-                           threads or torch.get_num_threads(), simd_level() if simd is None else int(simd))
+                           threads or torch.get_num_threads(), _C.level(simd))
     return out
 
 

@@ -21,14 +21,12 @@ weights take 4/3 of their packed size at run time), no int8 activation path, no 
 """
 from __future__ import annotations
 
-import ctypes
-import functools
 
 import torch
 import torch.nn.functional as F
 
 from polyquant.kernels.base import Kernel, register_kernel
-from polyquant.kernels.cext import library_error, load_library, runnable_levels
+from polyquant.kernels.cext import CLibrary, I64, PTR, library_error
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
 __all__ = ["CpuSpQRKernel", "simd_level", "simd_levels", "spqr_mm", "spqr_dequantize", "DEQUANT_MIN_M", "GROUP"]
@@ -36,29 +34,19 @@ __all__ = ["CpuSpQRKernel", "simd_level", "simd_levels", "spqr_mm", "spqr_dequan
 DEQUANT_MIN_M = 16
 GROUP = 16
 _LIB = "spqr"
-_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
 
-@functools.lru_cache(maxsize=None)
-def _lib() -> ctypes.CDLL:
-    lib = load_library(_LIB)
-    lib.pq_spqr_mm.argtypes = [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64,
-                               _i64]
-    lib.pq_spqr_mm.restype = None
-    lib.pq_spqr_dequant.argtypes = [_i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64]
-    lib.pq_spqr_dequant.restype = None
-    lib.pq_spqr_simd_level.restype = ctypes.c_int
-    return lib
+_C = CLibrary(_LIB, {
+    "pq_spqr_mm": ([I64, I64, I64, PTR, PTR, PTR, PTR, PTR, PTR, PTR, PTR, PTR, PTR, I64, I64, I64], None),
+    "pq_spqr_dequant": ([I64, I64, PTR, PTR, PTR, PTR, PTR, PTR, PTR, I64, I64], None),
+})
+_lib = _C.lib  # the library with its signatures declared (RuntimeError when it cannot build)
+simd_levels = _C.simd_levels  # every code path this CPU can run (tests cover each)
 
 
-@functools.lru_cache(maxsize=None)
 def simd_level() -> int:
     """The code path this CPU runs: 1 AVX-512F, 2 AVX2 + FMA, 0 portable C."""
-    return int(_lib().pq_spqr_simd_level())
-
-
-def simd_levels() -> list[int]:
-    return runnable_levels(simd_level())
+    return _C.simd_level()
 
 
 def _order(qw: QuantizedWeight) -> torch.Tensor | None | str:
@@ -92,7 +80,7 @@ def spqr_mm(xp: torch.Tensor, b: dict[str, torch.Tensor], simd: int | None = Non
     xs = xp.view(m, kp // GROUP, GROUP).sum(-1)
     _lib().pq_spqr_mm(m, n, kp, xp.data_ptr(), b["w"].data_ptr(), b["s"].data_ptr(), b["z"].data_ptr(),
                       b["mz"].data_ptr(), xs.data_ptr(), b["ro"].data_ptr(), _ptr_of(b["col"]), _ptr_of(b["val"]), y.data_ptr(), n,
-                      threads or torch.get_num_threads(), simd_level() if simd is None else int(simd))
+                      threads or torch.get_num_threads(), _C.level(simd))
     return y
 
 
@@ -102,7 +90,7 @@ def spqr_dequantize(b: dict[str, torch.Tensor], simd: int | None = None, threads
     out = torch.empty(n, kp, dtype=torch.float32)
     _lib().pq_spqr_dequant(n, kp, b["w"].data_ptr(), b["s"].data_ptr(), b["z"].data_ptr(), b["ro"].data_ptr(),
                            _ptr_of(b["col"]), _ptr_of(b["val"]), out.data_ptr(), threads or torch.get_num_threads(),
-                           simd_level() if simd is None else int(simd))
+                           _C.level(simd))
     return out
 
 

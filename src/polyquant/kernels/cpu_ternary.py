@@ -21,15 +21,13 @@ to 64 (padding code 1, weight 0); each run of 64 codes ``c[0..63]`` is 16 bytes,
 """
 from __future__ import annotations
 
-import ctypes
-import functools
 
 import torch
 import torch.nn.functional as F
 
 from polyquant.activations.bitnet import BitNetActivation
 from polyquant.kernels.base import Kernel, register_kernel
-from polyquant.kernels.cext import library_error, load_library, runnable_levels
+from polyquant.kernels.cext import CLibrary, I64, PTR, library_error
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
 __all__ = ["CpuTernaryKernel", "pack_ternary", "ternary_int_mm", "ternary_linear",
@@ -37,7 +35,6 @@ __all__ = ["CpuTernaryKernel", "pack_ternary", "ternary_int_mm", "ternary_linear
 
 DENSE_MIN_M = 32  # activation rows from which the products run as a float GEMM on the unpacked codes (prefill)
 _LIB = "ternary"
-_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
 
 def weight_multiplier(scale: torch.Tensor) -> torch.Tensor:
@@ -47,33 +44,20 @@ def weight_multiplier(scale: torch.Tensor) -> torch.Tensor:
 
 
 # -- the compiled library ---------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _lib() -> ctypes.CDLL:
-    lib = load_library(_LIB)
-    lib.pq_ternary_linear.argtypes = [_i64, _i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64, _ptr,
-                                      _i64, _i64]
-    lib.pq_ternary_linear.restype = None
-    lib.pq_ternary_int_mm.argtypes = [_i64, _i64, _i64, _ptr, _ptr, _ptr, _i64, _i64]
-    lib.pq_ternary_int_mm.restype = None
-    lib.pq_ternary_quant.argtypes = [_i64, _i64, _i64, _ptr, _i64, _ptr, _ptr]
-    lib.pq_ternary_quant.restype = None
-    lib.pq_ternary_unpack.argtypes = [_i64, _i64, _i64, _ptr, _ptr, _i64]
-    lib.pq_ternary_unpack.restype = None
-    lib.pq_ternary_unpack_f32.argtypes = [_i64, _i64, _i64, _ptr, _ptr, _i64]
-    lib.pq_ternary_unpack_f32.restype = None
-    lib.pq_ternary_simd_level.restype = ctypes.c_int
-    return lib
+_C = CLibrary(_LIB, {
+    "pq_ternary_linear": ([I64, I64, I64, I64, PTR, I64, PTR, PTR, I64, PTR, I64, PTR, I64, I64], None),
+    "pq_ternary_int_mm": ([I64, I64, I64, PTR, PTR, PTR, I64, I64], None),
+    "pq_ternary_quant": ([I64, I64, I64, PTR, I64, PTR, PTR], None),
+    "pq_ternary_unpack": ([I64, I64, I64, PTR, PTR, I64], None),
+    "pq_ternary_unpack_f32": ([I64, I64, I64, PTR, PTR, I64], None),
+})
+_lib = _C.lib  # the library with its signatures declared (RuntimeError when it cannot build)
+simd_levels = _C.simd_levels  # every code path this CPU can run (tests cover each)
 
 
-@functools.lru_cache(maxsize=None)
 def simd_level() -> int:
     """The code path this CPU runs: 3 AVX-512 VNNI, 1 AVX-512BW, 2 AVX2, 0 portable C."""
-    return int(_lib().pq_ternary_simd_level())
-
-
-def simd_levels() -> list[int]:
-    """Every code path this CPU can run (tests cover each)."""
-    return runnable_levels(simd_level())
+    return _C.simd_level()
 
 
 def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
@@ -100,7 +84,7 @@ def ternary_linear(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, k: int, s
     scratch = torch.empty(m, kp, dtype=torch.int8)
     _lib().pq_ternary_linear(m, n, k, kp, x.data_ptr(), x.shape[1], w.data_ptr(), ws.data_ptr(), ws.numel(),
                              y.data_ptr(), n, scratch.data_ptr(), threads or torch.get_num_threads(),
-                             simd_level() if simd is None else int(simd))
+                             _C.level(simd))
     return y
 
 
@@ -114,7 +98,7 @@ def ternary_int_mm(q: torch.Tensor, w: torch.Tensor, simd: int | None = None,
     q = q.contiguous()
     acc = torch.empty(m, n, dtype=torch.int32)
     _lib().pq_ternary_int_mm(m, n, kp, q.data_ptr(), w.data_ptr(), acc.data_ptr(), threads or torch.get_num_threads(),
-                             simd_level() if simd is None else int(simd))
+                             _C.level(simd))
     return acc
 
 

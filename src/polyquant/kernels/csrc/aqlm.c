@@ -16,27 +16,19 @@
  * Code paths: the same C compiled twice, portable and with AVX2+FMA enabled (auto-vectorised), plus
  * AVX2 gathers for the table look-ups; simd 2 = AVX2, 0 = portable.
  */
-#include <stdint.h>
-#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <float.h>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define PQ_X86 1
+#include "pq_common.h"
+
+#ifdef PQ_X86
 #define AVX2_FN __attribute__((target("avx2,fma")))
 #else
 #define AVX2_FN
 #endif
 
-int pq_aqlm_simd_level(void) {
-#ifdef PQ_X86
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 2;
-#endif
-    return 0;
-}
+int pq_aqlm_simd_level(void) { return pq_f32_simd_level(0); }
 
 /* ---- table build: lut[(i*M + m)*K + k] = x[i*ig .. +ig) . cb[m][k] ---------------------------- */
 #define BUILD_LUT_BODY                                                                              \

@@ -12,25 +12,12 @@
  * once (it reads only the low 4 bits of each index); the table is pre-multiplied by the group's
  * scale (and zero). AVX2: two 8-entry halves and a blend on bit 3. Other CPUs run the portable loop. Threads: OpenMP over output rows when nthreads > 1.
  */
-#include <stdint.h>
-#include <stddef.h>
-
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define PQ_X86 1
-#endif
+#include "pq_common.h"
 
 #define MB 4 /* activation rows per pass over a weight row */
 
 /* the best code path this CPU runs: 1 = AVX-512F, 2 = AVX2 + FMA, 0 = portable C */
-int pq_lut4_simd_level(void) {
-#ifdef PQ_X86
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) return 1;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 2;
-#endif
-    return 0;
-}
+int pq_lut4_simd_level(void) { return pq_f32_simd_level(1); }
 
 /* ---- portable ---------------------------------------------------------------------------- */
 static void rows_portable(int64_t M, int64_t n0, int64_t n1, int64_t K, int64_t G, const float *x,
@@ -282,7 +269,7 @@ void pq_lut4_mm(int64_t M, int64_t N, int64_t K, int64_t G, const float *x, int6
                 int64_t simd) {
     const int64_t chunk = 16;
     const int64_t nchunks = (N + chunk - 1) / chunk;
-#pragma omp parallel for schedule(static) num_threads((int)(nthreads > 0 ? nthreads : 1)) if (nthreads > 1)
+#pragma omp parallel for schedule(static) num_threads(PQ_THREADS(nthreads)) if (nthreads > 1)
     for (int64_t i = 0; i < nchunks; i++) {
         const int64_t n0 = i * chunk, n1 = (n0 + chunk < N) ? n0 + chunk : N;
 #ifdef PQ_X86
@@ -306,7 +293,7 @@ void pq_lut4_dequant(int64_t N, int64_t K, int64_t G, const uint8_t *w, const fl
                      const float *lut, float *out, int64_t nthreads, int64_t simd) {
     const int64_t chunk = 16;
     const int64_t nchunks = (N + chunk - 1) / chunk;
-#pragma omp parallel for schedule(static) num_threads((int)(nthreads > 0 ? nthreads : 1)) if (nthreads > 1)
+#pragma omp parallel for schedule(static) num_threads(PQ_THREADS(nthreads)) if (nthreads > 1)
     for (int64_t i = 0; i < nchunks; i++) {
         const int64_t n0 = i * chunk, n1 = (n0 + chunk < N) ? n0 + chunk : N;
 #ifdef PQ_X86

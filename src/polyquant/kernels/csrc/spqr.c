@@ -15,25 +15,12 @@
  * The sparse part is a CSR product per row after the dense dot. Threads: OpenMP over output rows
  * when nthreads > 1.
  */
-#include <stdint.h>
-#include <stddef.h>
-
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define PQ_X86 1
-#endif
+#include "pq_common.h"
 
 #define MB 4 /* activation rows per pass over a weight row */
 
 /* the best code path this CPU runs: 1 = AVX-512F, 2 = AVX2 + FMA, 0 = portable C */
-int pq_spqr_simd_level(void) {
-#ifdef PQ_X86
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) return 1;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 2;
-#endif
-    return 0;
-}
+int pq_spqr_simd_level(void) { return pq_f32_simd_level(1); }
 
 static inline float sparse_dot(const int32_t *ro, const int32_t *col, const float *val, int64_t n,
                                const float *xr) {
@@ -272,7 +259,7 @@ void pq_spqr_mm(int64_t M, int64_t N, int64_t Kp, const float *x, const uint8_t 
                 int64_t simd) {
     const int64_t chunk = 16;
     const int64_t nchunks = (N + chunk - 1) / chunk;
-#pragma omp parallel for schedule(static) num_threads((int)(nthreads > 0 ? nthreads : 1)) if (nthreads > 1)
+#pragma omp parallel for schedule(static) num_threads(PQ_THREADS(nthreads)) if (nthreads > 1)
     for (int64_t c = 0; c < nchunks; c++) {
         const int64_t n0 = c * chunk, n1 = (n0 + chunk < N) ? n0 + chunk : N;
 #ifdef PQ_X86
@@ -288,7 +275,7 @@ void pq_spqr_dequant(int64_t N, int64_t Kp, const uint8_t *w, const float *s, co
                      const int32_t *col, const float *val, float *out, int64_t nthreads, int64_t simd) {
     const int64_t chunk = 16;
     const int64_t nchunks = (N + chunk - 1) / chunk;
-#pragma omp parallel for schedule(static) num_threads((int)(nthreads > 0 ? nthreads : 1)) if (nthreads > 1)
+#pragma omp parallel for schedule(static) num_threads(PQ_THREADS(nthreads)) if (nthreads > 1)
     for (int64_t c = 0; c < nchunks; c++) {
         const int64_t n0 = c * chunk, n1 = (n0 + chunk < N) ? n0 + chunk : N;
 #ifdef PQ_X86

@@ -17,14 +17,9 @@
  * and portable C. Threads: OpenMP over output rows when nthreads > 1.
  */
 #include <math.h>
-#include <stdint.h>
-#include <stddef.h>
 #include <stdlib.h>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define PQ_X86 1
-#endif
+#include "pq_common.h"
 
 /* the best code path this CPU runs: 3 = AVX-512 VNNI, 1 = AVX-512BW, 2 = AVX2, 0 = portable C */
 int pq_ternary_simd_level(void) {
@@ -232,7 +227,7 @@ void pq_ternary_int_mm(int64_t M, int64_t N, int64_t Kp, const int8_t *q, const 
     for (int64_t m = 0; m < M; m++) {
         int32_t s = 0;
         for (int64_t k = 0; k < Kp; k++) s += q[m * Kp + k];
-#pragma omp parallel for schedule(static) num_threads((int)(nthreads > 0 ? nthreads : 1)) if (nthreads > 1)
+#pragma omp parallel for schedule(static) num_threads(PQ_THREADS(nthreads)) if (nthreads > 1)
         for (int64_t i = 0; i < nchunks; i++) {
             const int64_t n0 = i * chunk, n1 = (n0 + chunk < N) ? n0 + chunk : N;
             rows((int)simd, n0, n1, Kp, q + m * Kp, w, acc + m * N);
@@ -253,7 +248,7 @@ void pq_ternary_linear(int64_t M, int64_t N, int64_t K, int64_t Kp, const float 
         int8_t *q = scratch + m * Kp;
         int32_t s;
         const float xs = quant_row(K, Kp, x + m * ldx, q, &s);
-#pragma omp parallel for schedule(static) num_threads((int)(nthreads > 0 ? nthreads : 1)) if (nthreads > 1)
+#pragma omp parallel for schedule(static) num_threads(PQ_THREADS(nthreads)) if (nthreads > 1)
         for (int64_t i = 0; i < nchunks; i++) {
             const int64_t n0 = i * chunk, n1 = (n0 + chunk < N) ? n0 + chunk : N;
             rows((int)simd, n0, n1, Kp, q, w, acc);
@@ -279,7 +274,7 @@ void pq_ternary_quant(int64_t M, int64_t K, int64_t Kp, const float *x, int64_t 
 
 /* Dense int8 weights (codes - 1) [N][K] from the packed layout (for an int8 x int8 GEMM at prefill). */
 void pq_ternary_unpack(int64_t N, int64_t K, int64_t Kp, const uint8_t *w, int8_t *out, int64_t nthreads) {
-#pragma omp parallel for schedule(static) num_threads((int)(nthreads > 0 ? nthreads : 1)) if (nthreads > 1)
+#pragma omp parallel for schedule(static) num_threads(PQ_THREADS(nthreads)) if (nthreads > 1)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *p = w + n * (Kp / 4);
         int8_t *o = out + n * K;
@@ -293,7 +288,7 @@ void pq_ternary_unpack(int64_t N, int64_t K, int64_t Kp, const uint8_t *w, int8_
 /* Dense float32 weights (codes - 1) [N][K] from the packed layout (prefill: a float GEMM on exact integers). */
 void pq_ternary_unpack_f32(int64_t N, int64_t K, int64_t Kp, const uint8_t *w, float *out, int64_t nthreads) {
     static const float val[4] = {-1.f, 0.f, 1.f, 2.f};
-#pragma omp parallel for schedule(static) num_threads((int)(nthreads > 0 ? nthreads : 1)) if (nthreads > 1)
+#pragma omp parallel for schedule(static) num_threads(PQ_THREADS(nthreads)) if (nthreads > 1)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *p = w + n * (Kp / 4);
         float *o = out + n * K;
