@@ -163,10 +163,15 @@ def test_one_record_per_run_failures_recorded_and_resume(tmp_path, tiny_dir, tex
     inv = json.loads((out / "results.json").read_text())["invocations"]
     assert [(x["runs"], x["reused"]) for x in inv] == [(4, 0), (4, 3)] and all(x["wall_s"] > 0 for x in inv)
 
-    # other settings are other runs
-    run_compare(tiny_dir, out, sweep()[:2], text=text, **{**KW, "max_windows": 1})
+    # other settings are refused (naming the difference), or start over with resume=False
+    with pytest.raises(ValueError, match=r"max_windows: 2 in the folder, 1 now"):
+        run_compare(tiny_dir, out, sweep()[:2], text=text, **{**KW, "max_windows": 1})
+    assert calls == [] and len(jsonl(out)) == 5
+    run_compare(tiny_dir, out, sweep()[:2], text=text, **{**KW, "max_windows": 1}, resume=False)
     assert calls == ["fp", 8]
-    assert [r["settings"]["max_windows"] for r in results(out)] == [1, 1]
+    assert [r["settings"]["max_windows"] for r in results(out)] == [1, 1] and len(jsonl(out)) == 2
+    assert sorted(p.name.split("-", 1)[1] for p in (out / "previous").iterdir()) == [
+        "results.json", "runs.jsonl", "sweep.json"]  # the earlier sweep, moved aside
 
 
 def test_interrupted_sweep_resumes_and_an_eval_error_is_recorded(tmp_path, tiny_dir, text, counted):

@@ -143,9 +143,11 @@ def run_compare(model: str | os.PathLike = "default", out_dir: str | os.PathLike
         model: ``default``, a local HF folder or a .gguf (an unquantized model).
         out_dir: where ``runs.jsonl``, ``results.json`` and ``sweep.json`` go; finished runs found
             there with the same config and settings are reused, not redone. The folder's sweep
-            (``sweep.json``: settings, calibration settings, a fingerprint of the source model) must
+            (``sweep.json``: the evaluation settings and a fingerprint of the source model) must
             match: otherwise :class:`SweepMismatch` names every difference (``resume=False`` starts
-            over). One sweep at a time writes a folder (a second is refused).
+            over). Calibration settings key only the runs given data: other calibration settings
+            redo those runs and reuse the rest. One sweep at a time writes a folder (a second is
+            refused).
         runs: the sweep (default :func:`default_runs`); the unquantized baseline, when present,
             is run first and is the reference for KL / top-1 and Δppl. Two runs of one config are
             refused (they would be one record).
@@ -202,8 +204,9 @@ def run_compare(model: str | os.PathLike = "default", out_dir: str | os.PathLike
     twins = [(a.name, b.name) for i, a in enumerate(runs) for b in runs[i + 1:] if keys[a.name] == keys[b.name]]
     if twins:
         raise ValueError("runs " + ", ".join(f"{a} and {b}" for a, b in twins) + " have the same config (one record)")
-    identity = {k: v for k, v in settings.items() if k != "source_sha256"}
-    identity.update(calibration=calib_settings, source=source)
+    # what every run depends on; the calibration settings key only the runs given data, so a rerun
+    # with other calibration settings redoes those runs and reuses the rest
+    identity = {**{k: v for k, v in settings.items() if k != "source_sha256"}, "source": source}
 
     with SweepLock(store.folder):
         _check_identity(store, identity, resume, ex.name)
