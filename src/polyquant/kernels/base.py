@@ -70,6 +70,14 @@ class Kernel:
             return f"{self.name} runs on {'/'.join(self.devices)}, not {device.type}"
         return None
 
+    def _capability_reason(self, device: torch.device) -> str | None:
+        """On a CUDA device below ``min_capability``: why not (None otherwise)."""
+        if self.min_capability is not None and device.type == "cuda" and torch.cuda.is_available():
+            cap = torch.cuda.get_device_capability(device)
+            if cap < self.min_capability:
+                return f"needs compute capability >= {self.min_capability}, got {cap}"
+        return None
+
 
 KERNELS: dict[str, Kernel] = {}
 

@@ -123,12 +123,9 @@ class Fp8ScaledMMKernel(Kernel):
             return "zero points / act-order / extras are not supported"
         if out % 16 or inp % 16:
             return f"torch._scaled_mm needs out and in features divisible by 16, got {qw.shape}"
-        if device.type == "cuda" and torch.cuda.is_available():
-            cap = torch.cuda.get_device_capability(device)
-            if cap < self.min_capability:
-                return f"needs compute capability >= {self.min_capability}, got {cap}"
-            return _rowwise_reason(device)
-        return None
+        if r := self._capability_reason(device):
+            return r
+        return _rowwise_reason(device) if device.type == "cuda" and torch.cuda.is_available() else None
 
     def prepare(self, qw):
         n = qw.shape[0]

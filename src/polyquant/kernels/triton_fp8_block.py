@@ -19,33 +19,25 @@ tensor-core MMA).
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import torch
 import torch.nn.functional as F
 
 from polyquant.kernels.base import Kernel, register_kernel
+from polyquant.kernels.triton_util import import_triton, jit_kernel, triton_available, triton_reason
 from polyquant.activations.fp8 import Fp8ActQuant
 
 __all__ = ["TritonFp8BlockKernel", "fp8_block_matmul", "tile_k", "triton_available"]
 
 triton = None  # filled by _import_triton(); the JIT kernel reads ``tl`` from this module's globals
 tl = None
-_JIT: dict[bool, object] = {}
+_JIT: dict[tuple[bool, str], object] = {}
 _TILES_K = (128, 64, 32)
 
 
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def _import_triton() -> None:
-    global triton, tl
-    if tl is None:
-        import triton as _triton
-        import triton.language as _tl
-        triton, tl = _triton, _tl
+    import_triton(globals())
 
 
 def _fp8_block_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr, M, N, K,
@@ -80,14 +72,7 @@ def _fp8_block_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr, M, N, K,
 
 def _jit(interpret: bool):
     """The kernel, JIT-compiled (GPU) or interpreted (CPU tensors / TRITON_INTERPRET=1)."""
-    if interpret not in _JIT:
-        _import_triton()
-        if interpret:
-            from triton.runtime.interpreter import InterpretedFunction
-            _JIT[interpret] = InterpretedFunction(_fp8_block_kernel)
-        else:
-            _JIT[interpret] = triton.jit(_fp8_block_kernel)
-    return _JIT[interpret]
+    return jit_kernel(_fp8_block_kernel, interpret, _JIT)
 
 
 def tile_k(K: int, block_k: int, x_group: int) -> int | None:
@@ -148,19 +133,15 @@ class TritonFp8BlockKernel(Kernel):
     def supports(self, qw, device):
         if r := self._device_reason(device):
             return r
-        if not triton_available():
-            return "triton is not installed (pip install triton)"
+        if r := triton_reason():
+            return r
         if qw.qtype != "float8_e4m3fn":
             return f"needs float8_e4m3fn weights, got {qw.qtype}"
         if qw.zero is not None or qw.g_idx is not None or qw.extras:
             return "zero points / act-order / extras are not supported"
         if tile_k(qw.shape[1], qw.block[1], qw.shape[1]) is None:
             return f"the block width {qw.block[1]} is not a multiple of 32"
-        if device.type == "cuda" and torch.cuda.is_available():
-            cap = torch.cuda.get_device_capability(device)
-            if cap < self.min_capability:
-                return f"needs compute capability >= {self.min_capability}, got {cap}"
-        return None
+        return self._capability_reason(device)
 
     def forward(self, module, x):
         shape = x.shape

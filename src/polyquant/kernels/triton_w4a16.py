@@ -24,12 +24,12 @@ it on CPU for tests. Registered for device ``cuda`` only: on CPU ``auto`` never 
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import torch
 
 from polyquant.kernels.base import Kernel, register_kernel
+from polyquant.kernels.triton_util import import_triton, jit_kernel, triton_available, triton_reason
 from polyquant.qtypes import get_qtype
 from polyquant.tensor.packing import pack
 from polyquant.tensor.quantized_weight import QuantizedWeight
@@ -47,16 +47,8 @@ _JIT: dict[tuple[bool, str], object] = {}
 DEQUANT_MIN_M = 64
 
 
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def _import_triton() -> None:
-    global triton, tl
-    if tl is None:
-        import triton as _triton
-        import triton.language as _tl
-        triton, tl = _triton, _tl
+    import_triton(globals())
 
 
 def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, gidx_ptr, y_ptr,
@@ -146,16 +138,7 @@ def _dequant_kernel(q_ptr, s_ptr, z_ptr, gidx_ptr, w_ptr, N, K, stride_qk, strid
 def _jit(interpret: bool, fn=None):
     """A kernel (default: the fused matmul), JIT-compiled (GPU) or interpreted (CPU tensors /
     TRITON_INTERPRET=1)."""
-    fn = fn or _w4a16_kernel
-    key = (interpret, fn.__name__)
-    if key not in _JIT:
-        _import_triton()
-        if interpret:
-            from triton.runtime.interpreter import InterpretedFunction
-            _JIT[key] = InterpretedFunction(fn)
-        else:
-            _JIT[key] = triton.jit(fn)
-    return _JIT[key]
+    return jit_kernel(fn or _w4a16_kernel, interpret, _JIT)
 
 
 def dequantize_w4a16(buf: dict[str, torch.Tensor], bits: int, group_size: int, offset: int, N: int, K: int,
@@ -290,19 +273,15 @@ class TritonW4A16Kernel(Kernel):
     def supports(self, qw, device):
         if r := self._device_reason(device):
             return r
-        if not triton_available():
-            return "triton is not installed (pip install triton)"
+        if r := triton_reason():
+            return r
         if qw.qt.kind != "int" or qw.bits not in _BITS:
             return f"needs {'/'.join(map(str, _BITS))}-bit integer weights, got {qw.qtype}"
         if qw.block[0] != 1:
             return f"needs row blocks of 1, got block {qw.block}"
         if qw.extras:
             return "extras are not supported"
-        if device.type == "cuda" and torch.cuda.is_available():
-            cap = torch.cuda.get_device_capability(device)
-            if cap < self.min_capability:
-                return f"needs compute capability >= {self.min_capability}, got {cap}"
-        return None
+        return self._capability_reason(device)
 
     def prepare(self, qw):
         return prepare_w4a16(qw)
