@@ -49,6 +49,7 @@ from typing import Callable
 
 import torch
 
+from polyquant.methods._hessian import hessian_inputs, zero_dead_inputs
 from polyquant.methods.base import MethodConfig, check_int
 from polyquant.methods.registry import MethodSpec, register_method
 from polyquant.methods.traits import BENCH, Preset, Prior, rel
@@ -434,28 +435,13 @@ def aqlm_fit(W: torch.Tensor, H: torch.Tensor, config: AQLMConfig,
 
 def aqlm_quantize(weight: torch.Tensor, config: AQLMConfig, stats: dict | None) -> QuantizedWeight:
     """AQLM of one ``[out, in]`` weight with ``stats = {"H": [in, in] Hessian}`` (not modified)."""
-    if not stats or stats.get("H") is None:
-        raise ValueError("AQLM needs calibration statistics ({'H': hessian}); quantize the model with "
-                         "calibration data: polyquant.quantize(model, cfg, calibration=...)")
-    if weight.dim() != 2:
-        raise ValueError(f"AQLM quantizes 2-D weights, got shape {tuple(weight.shape)}")
-    out, inp = weight.shape
-    H0 = stats["H"]
-    if tuple(H0.shape) != (inp, inp):
-        raise ValueError(f"Hessian shape {tuple(H0.shape)} does not match {inp} input features")
-    if not torch.isfinite(H0).all():
-        raise ValueError("AQLM: the Hessian contains NaN or Inf (non-finite calibration activations)")
+    W, H = hessian_inputs(weight, stats, "AQLM", check_samples=False)
+    out, inp = W.shape
     if inp % config.in_group_size:
         raise ValueError(f"in_group_size {config.in_group_size} does not divide in_features {inp}")
     if out % config.out_group_size:
         raise ValueError(f"out_group_size {config.out_group_size} does not divide out_features {out}")
-    W = weight.detach().to(H0.device, torch.float32).clone()
-    if not torch.isfinite(W).all():
-        raise ValueError("weight contains NaN or Inf values")
-    H = H0.detach().to(torch.float32).clone()
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    zero_dead_inputs(W, H)
     t0 = time.perf_counter()
     state, info = aqlm_fit(W, H, config)
     log.info("aqlm %s [%d, %d]: relative error %.4e after %d iterations in %.1f s %s", config.describe(), out, inp,

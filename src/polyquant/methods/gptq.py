@@ -53,6 +53,7 @@ from dataclasses import dataclass
 
 import torch
 
+from polyquant.methods._hessian import hessian_inputs, zero_dead_inputs
 from polyquant.methods.base import MethodConfig, check_choice, check_int
 from polyquant.methods.registry import MethodSpec, register_method
 from polyquant.methods.traits import BENCH, Preset, Prior, rel
@@ -277,31 +278,13 @@ def _one_thread(device: torch.device):
 def gptq_quantize(weight: torch.Tensor, config: GPTQConfig, stats: dict | None) -> QuantizedWeight:
     """GPTQ of one ``[out, in]`` weight with ``stats = {"H": [in, in] Hessian, "n": samples}``.
     ``stats`` is not modified (it may be shared by Linears with the same input)."""
-    if not stats or stats.get("H") is None:
-        raise ValueError("GPTQ needs calibration statistics ({'H': hessian}); quantize the model with "
-                         "calibration data: polyquant.quantize(model, cfg, calibration=...)")
-    if stats.get("n") is not None and int(stats["n"]) <= 0:
-        raise ValueError("GPTQ: no calibration samples reached this layer (n = 0)")
-    if weight.dim() != 2:
-        raise ValueError(f"GPTQ quantizes 2-D weights, got shape {tuple(weight.shape)}")
-    H0 = stats["H"]
-    out, inp = weight.shape
-    if tuple(H0.shape) != (inp, inp):
-        raise ValueError(f"Hessian shape {tuple(H0.shape)} does not match {inp} input features")
-    if not torch.isfinite(H0).all():
-        raise ValueError("GPTQ: the Hessian contains NaN or Inf (non-finite activations in the calibration "
-                         "forward; check the model and calibration data)")
-    W = weight.detach().to(H0.device, torch.float32).clone()
-    if not torch.isfinite(W).all():
-        raise ValueError("weight contains NaN or Inf values")
-    H = H0.detach().to(torch.float32).clone()
+    W, H = hessian_inputs(weight, stats, "GPTQ")
+    out, inp = W.shape
     qt = int_qtype(config.bits, signed=config.sym)
     gs = inp if config.group_size == -1 or config.group_size >= inp else config.group_size
     n_groups = math.ceil(inp / gs)
 
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    zero_dead_inputs(W, H)
 
     static = None
     if gs == inp:  # per channel: parameters from the whole (dead-zeroed) row, once

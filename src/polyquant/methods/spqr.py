@@ -71,6 +71,7 @@ from dataclasses import dataclass
 
 import torch
 
+from polyquant.methods._hessian import hessian_inputs, zero_dead_inputs
 from polyquant.methods.base import MethodConfig, check_int
 from polyquant.methods.gptq import _inverse_hessian_upper, _one_thread
 from polyquant.methods.registry import MethodSpec, register_method
@@ -237,29 +238,12 @@ def leave_one_out_gain(w: torch.Tensor, d: torch.Tensor, maxq: int) -> torch.Ten
 def spqr_quantize(weight: torch.Tensor, config: SpQRConfig, stats: dict | None) -> QuantizedWeight:
     """SpQR of one ``[out, in]`` weight with ``stats = {"H": [in, in] Hessian, "n": samples}``
     (``stats`` is not modified)."""
-    if not stats or stats.get("H") is None:
-        raise ValueError("SpQR needs calibration statistics ({'H': hessian}); quantize the model with "
-                         "calibration data: polyquant.quantize(model, cfg, calibration=...)")
-    if stats.get("n") is not None and int(stats["n"]) <= 0:
-        raise ValueError("SpQR: no calibration samples reached this layer (n = 0)")
-    if weight.dim() != 2:
-        raise ValueError(f"SpQR quantizes 2-D weights, got shape {tuple(weight.shape)}")
-    H0 = stats["H"]
-    out, inp = weight.shape
-    if tuple(H0.shape) != (inp, inp):
-        raise ValueError(f"Hessian shape {tuple(H0.shape)} does not match {inp} input features")
-    if not torch.isfinite(H0).all():
-        raise ValueError("SpQR: the Hessian contains NaN or Inf (non-finite calibration activations)")
-    W = weight.detach().to(H0.device, torch.float32).clone()
-    if not torch.isfinite(W).all():
-        raise ValueError("weight contains NaN or Inf values")
-    H = H0.detach().to(torch.float32).clone()
+    W, H = hessian_inputs(weight, stats, "SpQR")
+    out, inp = W.shape
     perm = torch.argsort(torch.diagonal(H), descending=True) if config.act_order else None
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    zero_dead_inputs(W, H)
     U = _inverse_hessian_upper(H, float(config.damp_percent))
     del H
     with _one_thread(W.device):
