@@ -95,6 +95,32 @@ def test_a_plugin_method_is_listed_when_polyquant_starts_and_a_broken_one_is_nam
     assert "toy-broken" in r.stderr and "broken on purpose" in r.stderr
 
 
+def test_the_listings_name_the_plugins_that_failed(site, capsys, monkeypatch):
+    """``polyquant methods | formats | kernels`` print each failed plug-in by name with its error:
+    under the table, or on stderr for --json / --markdown (whose stdout stays the listing alone)."""
+    from polyquant import plugins
+    from polyquant.cli import main
+    from polyquant.methods import MethodSpec, register_method
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plugins.load_plugins("polyquant.methods", register_method, lambda o: isinstance(o, MethodSpec))
+    assert main(["methods"]) == 0
+    o = capsys.readouterr().out
+    assert "toy-fixed" in o and "failed to load (polyquant.methods" in o
+    assert "toy-broken: RuntimeError: this plug-in is broken on purpose" in o
+    assert main(["methods", "--json"]) == 0
+    r = capsys.readouterr()
+    assert "toy-broken" not in r.out and "toy-broken: RuntimeError" in r.err
+    json.loads(r.out)
+    monkeypatch.setitem(plugins.PLUGIN_ERRORS, "polyquant.formats", {"bad-format": "ImportError: no module x"})
+    monkeypatch.setitem(plugins.PLUGIN_ERRORS, "polyquant.kernels", {"bad-kernel": "ValueError: taken name"})
+    assert main(["formats"]) == 0 and "bad-format: ImportError: no module x" in capsys.readouterr().out
+    assert main(["kernels"]) == 0 and "bad-kernel: ValueError: taken name" in capsys.readouterr().out
+    assert main(["formats", "--markdown"]) == 0
+    r = capsys.readouterr()
+    assert "bad-format" not in r.out and "bad-format" in r.err
+
+
 def test_a_plugin_method_quantizes_compares_and_is_in_matrix_and_diagrams(site, tmp_path, capsys):
     from polyquant.cli import main
     from polyquant.methods import METHODS, MethodSpec, register_method

@@ -2,10 +2,26 @@
 from __future__ import annotations
 
 from polyquant.cli.base import arg, command
-from polyquant.cli.render import markdown_table, out, print_json, text_table
+from polyquant.cli.render import err, markdown_table, out, print_json, text_table
 
 _JSON = arg("--json", action="store_true", help="print JSON")
 _MD = arg("--markdown", action="store_true", help="print a Markdown table (README)")
+
+
+def plugin_failures(group: str, text: bool) -> None:
+    """The plug-ins of ``group`` that failed to load, by entry-point name with the error: under the
+    table in text mode (stdout), on stderr for ``--json`` / ``--markdown`` (their stdout stays clean)."""
+    from polyquant.plugins import plugin_errors
+    errors = plugin_errors().get(group, {})
+    if not errors:
+        return
+    lines = [f"  {name}: {msg}" for name, msg in sorted(errors.items())]
+    head = f"plug-ins that failed to load ({group}; the built-ins are unaffected):"
+    if text:
+        out("")
+        out("\n".join([head, *lines]))
+    else:
+        err("\n".join([head, *lines]))
 
 
 def method_rows(markdown: bool = False) -> tuple[list[str], list[list[str]]]:
@@ -40,6 +56,7 @@ def cmd_methods(args) -> int:
         out(markdown_table(*method_rows(markdown=True)))
     else:
         out(text_table(*method_rows()))
+    plugin_failures("polyquant.methods", text=not (args.json or args.markdown))
     return 0
 
 
@@ -53,6 +70,7 @@ def cmd_formats(args) -> int:
         out(markdown_table(*format_rows(markdown=True)))
     else:
         out(text_table(*format_rows()))
+    plugin_failures("polyquant.formats", text=not (args.json or args.markdown))
     return 0
 
 
@@ -66,4 +84,5 @@ def cmd_kernels(args) -> int:
     else:
         out(text_table(["name", "devices", "layouts", "fast", "priority"],
                        [[k.name, ",".join(k.devices), k.layouts, "yes" if k.fast else "no", k.priority] for k in ks]))
+    plugin_failures("polyquant.kernels", text=not args.json)
     return 0
