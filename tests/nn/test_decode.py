@@ -7,6 +7,8 @@ import torch
 import polyquant
 from polyquant.eval.speed import greedy_decode
 from polyquant.nn.decode import FastDecoder, fast_decode_reason, fast_greedy_decode
+from polyquant.methods.rtn import rtn_quantize
+from polyquant.nn.quantize import set_kernels
 from polyquant.tensor.quantized_weight import QuantizedWeight
 from polyquant.tensor.sparse import SparseOutliers
 from tests.helpers import tiny_llama, tiny_qwen2
@@ -16,14 +18,18 @@ def _prompt(n=12, vocab=256, seed=0):
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("make", [tiny_llama, tiny_qwen2])
 @pytest.mark.parametrize("quant", [None, dict(bits=4, group_size=32), dict(bits=8, group_size=-1)])
-def test_fast_decode_matches_the_model(make, quant):
+def test_fast_decode_matches_the_model(make, quant, native):
     model = make(layers=2)
     if quant is not None:
         model = polyquant.quantize(model, polyquant.RTNConfig(**quant), show_progress=False)
+        if native:  # the compiled step runs float32 activations: its ground truth is the reference kernel
+            set_kernels(model, "reference")
     p = _prompt()
-    dec = FastDecoder(model, max_len=96)
+    dec = FastDecoder(model, max_len=96, native=native)
+    assert dec.native_layers == (2 if native else 0) and dec.native_head == native
     logits = dec(p)
     with torch.no_grad():
         ref = model(p[None]).logits[0, -1]
@@ -31,6 +37,19 @@ def test_fast_decode_matches_the_model(make, quant):
     fast, _ = fast_greedy_decode(dec, p, 64)
     plain, _ = greedy_decode(model, p, 64)
     assert torch.equal(fast, plain)
+    # every one-token step's logits along the greedy path (the compiled step when native)
+    dec.reset()
+    seq = torch.cat([p, plain])
+    dec(p)
+    with torch.no_grad():
+        full = model(seq[None]).logits[0]
+    worst = 0.0
+    for i, tok in enumerate(plain[:-1]):
+        step = dec(tok[None])
+        want = full[len(p) + i]
+        worst = max(worst, float((step - want).abs().max() / want.abs().max()))
+    if native or quant is None:  # (cpu-int4 / cpu-int8 round activations to bf16, by rows: not comparable)
+        assert worst < 1e-5, worst  # measured 3e-7 .. 6e-7 (float32 rounding)
     # a block of several tokens after the prompt is causal within itself
     dec.reset()
     dec(p[:5])
@@ -39,9 +58,61 @@ def test_fast_decode_matches_the_model(make, quant):
     assert dec.fallbacks == []
 
 
+@pytest.mark.parametrize("quant", [dict(bits=4, group_size=64, sym=False), dict(bits=3, group_size=32),
+                                   dict(bits=8, group_size=32)])
+def test_native_step_layouts_and_threads(quant):
+    """asym zero points, 3-bit codes, grouped 8-bit; two threads give the same tokens as one."""
+    model = polyquant.quantize(tiny_llama(layers=2), polyquant.RTNConfig(**quant), show_progress=False)
+    set_kernels(model, "reference")
+    p = _prompt()
+    dec = FastDecoder(model, max_len=96)
+    assert dec.native_layers == 2 and dec.native_head and dec.fallbacks == []
+    plain, _ = greedy_decode(model, p, 64)
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            fast, _ = fast_greedy_decode(dec, p, 64)
+            assert torch.equal(fast, plain), threads
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_a_layer_the_native_step_cannot_take_runs_in_python_and_is_recorded():
+    model = polyquant.quantize(tiny_llama(layers=3), polyquant.RTNConfig(bits=4, group_size=32), show_progress=False)
+    set_kernels(model, "reference")
+    layer = model.model.layers[1]  # a 5-bit down projection: no cpu-gemv layout
+    w = layer.mlp.down_proj.weight.detach()
+    layer.mlp.down_proj = polyquant.QuantLinear(rtn_quantize(w, polyquant.RTNConfig(bits=5, group_size=32)),
+                                                kernel="reference")
+    p = _prompt()
+    dec = FastDecoder(model, max_len=96)
+    assert dec.native_layers == 2 and dec.native_head
+    assert len(dec.fallbacks) == 1 and dec.fallbacks[0].startswith("layer 1: Python step (down:")
+    plain, _ = greedy_decode(model, p, 64)
+    fast, _ = fast_greedy_decode(dec, p, 64)
+    assert torch.equal(fast, plain)
+
+
+def test_native_false_and_a_bf16_head():
+    from polyquant.nn.runtime import set_float_dtype
+    model = polyquant.quantize(tiny_llama(layers=2), polyquant.RTNConfig(bits=4, group_size=32), show_progress=False)
+    set_kernels(model, "reference")
+    set_float_dtype(model, torch.bfloat16, scope="lm_head")
+    p = _prompt()
+    dec = FastDecoder(model, max_len=96)
+    assert dec.native_head and dec.fallbacks == []  # the bf16 head computes as torch.mv does (bf16 in/out)
+    plain, _ = greedy_decode(model, p, 64)
+    fast, _ = fast_greedy_decode(dec, p, 64)
+    assert torch.equal(fast, plain)
+    off = FastDecoder(model, max_len=96, native=False)
+    assert off.native_layers == 0 and not off.native_head and off.info["native_layers"] == 0
+
+
 def test_unfusable_siblings_run_one_by_one_and_are_recorded():
     model = polyquant.quantize(tiny_llama(layers=1), polyquant.RTNConfig(bits=4, group_size=32),
                                show_progress=False)
+    set_kernels(model, "reference")  # (the fast runtime's float32 layers: compared with the reference kernel)
     attn = model.model.layers[0].self_attn
     qw = attn.k_proj.quantized_weight
     mask = torch.zeros(qw.shape, dtype=torch.bool)
@@ -52,6 +123,7 @@ def test_unfusable_siblings_run_one_by_one_and_are_recorded():
     p = _prompt()
     dec = FastDecoder(model, max_len=64)
     assert any("q/k/v" in f for f in dec.fallbacks)
+    assert "layer 0: Python step (qkv members run one by one)" in dec.fallbacks and dec.native_head
     with torch.no_grad():
         ref = model(p[None]).logits[0, -1]
     assert torch.allclose(dec(p), ref, atol=1e-4)

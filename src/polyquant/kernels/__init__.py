@@ -11,6 +11,7 @@ from polyquant.kernels import cpu_lut4  # noqa: F401,E402  (registers cpu-lut4)
 from polyquant.kernels import cpu_ternary  # noqa: F401,E402  (registers cpu-ternary)
 from polyquant.kernels import cpu_aqlm  # noqa: F401,E402  (registers cpu-aqlm)
 from polyquant.kernels import cpu_spqr  # noqa: F401,E402  (registers cpu-spqr)
+from polyquant.kernels import cpu_gemv  # noqa: F401,E402  (registers cpu-gemv)
 
 __all__ = ["KERNELS", "Kernel", "get_kernel", "list_kernels", "register_kernel", "select_kernel"]
 

@@ -17,10 +17,22 @@ that overhead removed:
   layout works; a layout whose members cannot be concatenated runs member by member (recorded in
   :attr:`FastDecoder.fallbacks`).
 
+* one token (the decode step) runs each layer as one compiled C call (``native``, the default where
+  :mod:`polyquant.kernels.cpu_gemv` builds): RMSNorm, the q/k/v matrix-vector product, rope, the
+  KV cache write, attention over the cache, o, gate/up, SiLU, down, the residual adds; and the final
+  norm and the head as one more. Its matrix-vector products read the decoder's own copies of the
+  weights in ``cpu-gemv``'s layout (integer 1-4 / 8-bit group-wise or per-channel, float32, a bf16 head
+  computing as ``torch.mv`` does), float32 activations and accumulation. A layer (or head) it cannot
+  take runs the Python step below and is recorded in :attr:`FastDecoder.fallbacks`; prompts (more
+  than one token) run the Python step through the same modules.
+
 Numerics: the same operations in the same dtype as transformers' eager path; RMSNorm is
 ``torch.nn.functional.rms_norm`` and attention ``scaled_dot_product_attention`` (the sdpa path
 transformers uses by default), so logits agree with the model's own forward to float32 rounding
-(the tests bound the difference and check that greedy tokens are identical).
+(the tests bound the difference and check that greedy tokens are identical). The native step computes
+the same float32 operations in another summation order, and its quantized layers run float32
+activations where ``cpu-int4`` / ``cpu-int8`` round them to bf16: it is closer to the reference kernel
+(dequantize + float32 matmul) than those kernels are; the tests bound its difference to the reference.
 
 Supported: decoder blocks with ``self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``,
 ``input_layernorm`` / ``post_attention_layernorm`` RMSNorms and a rotary module on the base model
@@ -95,10 +107,24 @@ def _eps(norm: nn.Module) -> float:
     return 1e-6
 
 
+def _gemv_reason(qw) -> str | None:
+    from polyquant.kernels.cpu_gemv import CpuGemvKernel
+    return CpuGemvKernel().layout_reason(qw) or CpuGemvKernel().supports(qw, qw.data.device)
+
+
+def _native_module(m: nn.Module) -> nn.Module:
+    """``m``, or for a QuantLinear ``cpu-gemv`` can run (and is not running), a copy on it (same
+    quantized tensors, the kernel's packed buffers built)."""
+    if isinstance(m, QuantLinear) and m.kernel_name != "cpu-gemv" and m.act_quant is None and \
+            _gemv_reason(m.quantized_weight) is None:
+        return QuantLinear(m.quantized_weight, m.bias, kernel="cpu-gemv", method=m.method)
+    return m
+
+
 class _Proj:
     """One matmul over the concatenation of sibling projections (or each member alone)."""
 
-    def __init__(self, members: list[nn.Module], fallbacks: list[str], name: str) -> None:
+    def __init__(self, members: list[nn.Module], fallbacks: list[str], name: str, native: bool = False) -> None:
         self.sizes = [m.out_features for m in members]
         self.members = members
         self.fused: nn.Module | None = None
@@ -119,7 +145,10 @@ class _Proj:
             has_bias = [m.bias is not None for m in members]
             if qw is not None and same and len(set(has_bias)) == 1:
                 bias = torch.cat([m.bias.detach() for m in members]) if has_bias[0] else None
-                self.fused = QuantLinear(qw, bias, kernel=members[0]._kernel_request,
+                kernel = members[0]._kernel_request
+                if native and members[0].act_quant is None and _gemv_reason(qw) is None:
+                    kernel = "cpu-gemv"  # the decoder's own copy: built in the layout its C step reads
+                self.fused = QuantLinear(qw, bias, kernel=kernel,
                                          act_quant=members[0].act_quant, method=members[0].method)
         if self.fused is None:
             fallbacks.append(f"{name}: members run one by one (their weights cannot be concatenated)")
@@ -137,9 +166,11 @@ class FastDecoder:
     Args:
         model: a transformers causal LM (float or quantized by polyquant), in eval mode.
         max_len: the KV cache length (prompt + generated tokens).
+        native: run one-token steps through the compiled layer step where it can (see the module
+            docstring); False: the Python step everywhere, through the layers' own kernels.
     """
 
-    def __init__(self, model: nn.Module, max_len: int = 2048) -> None:
+    def __init__(self, model: nn.Module, max_len: int = 2048, native: bool = True) -> None:
         reason = fast_decode_reason(model, max_len)
         if reason is not None:
             raise ValueError(f"the fast decode runtime cannot run this model: {reason}")
@@ -160,18 +191,20 @@ class FastDecoder:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.scaling = self.head_dim ** -0.5
         self.layers: list[dict[str, Any]] = []
+        why_not = self._native_reason(cfg) if native else "native=False"
+        nat = why_not is None
         for i, layer in enumerate(base.layers):
             a, m = layer.self_attn, layer.mlp
             self.layers.append({
                 "ln1": (layer.input_layernorm.weight, _eps(layer.input_layernorm)),
                 "ln2": (layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm)),
-                "qkv": _Proj([a.q_proj, a.k_proj, a.v_proj], self.fallbacks, f"layer {i} q/k/v"),
-                "o": a.o_proj,
-                "gu": _Proj([m.gate_proj, m.up_proj], self.fallbacks, f"layer {i} gate/up"),
-                "down": m.down_proj,
+                "qkv": _Proj([a.q_proj, a.k_proj, a.v_proj], self.fallbacks, f"layer {i} q/k/v", nat),
+                "o": _native_module(a.o_proj) if nat else a.o_proj,
+                "gu": _Proj([m.gate_proj, m.up_proj], self.fallbacks, f"layer {i} gate/up", nat),
+                "down": _native_module(m.down_proj) if nat else m.down_proj,
             })
         self.norm = (base.norm.weight, _eps(base.norm))
-        self.head = model.lm_head
+        self.head = _native_module(model.lm_head) if nat else model.lm_head
         with torch.inference_mode():
             pos = torch.arange(self.max_len, device=self.device)[None]
             probe = torch.zeros(1, 1, self.head_dim, device=self.device, dtype=self.dtype)
@@ -181,10 +214,81 @@ class FastDecoder:
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.pos = 0
+        self.native_layers = 0
+        self.native_head = False
+        self._c: dict[str, Any] | None = None
+        if nat:
+            self._build_native(cfg)
+        elif native:
+            self.fallbacks.append(f"every layer: Python step ({why_not})")
+
+    def _native_reason(self, cfg) -> str | None:
+        if self.device.type != "cpu":
+            return f"the compiled step runs on the CPU, not {self.device.type}"
+        if self.dtype != torch.float32:
+            return f"the compiled step runs float32 activations, not {self.dtype}"
+        if getattr(cfg, "hidden_act", None) not in ("silu", "swish"):
+            return f"the compiled step implements SiLU, not {cfg.hidden_act!r}"
+        if self.head_dim > 1024 or self.n_heads % self.n_kv:
+            return "head_dim > 1024 or heads not a multiple of kv heads"
+        from polyquant.kernels.cext import library_error
+        return library_error("gemv")
+
+    def _build_native(self, cfg) -> None:
+        """The C descriptors of every layer the compiled step can take (the rest recorded)."""
+        import ctypes
+
+        from polyquant.kernels import cpu_gemv as G
+        keep: list[torch.Tensor] = []
+        t = lambda v: (v.detach().to(torch.float32).contiguous())  # noqa: E731
+        descs: list[Any] = []
+        inter = int(cfg.intermediate_size)
+        kmax = max(cfg.hidden_size, inter, self.n_heads * self.head_dim)
+        for i, L in enumerate(self.layers):
+            parts, why = {}, None
+            for key in ("qkv", "o", "gu", "down"):
+                mod = L[key].fused if isinstance(L[key], _Proj) else L[key]
+                if mod is None:
+                    why = f"{key} members run one by one"
+                    break
+                d, why = G.linear_desc(mod, keep)
+                if d is None:
+                    why = f"{key}: {why}"
+                    break
+                parts[key] = d
+            if why is None and (parts["gu"].n != 2 * inter or parts["down"].k != inter):
+                why = f"gate/up / down sizes are not the configured intermediate size {inter}"
+            if why is not None:
+                self.fallbacks.append(f"layer {i}: Python step ({why})")
+                descs.append(None)
+                continue
+            ln1, ln2 = t(L["ln1"][0]), t(L["ln2"][0])
+            keep.extend((ln1, ln2))
+            descs.append(G.Layer(ln1.data_ptr(), ln2.data_ptr(), L["ln1"][1], L["ln2"][1], parts["qkv"], parts["o"],
+                                 parts["gu"], parts["down"], self.k_cache[i].data_ptr(), self.v_cache[i].data_ptr()))
+        head, why = G.linear_desc(self.head, keep)
+        if head is None:
+            self.fallbacks.append(f"head: Python step ({why})")
+        if all(d is None for d in descs) and head is None:
+            return
+        cos, sin = t(self.cos), t(self.sin)
+        n = G.lib().pq_decode_scratch(cfg.hidden_size, self.n_heads, self.n_kv, self.head_dim, self.max_len,
+                                      inter, max(kmax, head.k if head is not None else 0))
+        buf = torch.zeros(int(n), dtype=torch.float32)
+        norm_w = t(self.norm[0])
+        keep.extend((cos, sin, buf, norm_w))
+        model = G.Model(cfg.hidden_size, self.n_heads, self.n_kv, self.head_dim, self.max_len, inter, self.scaling,
+                        cos.data_ptr(), sin.data_ptr(), buf.data_ptr())
+        self._c = {"lib": G.lib(), "simd": G.simd_level(), "model": model, "layers": descs, "head": head,
+                   "norm": norm_w, "keep": keep, "x": torch.zeros(cfg.hidden_size, dtype=torch.float32),
+                   "byref": ctypes.byref}
+        self.native_layers = sum(d is not None for d in descs)
+        self.native_head = head is not None
 
     @property
     def info(self) -> dict[str, Any]:
-        return {"runtime": "fast", "max_len": self.max_len, "fallbacks": list(self.fallbacks)}
+        return {"runtime": "fast", "max_len": self.max_len, "fallbacks": list(self.fallbacks),
+                "native_layers": self.native_layers, "native_head": self.native_head}
 
     def reset(self) -> None:
         self.pos = 0
@@ -204,33 +308,66 @@ class FastDecoder:
         p0 = self.pos
         if p0 + t > self.max_len:
             raise ValueError(f"KV cache full: {p0} + {t} tokens > max_len={self.max_len}")
-        nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
         with torch.inference_mode():
-            x = self.embed(ids).to(self.dtype)  # [T, hidden]
-            cos, sin = self.cos[p0:p0 + t, None], self.sin[p0:p0 + t, None]  # [T, 1, hd]
-            end = p0 + t
-            for li, L in enumerate(self.layers):
-                w, eps = L["ln1"]
-                h = F.rms_norm(x, (x.shape[-1],), w, eps)
-                q, k, v = L["qkv"](h)
-                q = self._rope(q.view(t, nh, hd), cos, sin)
-                k = self._rope(k.view(t, nkv, hd), cos, sin)
-                self.k_cache[li, :, p0:end] = k.transpose(0, 1)
-                self.v_cache[li, :, p0:end] = v.view(t, nkv, hd).transpose(0, 1)
-                kc, vc = self.k_cache[li, :, :end], self.v_cache[li, :, :end]
-                a = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kc[None], vc[None],
-                                                   is_causal=t > 1 and p0 == 0, scale=self.scaling,
-                                                   enable_gqa=nkv != nh) if t == 1 or p0 == 0 else \
-                    self._block_attention(q, kc, vc, p0)
-                x = x + L["o"](a[0].transpose(0, 1).reshape(t, nh * hd))
-                w, eps = L["ln2"]
-                h = F.rms_norm(x, (x.shape[-1],), w, eps)
-                g, u = L["gu"](h)
-                x = x + L["down"](self.act(g) * u)
-            w, eps = self.norm
-            h = F.rms_norm(x[-1:], (x.shape[-1],), w, eps)
-            logits = self.head(h)[0].float()
-        self.pos = end
+            if t == 1 and self._c is not None:
+                logits = self._native_step(ids, p0)
+            else:
+                x = self.embed(ids).to(self.dtype)  # [T, hidden]
+                for li in range(len(self.layers)):
+                    x = self._layer(li, x, p0)
+                logits = self._head(x)
+        self.pos = p0 + t
+        return logits
+
+    def _layer(self, li: int, x: torch.Tensor, p0: int) -> torch.Tensor:
+        """The Python step of layer ``li`` for ``x [T, hidden]`` at positions ``p0 ..``."""
+        nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
+        t = x.shape[0]
+        end = p0 + t
+        cos, sin = self.cos[p0:end, None], self.sin[p0:end, None]  # [T, 1, hd]
+        L = self.layers[li]
+        w, eps = L["ln1"]
+        h = F.rms_norm(x, (x.shape[-1],), w, eps)
+        q, k, v = L["qkv"](h)
+        q = self._rope(q.view(t, nh, hd), cos, sin)
+        k = self._rope(k.view(t, nkv, hd), cos, sin)
+        self.k_cache[li, :, p0:end] = k.transpose(0, 1)
+        self.v_cache[li, :, p0:end] = v.view(t, nkv, hd).transpose(0, 1)
+        kc, vc = self.k_cache[li, :, :end], self.v_cache[li, :, :end]
+        a = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kc[None], vc[None],
+                                           is_causal=t > 1 and p0 == 0, scale=self.scaling,
+                                           enable_gqa=nkv != nh) if t == 1 or p0 == 0 else \
+            self._block_attention(q, kc, vc, p0)
+        x = x + L["o"](a[0].transpose(0, 1).reshape(t, nh * hd))
+        w, eps = L["ln2"]
+        h = F.rms_norm(x, (x.shape[-1],), w, eps)
+        g, u = L["gu"](h)
+        return x + L["down"](self.act(g) * u)
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        w, eps = self.norm
+        h = F.rms_norm(x[-1:], (x.shape[-1],), w, eps)
+        return self.head(h)[0].float()
+
+    def _native_step(self, ids: torch.Tensor, p0: int) -> torch.Tensor:
+        """One token through the compiled layer step (layers it cannot take through :meth:`_layer`)."""
+        c = self._c
+        lib, byref, model, x = c["lib"], c["byref"], c["model"], c["x"]
+        threads, simd = torch.get_num_threads(), c["simd"]
+        x.copy_(self.embed.weight[ids[0]] if type(self.embed) is nn.Embedding else self.embed(ids)[0])
+        xp = x.data_ptr()
+        mref = byref(model)
+        for li, d in enumerate(c["layers"]):
+            if d is not None:
+                if lib.pq_decode_layer(mref, byref(d), xp, p0, threads, simd) != 0:
+                    raise RuntimeError(f"the compiled decode step refused layer {li} at position {p0}")
+            else:
+                x.copy_(self._layer(li, x.view(1, -1), p0)[0])
+        if c["head"] is None:
+            return self._head(x.view(1, -1))
+        logits = torch.empty(c["head"].n, dtype=torch.float32)
+        lib.pq_decode_head(mref, c["norm"].data_ptr(), self.norm[1], byref(c["head"]), xp, logits.data_ptr(),
+                           threads, simd)
         return logits
 
     def _block_attention(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, p0: int) -> torch.Tensor:
