@@ -80,7 +80,7 @@ def test_files_honour_the_umask_and_the_record_says_how_it_was_made(capsys, tmp_
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == \
         {p.name: 0o644 for p in folder.iterdir()}
     rec = json.loads((folder / "polyquant.json").read_text())
-    assert rec["runtime"] == {"kernel": "reference", "threads": 1, "chosen_by": "--threads"}
+    assert rec["runtime"] == {"kernel": "reference", "threads": 1, "chosen_by": "--threads", "stream": False}
     assert rec["source"] == str(tiny_dir.resolve()) and "kernel" not in rec["config"]
     model, _ = polyquant.load(folder)
     assert rec["config"] == model.polyquant.config

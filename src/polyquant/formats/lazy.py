@@ -1,8 +1,9 @@
 """A float model read lazily from its safetensors folder: the skeleton on the meta device, the
-tensors of one module at a time read when asked (``safetensors.safe_open``) and released again.
+tensors of one module at a time read when asked (positioned reads of the safetensors data) and released again.
 
 :class:`LazyModel` is what streaming quantization (:mod:`polyquant.formats.stream`) walks: it
-materializes the embeddings, each decoder layer and the head in turn, so the memory held is one
+materializes the embeddings, each decoder layer and the head in turn (plain positioned reads of
+each tensor's bytes, see :meth:`LazyModel.read`), so the memory held is one
 of them at a time, whatever the depth. Modules outside the repeated blocks can also be
 materialized on demand: :meth:`LazyModel.autoload` hooks them so that the first forward through
 one reads its tensors (the calibration capture runs the embeddings that way).
@@ -11,6 +12,7 @@ Every tensor read goes through :meth:`LazyModel.read` (tests count them).
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Iterable
@@ -76,6 +78,7 @@ class LazyModel:
                     raise CheckpointError(f"{self.folder}: no tensor for {k!r}")
         self.tied = _tied_keys(self.model) if getattr(self.model.config, "tie_word_embeddings", False) else set()
         self.held: dict[str, int] = {}  # key -> bytes materialized now
+        self._file_offsets: dict[Path, dict[str, int]] = {}
         self._hooks: list = []
         self._stack = None
         self._load_generation_config()
@@ -98,9 +101,35 @@ class LazyModel:
         self.remove_autoload()
         self.index.__exit__(*exc)
 
+    def _offsets(self, file: Path) -> dict[str, int]:
+        """Absolute byte offset of each tensor of ``file`` (from its header, checked by the index)."""
+        got = self._file_offsets.get(file)
+        if got is None:
+            with open(file, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            got = {k: 8 + n + int(v["data_offsets"][0]) for k, v in header.items() if k != "__metadata__"}
+            self._file_offsets[file] = got
+        return got
+
     def read(self, key: str) -> torch.Tensor:
-        """The tensor of state-dict key ``key`` from the folder (float tensors in :attr:`dtype`)."""
-        t = self.index.get(self.source_key[key])
+        """The tensor of state-dict key ``key`` from the folder (float tensors in :attr:`dtype`).
+
+        Read with a positioned ``read`` into a fresh tensor rather than from safetensors' memory
+        map: mapped pages that were touched count in the process's resident memory for as long as
+        the file stays open, so a memory map of a model bigger than RAM is not "one layer"."""
+        info = self.index.tensors[self.source_key[key]]
+        dtype = info.torch_dtype
+        if dtype is None:
+            t = self.index.get(self.source_key[key])
+        else:
+            t = torch.empty(info.shape, dtype=dtype)
+            buf = t.reshape(-1).view(torch.uint8).numpy()
+            with open(info.file, "rb", buffering=0) as f:
+                f.seek(self._offsets(info.file)[info.name])
+                got = f.readinto(buf) if buf.size else 0
+            if got != buf.size:
+                raise CheckpointError(f"{info.file}: tensor {info.name!r} is truncated ({got} of {buf.size} bytes)")
         return t.to(self.dtype) if t.is_floating_point() and t.dtype != self.dtype else t
 
     def keys_under(self, prefix: str) -> list[str]:

@@ -57,6 +57,35 @@ def atomic_file(path: Path, write: Callable[[Path], None]) -> None:
     os.replace(tmp, path)
 
 
+_ST_NAMES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32",
+             torch.int64: "I64", torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32",
+             torch.float64: "F64", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+
+
+def write_safetensors_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """A safetensors file whose bytes depend on its contents only: the header lists the metadata
+    sorted and the tensors in safetensors' own order (alignment, then name). (safetensors'
+    ``save_file`` keeps metadata in a hash map: its order, hence the file's bytes, vary between
+    processes, which would make a resumed checkpoint differ from an uninterrupted one.)"""
+    order = sorted(tensors.items(), key=lambda kv: (-kv[1].element_size(), kv[0]))
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    off = 0
+    for k, t in order:
+        if t.dtype not in _ST_NAMES:
+            raise ValueError(f"tensor {k!r}: dtype {t.dtype} has no safetensors name here")
+        n = t.numel() * t.element_size()
+        header[k] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + n]}
+        off += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for _, t in order:
+            if t.numel():
+                f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
 def source_fingerprint(folder: Path) -> dict[str, Any]:
     """What identifies the source model's files: config.json's hash and, for every safetensors
     file, its size, modification time and the hash of its header (the first MiB)."""
@@ -147,7 +176,7 @@ class PartialState:
         from safetensors.torch import save_file
         if i != self.done:
             raise AssertionError(f"unit {i} finished out of order (done: {self.done})")
-        atomic_file(self.folder / self.shards[i], lambda p: save_file(tensors, str(p), metadata=metadata))
+        atomic_file(self.folder / self.shards[i], lambda p: write_safetensors_file(p, tensors, metadata))
         st, sm = summary
         atomic_file(self.summary_path(i), lambda p: save_file(st, str(p), metadata=sm))
         if calib is not None:  # the state *before* unit i + 1: a kill before the manifest leaves it unused

@@ -134,6 +134,7 @@ def quantize_stream(source: str | os.PathLike, config, out_dir: str | os.PathLik
     if not targets:
         raise ValueError("no Linear layer matched the include/exclude patterns")
     names = [n for n, _ in targets]
+    del targets  # holding the Linear modules would keep every weight read into them alive
     _untie_if_needed(model, names)
     model.polyquant = QuantRecord(spec.name, config.to_dict(), names, format=format, source=record.get("source"))
     fmt = _format_for_save(model, format).for_model(model)
@@ -148,7 +149,7 @@ def quantize_stream(source: str | os.PathLike, config, out_dir: str | os.PathLik
     run = None
     if spec.needs_calibration:
         from polyquant.calibration.stream import SequentialRun
-        run = SequentialRun(model, spec, config, targets, calibration, autocast=autocast)
+        run = SequentialRun(model, spec, config, [(n, None) for n in names], calibration, autocast=autocast)
     samples_key = None
     if run is not None:
         from polyquant.calibration.checkpoint import _sha, _tensor_bytes
@@ -178,8 +179,12 @@ def quantize_stream(source: str | os.PathLike, config, out_dir: str | os.PathLik
             bi = block_of.get(unit)
             in_run = run is not None and (bi < run.n_run if bi is not None else bool(unit_targets))
             if in_run and not captured:
-                lazy.materialize(units[_first_block(units, block_of)][1])  # the capture runs block 0 once
+                first = units[_first_block(units, block_of)]
+                swapped = _float_again(model, [n for n in names if n.startswith(first[0] + ".")])
+                lazy.materialize(first[1])  # the capture runs block 0 once (in float: it may be done already)
                 run.capture()
+                for n, standin in swapped.items():
+                    replace_module(model, n, standin)
                 captured = True
                 if saved is not None and "n_inputs" in saved:  # resuming: the next block's inputs
                     run.inputs = [saved[f"inputs.{j}"] for j in range(int(saved["n_inputs"]))]
@@ -195,6 +200,7 @@ def quantize_stream(source: str | os.PathLike, config, out_dir: str | os.PathLik
                     lin = model.get_submodule(name)
                     qw = spec.quantize_weight(lin.weight.data, config, None)
                     replace_module(model, name, make_quant_linear(spec, config, qw, lin, kernel="reference"))
+                    del lin, qw
             tensors, layers = _unit_tensors(lazy, fmt, keys, unit_targets, qprefixes)
             summary = {n: (fmt.layer_summary(n, m), m.bias is not None) for n, m in layers.items()}
             calib = {"rng": torch.get_rng_state()}
@@ -215,6 +221,19 @@ def quantize_stream(source: str | os.PathLike, config, out_dir: str | os.PathLik
     state.remove()
     return {"out": out, "units": len(units), "resumed_units": resumed, "seconds": time.perf_counter() - t0,
             "errors": dict(state.errors), "layers": len(names), "format": fmt.name}
+
+
+def _float_again(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
+    """Put float (meta) Linears back where finished layers' stand-ins are; returns the stand-ins."""
+    from polyquant.nn.quant_linear import QuantLinear
+    from polyquant.nn.quantize import replace_module
+    swapped = {}
+    for n in names:
+        m = model.get_submodule(n)
+        if isinstance(m, QuantLinear):
+            swapped[n] = m
+            replace_module(model, n, nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta"))
+    return swapped
 
 
 def _first_block(units, block_of) -> int:

@@ -1,0 +1,222 @@
+"""Streaming quantization (#17): lazy reading bounded by one unit, streamed == in memory bit for bit,
+sharded output readable by transformers, resume refused on changed arguments / source, resumed
+runs identical to uninterrupted ones, and SIGKILLs at random moments of a CLI run."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import polyquant
+from helpers import tiny_llama, tiny_tokenizer_dir
+from polyquant.cli import main
+from polyquant.formats import save
+from polyquant.formats.lazy import LazyModel
+from polyquant.formats.partial import ResumeMismatch, partial_dir_for
+from polyquant.formats.stream import quantize_stream
+from polyquant.methods.registry import get_method
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory) -> Path:
+    """A 3-layer Llama saved in small shards (several files), untied head, with a tokenizer."""
+    d = tmp_path_factory.mktemp("stream") / "src"
+    tiny_llama(seed=1, layers=3, tie=False).save_pretrained(d, max_shard_size="100KB")
+    tiny_tokenizer_dir(d)
+    return d
+
+
+def _calib(n: int = 4, L: int = 32):
+    g = torch.Generator().manual_seed(0)
+    return [{"input_ids": torch.randint(0, 250, (1, L), generator=g)} for _ in range(n)]
+
+
+def _cfg(method: str, **kw):
+    return get_method(method).config_cls(**{"group_size": 32, **kw})
+
+
+def _tensors(folder: Path) -> dict[str, tuple]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                t = h.get_tensor(k).contiguous()
+                out[k] = (t.dtype, tuple(t.shape), t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return out
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _stream(src, cfg, out, calib=None, **kw):
+    from transformers import AutoTokenizer
+    torch.manual_seed(0)
+    return quantize_stream(src, cfg, out, calibration=calib, tokenizer=AutoTokenizer.from_pretrained(str(src)),
+                           show_progress=False, **kw)
+
+
+def test_lazy_reading_holds_one_unit_at_a_time(src, tmp_path, monkeypatch):
+    """Every tensor read is tracked (a weak reference to what the skeleton holds): the bytes alive at
+    any read never exceed the largest unit (RTN), or the largest unit plus the embeddings the
+    calibration capture runs (GPTQ); every source tensor is read, and RTN reads each exactly once."""
+    lazy = LazyModel(src)
+    units: dict[str, int] = {}
+    for k in lazy.state_keys:
+        info = lazy.index.tensors[lazy.source_key[k]]
+        unit = ".".join(k.split(".")[:3]) if k.startswith("model.layers.") else k.rpartition(".")[0]
+        units[unit] = units.get(unit, 0) + info.nbytes
+    embed = units["model.embed_tokens"]
+    for method, calib, bound in (("rtn", None, max(units.values())), ("gptq", _calib(), max(units.values()) + embed)):
+        live: list[tuple[weakref.ref, int]] = []
+        reads: list[str] = []
+        peak = [0]
+        orig = LazyModel._assign
+
+        def counting(self, key, value, orig=orig, live=live, reads=reads, peak=peak):
+            orig(self, key, value)
+            if value.is_meta:
+                return
+            reads.append(key)
+            live.append((weakref.ref(self._current(key)), value.numel() * value.element_size()))
+            peak[0] = max(peak[0], sum(n for r, n in live if r() is not None))
+
+        monkeypatch.setattr(LazyModel, "_assign", counting)
+        _stream(src, _cfg(method), tmp_path / method, calib)
+        monkeypatch.setattr(LazyModel, "_assign", orig)
+        assert set(reads) == set(lazy.state_keys)
+        if method == "rtn":
+            assert len(reads) == len(lazy.state_keys)
+        assert 0 < peak[0] <= bound, (method, peak[0], bound)
+        assert peak[0] < sum(units.values()) / 2
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+def test_streamed_checkpoint_equals_in_memory(src, tmp_path, method):
+    spec = get_method(method)
+    cfg, calib = _cfg(method), (_calib() if spec.needs_calibration else None)
+    model, tok = polyquant.load_model(str(src))
+    torch.manual_seed(0)
+    save(polyquant.quantize(model, cfg, calib, show_progress=False), tmp_path / "mem", tokenizer=tok)
+    res = _stream(src, cfg, tmp_path / "str", calib)
+    assert res["units"] == 6 and res["resumed_units"] == 0  # embeddings, 3 blocks, norm, head
+    a, b = _tensors(tmp_path / "mem"), _tensors(tmp_path / "str")
+    assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)
+    fa, fb = _files(tmp_path / "mem"), _files(tmp_path / "str")
+    for name in set(fa) - {"polyquant.json", "model.safetensors"}:
+        if not name.endswith(".safetensors") and name != "model.safetensors.index.json":
+            assert fa[name] == fb[name], name  # config.json (quantization_config), extra files, tokenizer
+    index = json.loads(fb["model.safetensors.index.json"])
+    assert set(index["weight_map"]) == set(b) and len(set(index["weight_map"].values())) == 6
+    rec = json.loads(fb["polyquant.json"])
+    assert rec["runtime"]["stream"] is True and rec["method"] == method
+    assert not partial_dir_for(tmp_path / "str").exists()
+
+
+def test_sharded_stream_output_loads_in_transformers(src, tmp_path):
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+    _stream(src, _cfg("rtn"), tmp_path / "ct")
+    ours, _ = polyquant.load(tmp_path / "ct", kernel="reference")
+    theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ct"), dtype=torch.float32, device_map="cpu").eval()
+    x = torch.randint(0, 250, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a, b = ours(x).logits, theirs(x).logits
+    assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), float((a - b).abs().max())
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_after(k):
+    def hook(u, lazy):
+        if u == k:
+            raise _Stop
+    return hook
+
+
+def test_resume_is_bit_identical_and_refuses_changed_arguments(src, tmp_path):
+    cfg, calib = _cfg("gptq"), _calib()
+    _stream(src, cfg, tmp_path / "ref", calib)
+    out = tmp_path / "out"
+    with pytest.raises(_Stop):
+        _stream(src, cfg, out, calib, _after_unit=_stop_after(2))
+    assert not out.exists() and (partial_dir_for(out) / "manifest.json").is_file()
+    with pytest.raises(ResumeMismatch, match=r"config\.bits: 4 -> 3"):
+        _stream(src, _cfg("gptq", bits=3), out, calib)
+    with pytest.raises(ResumeMismatch, match="calibration"):
+        _stream(src, cfg, out, _calib(L=24))
+    res = _stream(src, cfg, out, calib)
+    assert res["resumed_units"] == 3
+    assert _files(out) == _files(tmp_path / "ref")
+    assert not partial_dir_for(out).exists()
+
+
+def test_resume_refuses_a_changed_source(tmp_path):
+    src = tmp_path / "src"
+    tiny_llama(seed=2, layers=2, tie=True).save_pretrained(src)
+    tiny_tokenizer_dir(src)
+    out = tmp_path / "out"
+    with pytest.raises(_Stop):
+        _stream(src, _cfg("rtn"), out, _after_unit=_stop_after(1))
+    tiny_llama(seed=3, layers=2, tie=True).save_pretrained(src)  # same shapes, other weights
+    with pytest.raises(ResumeMismatch, match="source file model.safetensors"):
+        _stream(src, _cfg("rtn"), out)
+
+
+def test_cli_resume_with_other_bits_is_refused_naming_it(src, tmp_path, capsys):
+    out = tmp_path / "q"
+    with pytest.raises(_Stop):
+        _stream(src, _cfg("rtn"), out, _after_unit=_stop_after(1))
+    code = main(["quantize", str(src), "-m", "rtn", "-b", "3", "-g", "32", "-o", str(out), "--stream", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "config.bits: 4 -> 3" in err and not out.exists()
+    code = main(["quantize", str(src), "-m", "rtn", "-b", "3", "-g", "32", "-o", str(out), "--stream", "-q",
+                 "--overwrite"])
+    assert code == 0 and json.loads((out / "polyquant.json").read_text())["config"]["bits"] == 3
+
+
+def test_sigkill_at_random_moments_then_rerun_gives_identical_files(src, tmp_path, capsys):
+    """Two SIGKILLs of `polyquant quantize --stream` (GPTQ) at random moments once it is working,
+    each followed by a check that the output path holds nothing or the complete checkpoint; a
+    final rerun completes with every file identical to an uninterrupted run's."""
+    args = ["quantize", str(src), "-m", "gptq", "-g", "32", "--calib-samples", "4", "--calib-seqlen", "32",
+            "--threads", "1", "--stream", "-q"]
+    assert main(args + ["-o", str(tmp_path / "ref")]) == 0
+    ref = _files(tmp_path / "ref")
+    out = tmp_path / "out"
+    partial = partial_dir_for(out)
+    rng = random.Random(17)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    kills = 0
+    for _ in range(2):
+        p = subprocess.Popen([sys.executable, "-m", "polyquant", *args, "-o", str(out)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        t0 = time.time()
+        while not partial.exists() and p.poll() is None and time.time() - t0 < 60:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.4))
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            kills += 1
+        p.wait()
+        if out.exists():  # only ever the complete checkpoint
+            assert _files(out) == ref
+            break
+    capsys.readouterr()
+    if not out.exists():
+        assert main(args + ["-o", str(out)]) == 0
+    assert kills >= 1
+    assert _files(out) == ref
+    assert not partial.exists()
