@@ -28,15 +28,15 @@ from torch import nn
 
 from polyquant.formats.accounting import (_account_for_tensors, _tied_keys, _under, check_layer_tensors,  # noqa: F401
                                           foreign_hint)
+from polyquant.formats.act_rules import POLYQUANT_FILE, act_rule_record, apply_recorded_rule, recorded_rules
 from polyquant.formats.base import FORMATS, CheckpointError, Format, get_format, list_formats
 from polyquant.formats.io import (DEFAULT_MAX_SHARD_BYTES, SafetensorsIndex, atomic_dir, check_output_dir,
                                   read_config, read_json, write_json, write_safetensors)
 
-__all__ = ["save", "load", "detect_format", "check_layer_tensors", "foreign_hint", "POLYQUANT_FILE"]
+__all__ = ["save", "load", "detect_format", "check_layer_tensors", "foreign_hint", "POLYQUANT_FILE", "act_rule_record"]
 
 log = logging.getLogger(__name__)
 
-POLYQUANT_FILE = "polyquant.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
                     "spiece.model", "vocab.txt")
 
@@ -161,6 +161,8 @@ def save(model: nn.Module, out_dir: str | os.PathLike, format: str | None = None
               "modules": sorted(layers)}
     if rec.source:  # the model it was quantized from ('default' or a resolved path)
         record["source"] = rec.source
+    if rules := act_rule_record(layers):  # each layer's activation rule, as described (ActRule)
+        record["act_rules"] = rules
     for key in ("calibration", "runtime"):  # calibration settings; kernel and threads of the run
         if isinstance((rec.extra or {}).get(key), dict):
             record[key] = rec.extra[key]
@@ -412,6 +414,7 @@ def _load(path: str | os.PathLike, kernel: str = "auto", device: str | torch.dev
             mcfg = config_from_dict(mconfig)
         except ValueError as e:
             log.warning("cannot rebuild %s activation quantization from polyquant.json: %s", method, e)
+    recorded = recorded_rules(folder, record)
     for n in names:
         m = model.get_submodule(n)
         if isinstance(m, QuantLinear):
@@ -420,6 +423,8 @@ def _load(path: str | os.PathLike, kernel: str = "auto", device: str | torch.dev
             # format's stateless one; an activation rule carrying a stored static scale is kept
             if mcfg is not None and getattr(m.act_quant, "scale", None) is None:
                 m.act_quant = rule(mcfg)
+            if n in recorded:  # polyquant.json's description of the layer's activation rule
+                apply_recorded_rule(folder, n, m, recorded[n])
             m.set_kernel(kernel)
     written_by = _written_by(record, qcfg, meta)
     model.polyquant = QuantRecord(method, dict(mconfig), names, format=fmt.name, source=str(folder),
