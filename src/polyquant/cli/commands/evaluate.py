@@ -26,9 +26,10 @@ _EVAL_ARGS = [
     arg("--head-dtype", choices=("float32", "bfloat16"),
         help="compute the float lm_head in this dtype (bfloat16 is a lossy float cast, not quantization: "
              "faster decode, check the perplexity); recorded under 'runtime'"),
-    arg("--runtime", choices=("plain", "fast"), default="plain",
+    arg("--runtime", choices=("plain", "fast", "llama.cpp"), default="plain",
         help="decode runtime: 'plain' (the model's own forward) or 'fast' (static KV cache, fused projections, "
-             "the same greedy tokens; Llama-family decoders, others fall back with the reason recorded)"),
+             "the same greedy tokens; Llama-family decoders, others fall back with the reason recorded); "
+             "'llama.cpp' scores and times a .gguf with llama.cpp's own binaries ($LLAMA_CPP_BIN or PATH)"),
     arg("-q", "--quiet", action="store_true", help="no progress bars"),
     arg("--json", action="store_true", help="print one JSON object"),
 ]
@@ -43,6 +44,9 @@ def cmd_eval(args) -> int:
     from polyquant.nn import runtime as rt
     from polyquant.nn import set_kernels
 
+    if args.runtime == "llama.cpp":  # a GGUF scored and timed by llama.cpp's own binaries
+        from polyquant.cli.commands.export import eval_gguf_llamacpp
+        return eval_gguf_llamacpp(args)
     if str(args.model).endswith(".onnx"):  # an exported ONNX decoder: scored and timed in onnxruntime
         from polyquant.cli.commands.export import eval_onnx
         return eval_onnx(args)

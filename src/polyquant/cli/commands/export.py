@@ -2,7 +2,8 @@
 ONNX for onnxruntime), keeping polyquant's codes and scales where the target's grid holds them.
 
 Also :func:`eval_onnx`, what ``polyquant eval OUT.onnx`` runs: perplexity on the same windows as
-``polyquant eval`` and greedy decode tok/s, both inside onnxruntime."""
+``polyquant eval`` and greedy decode tok/s, both inside onnxruntime; and :func:`eval_gguf_llamacpp`,
+what ``polyquant eval OUT.gguf --runtime llama.cpp`` runs: llama-perplexity and llama-bench."""
 from __future__ import annotations
 
 import math
@@ -93,6 +94,59 @@ def eval_onnx(args) -> int:
         model.greedy(prompt, 4)
         secs = [model.greedy(prompt, n)[1] for _ in range(3)]
         res.update(decode_tok_s=round((n - 1) / statistics.median(secs), 2), decode_tokens=n, decode_runs=3)
+    if getattr(args, "json", False):
+        print_json(res, indent=None)
+    else:
+        print_mapping({k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v) for k, v in res.items()})
+    return 0
+
+
+def eval_gguf_llamacpp(args) -> int:
+    """``polyquant eval OUT.gguf --runtime llama.cpp``: perplexity by ``llama-perplexity`` (llama.cpp's
+    kernels and protocol: each window of ``--seqlen`` tokens scored on its second half, so it reads
+    lower than polyquant's whole-window perplexity) over the evaluation part of the text (the first
+    90 % of the default text; at most ``--max-windows`` windows), and decode tok/s by ``llama-bench``.
+    The binaries come from ``$LLAMA_CPP_BIN`` or PATH (:mod:`polyquant.eval.llamacpp`)."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from polyquant import data
+    from polyquant.eval import llamacpp as lc
+    path = Path(args.model).expanduser()
+    if path.suffix != ".gguf":
+        raise UsageError(f"--runtime llama.cpp runs a .gguf file (polyquant export --to gguf), got {args.model!r}")
+    if not path.is_file():
+        raise UsageError(f"model {args.model!r} does not exist")
+    try:
+        lc.find_bin("llama-perplexity")
+    except lc.LlamaCppError as e:
+        raise UsageError(str(e)) from None
+    threads = getattr(args, "threads", None) or 1
+    text = data.load_text(args.text) if getattr(args, "text", None) else None
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    n_eval = len(data.eval_tokens(tok, text))
+    chunks = n_eval // args.seqlen
+    if args.max_windows:
+        chunks = min(chunks, args.max_windows)
+    if chunks < 1:
+        raise UsageError(f"the text has {n_eval} evaluation tokens, fewer than --seqlen {args.seqlen}")
+    with tempfile.TemporaryDirectory(prefix="polyquant-llamacpp-") as tmp:
+        tf = Path(tmp) / "text.txt"
+        tf.write_text(text if text is not None else data.default_text(), encoding="utf-8")
+        try:
+            ppl = lc.perplexity(None, path, tf, ctx=args.seqlen, chunks=chunks, threads=threads)
+            speed = None if getattr(args, "no_speed", False) else lc.bench(
+                None, path, n_gen=getattr(args, "decode_tokens", 64), threads=threads, reps=3)
+        except lc.LlamaCppError as e:
+            raise UsageError(str(e)) from None
+    res = {"model": str(path), "runtime": "llama.cpp", "ppl": ppl["ppl"], "ppl_err": ppl["ppl_err"],
+           "protocol": "llama-perplexity: second half of each window", "windows": ppl["chunks"] or chunks,
+           "seqlen": args.seqlen, "threads": threads, "eval_seconds": ppl["seconds"],
+           "file_bytes": path.stat().st_size}
+    if speed is not None:
+        res.update(decode_tok_s=round(speed["tok_s"], 2), decode_tokens=speed["n_gen"], decode_runs=3,
+                   llama_cpp_build=speed["build"])
     if getattr(args, "json", False):
         print_json(res, indent=None)
     else:
