@@ -107,9 +107,10 @@ def _archive(store: ResultsStore) -> None:
             os.replace(path, prev / f"{stamp}-{path.name}")
 
 
-def _check_identity(store: ResultsStore, identity: dict[str, Any], resume: bool, executor_name: str) -> None:
-    """Refuse a rerun whose settings or source model differ from the folder's sweep; (re)write the
-    folder's ``sweep.json`` otherwise."""
+def _check_identity(store: ResultsStore, identity: dict[str, Any], resume: bool) -> bool:
+    """Refuse a rerun whose settings or source model differ from the folder's sweep
+    (:class:`SweepMismatch`); returns whether the folder has no identity yet (written with the
+    first record, so a sweep refused before it ran anything does not claim the folder)."""
     stored = read_identity(store.folder) if resume else None
     if stored is not None:
         diffs = identity_differences(stored, identity)
@@ -117,10 +118,10 @@ def _check_identity(store: ResultsStore, identity: dict[str, Any], resume: bool,
             raise SweepMismatch(f"{store.folder} holds a sweep with other settings: " + "; ".join(diffs) +
                                 ". Rerun with the same arguments to resume it, --fresh to start it over (the "
                                 "earlier records move to previous/), or give another output folder")
-    elif not resume:
+        return False
+    if not resume:
         _archive(store)
-    if stored is None:
-        write_identity(store.folder, identity, created=_now(), executor=executor_name)
+    return True
 
 
 def run_compare(model: str | os.PathLike = "default", out_dir: str | os.PathLike = DEFAULT_OUT,
@@ -209,7 +210,12 @@ def run_compare(model: str | os.PathLike = "default", out_dir: str | os.PathLike
     identity = {**{k: v for k, v in settings.items() if k != "source_sha256"}, "source": source}
 
     with SweepLock(store.folder):
-        _check_identity(store, identity, resume, ex.name)
+        unclaimed = [_check_identity(store, identity, resume)]
+
+        def claim() -> None:
+            if unclaimed[0]:
+                write_identity(store.folder, identity, created=_now(), executor=ex.name)
+                unclaimed[0] = False
         done = store.finished() if resume else {}
         records: dict[str, dict[str, Any]] = {r.name: {**done[keys[r.name]], "name": r.name}
                                               for r in runs if keys[r.name] in done}
@@ -235,6 +241,7 @@ def run_compare(model: str | os.PathLike = "default", out_dir: str | os.PathLike
             rec = to_jsonable({**rec, "name": run.name})
             if rec.get("key") != keys[run.name]:
                 raise RuntimeError(f"run {run.name} came back with key {rec.get('key')!r}, not {keys[run.name]!r}")
+            claim()
             store.append(rec)  # durable before anything else: a kill after this keeps the run
             records[run.name] = rec
             store.write_results(payload())
@@ -245,6 +252,7 @@ def run_compare(model: str | os.PathLike = "default", out_dir: str | os.PathLike
             ex.run(job, todo, on_record, store.folder, bar)
         finally:
             bar.close()
+        claim()
         result = payload()
         store.write_results(result)
     return result

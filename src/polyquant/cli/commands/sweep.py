@@ -1,7 +1,10 @@
 """``polyquant compare`` (a sweep of methods and settings, with its report) and ``polyquant report``."""
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -56,7 +59,13 @@ def _args() -> list:
         arg("--slow-decode-tokens", type=positive, default=cmp.SLOW_DECODE_TOKENS, metavar="N",
             help=f"tokens to decode on kernels that are not fast paths (default {cmp.SLOW_DECODE_TOKENS})"),
         arg("--no-speed", action="store_true", help="skip speed measurements"),
-        arg("--fresh", action="store_true", help="redo every run, ignoring finished ones in DIR"),
+        arg("--fresh", action="store_true", help="redo every run: DIR's earlier records move to DIR/previous/"),
+        arg("--executor", choices=("local", "ray"), default="local",
+            help="where the runs execute: local (default: one after the other in this process) or ray (each run a "
+                 "Ray task asking --threads CPUs, records streamed into DIR; needs pip install polyquant[ray])"),
+        arg("--address", metavar="ADDR",
+            help="the Ray cluster to join with --executor ray (auto, HOST:PORT, ray://HOST:PORT; default: start a "
+                 "local cluster)"),
         arg("-q", "--quiet", action="store_true", help="no progress bar"),
     ]
 
@@ -66,10 +75,46 @@ def _write_report_files(folder: Path, result: dict) -> list[Path]:
     return write_report(folder, result)
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM ends the sweep like Ctrl-C (clean-up runs, the finished runs are kept either way)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    prev = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, prev)
+
+
+def _run(folder: Path, fn, *a, **kw):
+    from polyquant.cli.commands.quantize import Interrupted
+    try:
+        return fn(*a, **kw)
+    except KeyboardInterrupt:
+        jsonl = folder / "runs.jsonl"
+        kept = sum(1 for line in jsonl.read_text(encoding="utf-8").splitlines() if line.strip()) if jsonl.is_file() else 0
+        raise Interrupted(f"interrupted; {jsonl} keeps the {kept} finished run record(s): rerun the same command to "
+                          "resume") from None
+
+
 @command("compare", help="sweep methods and settings, write a report", description=_description, args=_args,
          order=30)
 def cmd_compare(args) -> int:
     from polyquant.report.compare import SUMMARY_HEADERS, build_runs, run_compare, summary_rows
+    if args.address is not None and args.executor != "ray":
+        raise UsageError("--address is for --executor ray (the local executor runs in this process)")
+    if args.executor == "ray":
+        from polyquant.report.executors import ExecutorUnavailable, RayExecutor
+        try:
+            RayExecutor(address=args.address).check()
+        except (ExecutorUnavailable, ValueError) as e:
+            raise UsageError(str(e)) from None
     check_model_arg(args.model, allow_checkpoint=False)
     text = read_text_arg(args.text, "--text")
     calib_text = read_text_arg(args.calib_text, "--calib-text")
@@ -89,12 +134,15 @@ def cmd_compare(args) -> int:
     grid = args.bits is not None or args.group_sizes is not None
     run_list = ("grid" if grid else "headline") + ("" if args.methods is None else f" of {','.join(args.methods)}")
     t0 = time.perf_counter()
-    result = run_compare(args.model, folder, runs, text=text, text_name=args.text, seqlen=args.seqlen,
-                         max_windows=args.max_windows, threads=args.threads, eval_threads=args.eval_threads,
-                         decode_tokens=args.decode_tokens, slow_decode_tokens=args.slow_decode_tokens,
-                         calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, calib_text=calib_text,
-                         calib_text_name=args.calib_text, skipped=skipped, run_list=run_list,
-                         measure_speed=not args.no_speed, resume=not args.fresh, show_progress=not args.quiet)
+    with _sigterm_as_interrupt():
+        result = _run(folder, run_compare, args.model, folder, runs, text=text, text_name=args.text,
+                      seqlen=args.seqlen, max_windows=args.max_windows, threads=args.threads,
+                      eval_threads=args.eval_threads, decode_tokens=args.decode_tokens,
+                      slow_decode_tokens=args.slow_decode_tokens, calib_samples=args.calib_samples,
+                      calib_seqlen=args.calib_seqlen, calib_text=calib_text, calib_text_name=args.calib_text,
+                      skipped=skipped, run_list=run_list,
+                      measure_speed=not args.no_speed, resume=not args.fresh, show_progress=not args.quiet,
+                      executor=args.executor, address=args.address)
     runs_done = result["runs"]
     failed = [r for r in runs_done if r.get("status") != "ok"]
     out(text_table(SUMMARY_HEADERS, summary_rows(result)))
