@@ -20,7 +20,7 @@ from safetensors import safe_open
 import polyquant
 from helpers import tiny_llama, tiny_tokenizer_dir
 from polyquant.cli import main
-from polyquant.formats import save
+from polyquant.formats import get_format, save
 from polyquant.formats.lazy import LazyModel
 from polyquant.formats.partial import ResumeMismatch, partial_dir_for
 from polyquant.formats.stream import quantize_stream
@@ -101,19 +101,23 @@ def test_lazy_reading_holds_one_unit_at_a_time(src, tmp_path, monkeypatch):
         assert peak[0] < sum(units.values()) / 2
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
-def test_streamed_checkpoint_equals_in_memory(src, tmp_path, method):
+@pytest.mark.parametrize("method,fmt", [("rtn", None), ("gptq", None), ("awq", None), ("hqq", None),
+                                        ("spqr", "polyquant-spqr")])
+def test_streamed_checkpoint_equals_in_memory(src, tmp_path, method, fmt):
     spec = get_method(method)
-    cfg, calib = _cfg(method), (_calib() if spec.needs_calibration else None)
+    cfg = _cfg(method) if method != "hqq" else spec.config_cls()
+    calib = _calib() if spec.needs_calibration else None
     model, tok = polyquant.load_model(str(src))
     torch.manual_seed(0)
-    save(polyquant.quantize(model, cfg, calib, show_progress=False), tmp_path / "mem", tokenizer=tok)
-    res = _stream(src, cfg, tmp_path / "str", calib)
+    save(polyquant.quantize(model, cfg, calib, show_progress=False), tmp_path / "mem", format=fmt, tokenizer=tok)
+    res = _stream(src, cfg, tmp_path / "str", calib, format=fmt)
     assert res["units"] == 6 and res["resumed_units"] == 0  # embeddings, 3 blocks, norm, head
     a, b = _tensors(tmp_path / "mem"), _tensors(tmp_path / "str")
     assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)
     fa, fb = _files(tmp_path / "mem"), _files(tmp_path / "str")
-    for name in set(fa) - {"polyquant.json", "model.safetensors"}:
+    omitted = set(get_format(res["format"]).whole_model_files)  # hqq's qmodel.pt
+    assert not omitted & set(fb)
+    for name in set(fa) - {"polyquant.json", "model.safetensors"} - omitted:
         if not name.endswith(".safetensors") and name != "model.safetensors.index.json":
             assert fa[name] == fb[name], name  # config.json (quantization_config), extra files, tokenizer
     index = json.loads(fb["model.safetensors.index.json"])
