@@ -224,3 +224,17 @@ def test_sigkill_at_random_moments_then_rerun_gives_identical_files(src, tmp_pat
     assert kills >= 1
     assert _files(out) == ref
     assert not partial.exists()
+
+
+def test_cli_streams_automatically_when_the_model_does_not_fit(src, tmp_path, capsys, monkeypatch):
+    import polyquant.cli.stream as cli_stream
+    from polyquant.cli.stream import float_bytes
+    monkeypatch.setattr(cli_stream, "available_bytes", lambda: int(float_bytes(src)))  # needs 1.5x that
+    assert main(["quantize", str(src), "-m", "rtn", "-g", "32", "-o", str(tmp_path / "auto"), "-q"]) == 0
+    assert json.loads((tmp_path / "auto" / "polyquant.json").read_text())["runtime"]["stream"] is True
+    monkeypatch.setattr(cli_stream, "available_bytes", lambda: 10 * int(float_bytes(src)))
+    assert main(["quantize", str(src), "-m", "rtn", "-g", "32", "-o", str(tmp_path / "mem"), "-q"]) == 0
+    assert json.loads((tmp_path / "mem" / "polyquant.json").read_text())["runtime"]["stream"] is False
+    capsys.readouterr()
+    code = main(["quantize", str(src), "-m", "quanto", "-o", str(tmp_path / "no"), "--stream", "-q"])
+    assert code == 2 and "--stream: quanto calibrates the whole quantized model" in capsys.readouterr().err
