@@ -222,13 +222,19 @@ def _column_loop(W, Hinv, vals, scales, zeros, static, col_group, starts, qt: QT
                  config: GPTQConfig) -> None:
     """The blocked column loop (lazy batch updates); fills ``vals`` (integer values, processing
     order) and, for dynamic groups, ``scales`` / ``zeros`` (``starts``: processing position where a
-    group starts -> (its scale column, the position after its last column))."""
+    group starts -> (its scale column, the position after its last column)).
+
+    It works on the transposed weight (one input column = one contiguous row), so the rank-1 error
+    update of the remaining columns of a block is one contiguous ``addr_``: on a CPU 3-4x faster than
+    the same update on column slices of the ``[out, in]`` weight, with the same products."""
     inp = W.shape[1]
+    Wt = W.t().contiguous()  # [in, out]
+    valst = torch.empty_like(Wt)
     s = z = None
     B = int(config.block_size)
     for i1 in range(0, inp, B):
         i2 = min(i1 + B, inp)
-        W1 = W[:, i1:i2].clone()
+        W1 = Wt[i1:i2]  # a view: updated in place
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
@@ -237,27 +243,28 @@ def _column_loop(W, Hinv, vals, scales, zeros, static, col_group, starts, qt: QT
                 s, z = static[0] if gs == inp else static[col_group[col]]
             elif col in starts:  # a group starts: parameters from the current, error-updated weights
                 g, end = starts[col]
-                cur = W1[:, i:min(end - i1, i2 - i1)]
+                cur = W1[i:min(end - i1, i2 - i1)]
                 if end > i2:  # the group runs past this block: bring in this block's pending updates
-                    rest = W[:, i2:end] - Err1[:, :i] @ Hinv[i1:col, i2:end]
-                    cur = torch.cat([cur, rest], 1)
-                s, z = _group_params(cur, qt, config)
+                    rest = Wt[i2:end] - Hinv[i1:col, i2:end].t() @ Err1[:i]
+                    cur = torch.cat([cur, rest], 0)
+                s, z = _group_params(cur.t(), qt, config)
                 scales[:, g] = s
                 if zeros is not None:
                     zeros[:, g] = z
-            w = W1[:, i]
+            w = W1[i]
             if z is None:
                 v = torch.clamp(torch.round(w / s), qt.qmin, qt.qmax)
                 q = v * s
             else:
                 v = torch.clamp(torch.round(w / s) + z, 0, qt.qmax)
                 q = (v - z) * s
-            vals[:, col] = v
+            valst[col] = v
             err = (w - q) / Hinv1[i, i]
-            W1[:, i + 1:].addr_(err, Hinv1[i, i + 1:], alpha=-1)
-            Err1[:, i] = err
+            W1[i + 1:].addr_(Hinv1[i, i + 1:], err, alpha=-1)
+            Err1[i] = err
         if i2 < inp:
-            W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
+            Wt[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1)
+    vals.copy_(valst.t())
 
 
 @contextmanager
