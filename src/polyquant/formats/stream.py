@@ -214,6 +214,7 @@ def quantize_stream(source: str | os.PathLike, config, out_dir: str | os.PathLik
                 replace_module(model, n, _stand_in(spec, config, qw, has_bias, qw.shape[0]))
             del layers, summary
             lazy.release(list(lazy.held))
+            _return_freed_memory()
             if _after_unit is not None:
                 _after_unit(u, lazy)
         bar.close()
@@ -221,6 +222,25 @@ def quantize_stream(source: str | os.PathLike, config, out_dir: str | os.PathLik
     state.remove()
     return {"out": out, "units": len(units), "resumed_units": resumed, "seconds": time.perf_counter() - t0,
             "errors": dict(state.errors), "layers": len(names), "format": fmt.name}
+
+
+def _return_freed_memory() -> None:
+    """Hand the memory freed by a released unit back to the system (glibc's ``malloc_trim``).
+    Without it glibc keeps freed tensor memory below its (adaptive) mmap threshold in the heap,
+    where fragmentation grew the resident size by about 70 MB per decoder layer of the 1.5B
+    benchmark model (2.7 GB peak after 26 layers instead of about 1.2 GB)."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
 
 
 def _float_again(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
