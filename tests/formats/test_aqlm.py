@@ -101,18 +101,6 @@ def saved(tmp_path_factory):
     return q, out
 
 
-def test_save_load_identical_logits(saved):
-    q, out = saved
-    q2, _ = polyquant.load(out)
-    for (n, a), b in zip(q.named_modules(), q2.modules()):
-        if hasattr(a, "quantized_weight"):
-            qa, qb = a.quantized_weight, b.quantized_weight
-            assert torch.equal(qa.codes, qb.codes), n
-            assert torch.equal(qa.codebooks, qb.codebooks) and torch.equal(qa.scale, qb.scale), n
-    with torch.no_grad():
-        assert torch.equal(q(X).logits, q2(X).logits)
-
-
 def test_on_disk_layout(saved):
     q, out = saved
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]

@@ -15,7 +15,6 @@ from polyquant.formats import CheckpointError
 from polyquant.formats.eetq import eetq_preprocess, eetq_unpreprocess
 from polyquant.methods.eetq import EETQConfig
 
-X = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(5))
 
 
 def _ft_preprocess(wt_signed: torch.Tensor, arch: int) -> torch.Tensor:
@@ -89,17 +88,6 @@ def saved(tmp_path_factory):
     q = polyquant.quantize(m, EETQConfig(), show_progress=False)
     out = polyquant.save(q, tmp_path_factory.mktemp("eetq") / "ck")
     return m, q, out
-
-
-def test_save_load_identical_logits(saved):
-    _, q, out = saved
-    q2, _ = polyquant.load(out)
-    for a, b in zip(q.modules(), q2.modules()):
-        if hasattr(a, "quantized_weight"):
-            assert torch.equal(a.quantized_weight.codes, b.quantized_weight.codes)
-            assert torch.equal(a.quantized_weight.scale, b.quantized_weight.scale)
-    with torch.no_grad():
-        assert torch.equal(q(X).logits, q2(X).logits)
 
 
 def test_on_disk_layout(saved):

@@ -39,7 +39,8 @@ def llama():
     return tiny_llama(hidden=128)  # down_proj has 256 inputs: quanto groups of 128
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# int4 (QuantoConfig's default) is tests/test_conformance.py's quanto -> quanto case
+@pytest.mark.parametrize("case", [c for c in CASES if c != "int4"])
 def test_save_load_identical_logits(llama, case, tmp_path):
     q = polyquant.quantize(llama, CASES[case], calibration=CAL, show_progress=False)
     out = polyquant.save(q, tmp_path / "ck")
