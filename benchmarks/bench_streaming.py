@@ -166,8 +166,12 @@ def cmd_rss(args) -> dict:
             rows.append(r)
             print(json.dumps(r), flush=True)
         a, b = Path(args.work) / f"out-{run}-stream", Path(args.work) / f"out-{run}-memory"
-        if a.is_dir() and b.is_dir():
-            rows[-1]["identical_to_stream"] = same_checkpoint(a, b)["identical"]
+        if a.is_dir() and b.is_dir() and args.stop_after is None:
+            same = same_checkpoint(a, b)
+            rows[-1]["identical_to_stream"] = same["identical"]
+            if not same["identical"]:
+                rows[-1]["difference"] = same
+                continue  # kept for a look
         for p in (a, b):
             shutil.rmtree(p, ignore_errors=True)
     return {"model": args.model, "rows": rows}
