@@ -103,7 +103,8 @@ def stage_faults(a, work: Path) -> dict:
     rng = random.Random(a.seed)
     kills, sweeps, attempts, n = 0, [], 0, 0
     out, kills_this = work / "sweep-0", 0
-    while kills < a.kills:
+    t_begin = time.perf_counter()
+    while kills < a.kills and time.perf_counter() - t_begin < a.budget_s:
         attempts += 1
         delay = rng.uniform(0, t_full)
         t0 = time.perf_counter()
@@ -131,7 +132,7 @@ def stage_faults(a, work: Path) -> dict:
     p = polyquant(sweep_args(out, a))
     assert p.wait() == 0
     sweeps.append({"folder": out.name, "kills": kills_this, **check_sweep(out, reference)})
-    return {"stage": "faults", "kills": kills, "process_starts": attempts + 1, "uninterrupted_s": t_full,
+    return {"stage": "faults", "kills": kills, "kills_asked": a.kills, "process_starts": attempts + 1, "uninterrupted_s": t_full,
             "sweeps": sweeps, "runs_per_sweep": len(reference),
             "every_rerun_completed": all(s["all_ok"] for s in sweeps),
             "each_run_exactly_once": all(s["each_run_exactly_once"] for s in sweeps),
@@ -231,6 +232,8 @@ def main() -> int:
     ap.add_argument("--max-windows", type=int, default=1)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--budget-s", type=float, default=float("inf"),
+                    help="stop killing after this many seconds (the kills that landed are reported)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="polyquant-sweep-faults-"))
