@@ -8,9 +8,13 @@ bandwidth). This script measures, in one process and one run:
 * for each row, the bytes read per token from the model's own layout (quantized layers' stored
   bytes as their kernel reads them, the head in its dtype or layout, one embedding row);
 * decode tok/s (greedy, batch 1, 64 new tokens after a 32-token prompt, KV cache) with the model's
-  own forward (``plain``) and with :class:`polyquant.nn.decode.FastDecoder` (``fast``), rows
+  own forward (``plain``) and with :class:`polyquant.nn.decode.FastDecoder` (``fast``: its compiled
+  one-token layer step, ``cpu-gemv``'s float32 matrix-vector products, where it takes the layer), rows
   interleaved round-robin so a load change hits all alike; thread-CPU and wall medians;
 * the ratio to fp32 (plain) and the fraction of each row's bound.
+
+``tok_s`` times the 64 steps (wall); ``tok_s_cpu`` divides by the thread CPU time of the whole call,
+prompt included (the compiled step's prompt dequantizes every layer once: that time is in it).
 
 Rows: ``fp32``, ``w8`` (RTN W8 per-channel), ``w4`` (RTN W4 g64 sym, head fp32), ``w4-head-bf16``,
 ``w4-head-w4`` (the head quantized at W4 g64 too), ``w4-head-w8``, ``nf4`` (bnb NF4 b64).
