@@ -28,6 +28,8 @@ model (an F32 GGUF written by our exporter), both scored by ``llama-perplexity``
         --work /tmp/bench-export --llama-bin /tmp/lcp/build/bin
     # the tied lm_head stored once in the .onnx (size before / after, onnxruntime's logits)
     nice -n 5 taskset -c 1 python benchmarks/bench_export.py onnx-share --work /tmp/bench-export
+    # onnxruntime's GPTQ mode (its INC code), few calibration samples
+    nice -n 5 taskset -c 1 python benchmarks/bench_export.py ort-gptq --calib-samples 2 --work /tmp/bench-export
 
 Prints one JSON object (and writes it to ``<work>/<phase>.json``).
 """
@@ -244,37 +246,78 @@ def speed(a) -> dict:
     return res
 
 
-def onnx_share(a) -> dict:
-    """The tied lm_head stored once (share_weights, the default) against both copies (the exporter's
-    folded E^T beside the embedding): file size, and onnxruntime's logits on the same windows."""
+def ort_gptq(a) -> dict:
+    """onnxruntime's GPTQ mode of MatMulNBitsQuantizer alone (its INC weight_only code: one session run
+    per calibration sample for every distinct MatMul input, Hessians in float64 numpy), on the fp32
+    ONNX model of the build phase, with ``--calib-samples`` x ``--calib-seqlen`` of the same
+    calibration text; the lm_head it also quantizes is put back to float (like the other rows)."""
     import onnx
-    from polyquant.export.onnx import OnnxCausalLM
+    from onnxruntime.quantization.matmul_nbits_quantizer import GPTQWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    from polyquant.calibration import calibration_data
+    from polyquant.export.onnx import IR_VERSION, OnnxCausalLM
     work = Path(a.work)
     torch.set_num_threads(1)
-    q, tok = polyquant.load(work / "gptq-w4g64")
+    model, tok = polyquant.load_model("default")
     windows = _windows(tok, a.windows)
+    calib = calibration_data(tok, n_samples=a.calib_samples, seqlen=a.calib_seqlen, seed=0)
+    fp = onnx.load(str(work / "fp32.onnx"))
+    res: dict = {"windows": a.windows, "calibration": f"{a.calib_samples} x {a.calib_seqlen}", "block_size": 64,
+                 "percdamp": 0.01, "gptq_blocksize": 128, "is_symmetric": True, "load_avg_start": os.getloadavg()}
+    t, c = time.perf_counter(), time.process_time()
+    gq = MatMulNBitsQuantizer(onnx.load(str(work / "fp32.onnx")), bits=4, block_size=64, is_symmetric=True,
+                              algo_config=GPTQWeightOnlyQuantConfig(
+                                  calibration_data_reader=_Reader(model.config, calib), percdamp=0.01,
+                                  block_size=128))
+    gq.process()
+    res["ort_gptq_seconds"] = round(time.perf_counter() - t, 1)
+    res["ort_gptq_cpu_seconds"] = round(time.process_time() - c, 1)
+    res["load_avg_end"] = os.getloadavg()
+    gp = gq.model.model
+    res["ort_gptq_lm_head_restored"] = _restore_lm_head(gp, fp)
+    gp.ir_version = IR_VERSION
+    res["ort_gptq_matmulnbits"] = _count(gp, "MatMulNBits")
+    out = work / f"ort-gptq-{a.calib_samples}x{a.calib_seqlen}.onnx"
+    onnx.save(gp, str(out))
+    res["ppl_onnxruntime_ort-gptq"] = _ppl(OnnxCausalLM(out, config=model.config), windows)
+    return res
+
+
+def onnx_share(a) -> dict:
+    """The tied lm_head stored once against both copies (the exporter's folded E^T beside the
+    embedding): the build phase's ``ours.onnx`` (written before sharing existed, so it has both) with
+    :func:`~polyquant.export.onnx.share_tied_weights` applied, as ``export`` now does by default: file
+    size, and onnxruntime's logits on the same windows (identical, and the perplexity from them)."""
+    import onnx
+    from polyquant.export.onnx import OnnxCausalLM, share_tied_weights
+    work = Path(a.work)
+    torch.set_num_threads(1)
     two, one = work / "ours.onnx", work / "ours-shared.onnx"
-    res: dict = {"windows": a.windows}
-    if not two.is_file():
-        export(q, to="onnx", out=two, tokenizer=tok, share_weights=False)
+    from transformers import AutoConfig, AutoTokenizer
+    cfg = AutoConfig.from_pretrained(str(work / "ours.onnx.tokenizer"))
+    tok = AutoTokenizer.from_pretrained(str(work / "ours.onnx.tokenizer"))
+    windows = _windows(tok, a.windows)
+    proto = onnx.load(str(two))
+    res: dict = {"windows": a.windows, "source_file": str(two)}
+    res["float_initializers_before"] = sum(len(i.dims) == 2 and i.data_type == 1 for i in proto.graph.initializer)
     t = time.perf_counter()
-    r = export(q, to="onnx", out=one, tokenizer=tok, overwrite=True)
-    res["export_seconds"] = round(time.perf_counter() - t, 1)
-    res["shared_initializers"] = r.extra["shared_initializers"]
+    res["shared_initializers"] = share_tied_weights(proto)
+    res["share_seconds"] = round(time.perf_counter() - t, 2)
+    res["float_initializers_after"] = sum(len(i.dims) == 2 and i.data_type == 1 for i in proto.graph.initializer)
+    one.write_bytes(proto.SerializeToString())
+    del proto
     res["bytes_before"], res["bytes_after"] = two.stat().st_size, one.stat().st_size
-    res["float_initializers_before"] = sum(len(i.dims) == 2 and i.data_type == 1
-                                           for i in onnx.load(str(two)).graph.initializer)
-    res["float_initializers_after"] = sum(len(i.dims) == 2 and i.data_type == 1
-                                          for i in onnx.load(str(one)).graph.initializer)
-    mods = {k: OnnxCausalLM(f, config=q.config) for k, f in (("before", two), ("after", one))}
-    diff, equal = 0.0, True
+    mods = {"before": OnnxCausalLM(two, config=cfg), "after": OnnxCausalLM(one, config=cfg)}
+    diff, equal, nll = 0.0, True, {k: [] for k in mods}
     for i in range(windows.shape[0]):
-        la, lb = (m(windows[i:i + 1]).logits for m in mods.values())
-        diff = max(diff, float((la - lb).abs().max()))
-        equal = equal and bool(torch.equal(la, lb))
+        w = windows[i:i + 1]
+        outs = {k: m(w, labels=w) for k, m in mods.items()}
+        diff = max(diff, float((outs["before"].logits - outs["after"].logits).abs().max()))
+        equal = equal and bool(torch.equal(outs["before"].logits, outs["after"].logits))
+        for k, o in outs.items():
+            nll[k].append(float(o.loss))
     res["logits_max_abs_diff"], res["logits_identical"] = diff, equal
-    for k, m in mods.items():
-        res[f"ppl_onnxruntime_{k}"] = _ppl(m, windows)
+    for k in mods:
+        res[f"ppl_onnxruntime_{k}"] = math.exp(sum(nll[k]) / len(nll[k]))
     return res
 
 
@@ -302,8 +345,6 @@ def llamacpp(a) -> dict:
     scored by llama-perplexity on the same text (and by polyquant, same tokens, same protocol)."""
     from polyquant.eval import llamacpp as lc
     from transformers import AutoModelForCausalLM
-    from polyquant.calibration import Calibration, calibration_data
-    from polyquant.methods import GPTQConfig
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
@@ -314,41 +355,35 @@ def llamacpp(a) -> dict:
     text = _text_file(work, tok, windows)
     res["text"] = {"file": str(text), "chars": len(text.read_text()), "first_tokens_equal_windows": True}
 
-    ckpt = work / "gptq-w4g32sym"
-    if not (ckpt / "config.json").is_file():
-        calib = calibration_data(tok, n_samples=a.calib_samples, seqlen=a.calib_seqlen, seed=0)
-        t = time.perf_counter()
-        q = polyquant.quantize(model, GPTQConfig(bits=4, group_size=32, sym=True), calibration=Calibration(calib),
-                               show_progress=False)
-        (work / "gptq-g32-seconds.txt").write_text(f"{time.perf_counter() - t:.1f}")
-        polyquant.save(q, ckpt, tokenizer=tok, overwrite=True)
-        del q
+    ckpt = _gptq_checkpoint(a, work, model, tok, a.ckpt_group)
     q, _ = polyquant.load(ckpt)
-    res["polyquant_gptq_seconds"] = float((work / "gptq-g32-seconds.txt").read_text())
+    res["polyquant_checkpoint"] = f"GPTQ W4 g{a.ckpt_group} sym ({ckpt.name})"
 
-    files = {"fp32": work / "fp32.gguf", "ours-gptq-q4_0": work / "ours-g32-q4_0.gguf",
-             "llama-quantize-q4_0": work / "lcpp-q4_0.gguf", "gguf-py-ref-q4_0": work / "ref-q4_0.gguf"}
+    files = _gguf_files(work, a.ckpt_group)
     t = time.perf_counter()
     # source="default": every file gets the default model's tokenizer.ggml.pre (smollm), so llama.cpp
     # tokenizes the text the same way for all of them (and as transformers does)
     g = export(q, to="gguf", out=files["ours-gptq-q4_0"], tokenizer=tok, type="Q4_0", float_type="F32",
                overwrite=True, source="default")
     res["ours_export"] = {**g.summary(), "seconds_wall": round(time.perf_counter() - t, 1)}
-    f = export(model, to="gguf", out=files["fp32"], tokenizer=tok, type="auto", float_type="F32", overwrite=True,
+    if not files["fp32"].is_file():
+        export(model, to="gguf", out=files["fp32"], tokenizer=tok, type="auto", float_type="F32", source="default")
+    if not files["gguf-py-ref-q4_0"].is_file():
+        export(model, to="gguf", out=files["gguf-py-ref-q4_0"], tokenizer=tok, type="Q4_0", float_type="F32",
                source="default")
-    res["fp32_export"] = {k: v for k, v in f.summary().items() if k in ("bytes", "layers", "tokenizer", "file_type")}
-    export(model, to="gguf", out=files["gguf-py-ref-q4_0"], tokenizer=tok, type="Q4_0", float_type="F32",
-           overwrite=True, source="default")
     # llama.cpp's own Q4_0 of the same float file; embeddings kept F32 like ours (only the Linears differ)
-    res["llama_quantize"] = lc.quantize(a.llama_bin, files["fp32"], files["llama-quantize-q4_0"], "Q4_0",
-                                        extra=["--token-embedding-type", "f32", "--output-tensor-type", "f32"])
+    if not files["llama-quantize-q4_0"].is_file():
+        res["llama_quantize"] = lc.quantize(a.llama_bin, files["fp32"], files["llama-quantize-q4_0"], "Q4_0",
+                                            extra=["--token-embedding-type", "f32", "--output-tensor-type", "f32"])
     res["tensor_types"] = {k: lc.gguf_tensor_types(f) for k, f in files.items()}
     res["bytes"] = {k: f.stat().st_size for k, f in files.items()}
     res["llama_quantize_equals_gguf_py_ref"] = _same_tensors(files["llama-quantize-q4_0"], files["gguf-py-ref-q4_0"])
     _partial(work, res)
 
-    # scored by llama.cpp (llama-perplexity, its kernels)
+    # scored by llama.cpp (llama-perplexity, its kernels); gguf-py's reference file only if it differs
     for k, f in files.items():
+        if k == "gguf-py-ref-q4_0" and res["llama_quantize_equals_gguf_py_ref"]["identical"]:
+            continue
         res[f"llama_perplexity_{k}"] = lc.perplexity(a.llama_bin, f, text, ctx=512, chunks=a.windows, threads=1)
         _partial(work, res)
     # scored by polyquant (PyTorch), the same tokens: llama-perplexity's protocol and polyquant's own
@@ -361,12 +396,41 @@ def llamacpp(a) -> dict:
         res[f"polyquant_second_half_{k}"] = lc.second_half_ppl(m, windows)["ppl"]
         res[f"polyquant_ppl_{k}"] = _ppl(m, windows)
         del m
-    lp = {k: res[f"llama_perplexity_{k}"]["ppl"] for k in files}
+    lp = {k: res[f"llama_perplexity_{k}"]["ppl"] for k in files if f"llama_perplexity_{k}" in res}
     res["ratio_llama_perplexity_ours_vs_llama_quantize"] = lp["ours-gptq-q4_0"] / lp["llama-quantize-q4_0"]
     res["ratio_llama_perplexity_vs_polyquant_second_half_ours"] = (lp["ours-gptq-q4_0"]
                                                                    / res["polyquant_second_half_ours-gptq"])
     res["ratio_llama_perplexity_vs_polyquant_second_half_fp32"] = lp["fp32"] / res["polyquant_second_half_fp32"]
     return res
+
+
+def _gptq_checkpoint(a, work: Path, model, tok, group: int) -> Path:
+    """Our GPTQ W4 sym checkpoint at ``group`` (64: the build phase's; made here when missing)."""
+    from polyquant.calibration import Calibration, calibration_data
+    from polyquant.methods import GPTQConfig
+    ckpt = work / ("gptq-w4g64" if group == 64 else f"gptq-w4g{group}sym")
+    if not (ckpt / "config.json").is_file():
+        calib = calibration_data(tok, n_samples=a.calib_samples, seqlen=a.calib_seqlen, seed=0)
+        t = time.perf_counter()
+        q = polyquant.quantize(model, GPTQConfig(bits=4, group_size=group, sym=True), calibration=Calibration(calib),
+                               show_progress=False)
+        (work / f"gptq-g{group}-seconds.txt").write_text(f"{time.perf_counter() - t:.1f}")
+        polyquant.save(q, ckpt, tokenizer=tok, overwrite=True)
+    return ckpt
+
+
+def _gguf_files(work: Path, group: int) -> dict[str, Path]:
+    return {"fp32": work / "fp32.gguf", "ours-gptq-q4_0": work / f"ours-g{group}-q4_0-smollm.gguf",
+            "llama-quantize-q4_0": work / "lcpp-q4_0.gguf", "gguf-py-ref-q4_0": work / "gguf-ref-q4_0.gguf"}
+
+
+def gptq_checkpoint(a) -> dict:
+    """Only make the GPTQ W4 sym checkpoint at ``--ckpt-group`` (heavy; the llamacpp phase reuses it)."""
+    torch.set_num_threads(1)
+    model, tok = polyquant.load_model("default")
+    ckpt = _gptq_checkpoint(a, Path(a.work), model, tok, a.ckpt_group)
+    return {"checkpoint": str(ckpt), "seconds": (Path(a.work) / f"gptq-g{a.ckpt_group}-seconds.txt").read_text()
+            if (Path(a.work) / f"gptq-g{a.ckpt_group}-seconds.txt").is_file() else None}
 
 
 def _same_tensors(a: Path, b: Path) -> dict:
@@ -383,8 +447,7 @@ def llamacpp_speed(a) -> dict:
     """llama-bench decode tok/s (1 thread), rows interleaved round by round; run under the core-0 lock."""
     from polyquant.eval import llamacpp as lc
     work = Path(a.work)
-    files = {"fp32": work / "fp32.gguf", "ours-gptq-q4_0": work / "ours-g32-q4_0.gguf",
-             "llama-quantize-q4_0": work / "lcpp-q4_0.gguf"}
+    files = {k: v for k, v in _gguf_files(work, a.ckpt_group).items() if k != "gguf-py-ref-q4_0"}
     runs: dict[str, list[float]] = {k: [] for k in files}
     info = {}
     for _ in range(a.rounds):
@@ -405,7 +468,9 @@ def llamacpp_speed(a) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("phase", choices=["build", "speed", "onnx-share", "llamacpp", "llamacpp-speed"])
+    ap.add_argument("phase", choices=["build", "speed", "onnx-share", "llamacpp", "llamacpp-speed", "ort-gptq", "gptq-checkpoint"])
+    ap.add_argument("--ckpt-group", type=int, default=32, choices=(32, 64),
+                    help="llamacpp phases: group size of our GPTQ W4 sym checkpoint (64: the build phase's)")
     ap.add_argument("--llama-bin", default=os.environ.get("LLAMA_CPP_BIN", "/tmp/lcp/build/bin"),
                     help="folder with llama.cpp's llama-perplexity / llama-quantize / llama-bench")
     ap.add_argument("--work", default="/tmp/bench-export")
@@ -418,7 +483,8 @@ def main() -> None:
     ap.add_argument("--skip-export-timing", action="store_true")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    res = {"build": build, "speed": speed, "onnx-share": onnx_share, "llamacpp": llamacpp, "llamacpp-speed": llamacpp_speed}[a.phase](a)
+    res = {"build": build, "speed": speed, "onnx-share": onnx_share, "llamacpp": llamacpp, "llamacpp-speed": llamacpp_speed,
+           "ort-gptq": ort_gptq, "gptq-checkpoint": gptq_checkpoint}[a.phase](a)
     text = json.dumps(res, indent=2, default=str)
     (Path(a.work) / f"{a.phase}.json").write_text(text)
     print(text)
