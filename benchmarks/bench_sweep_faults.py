@@ -228,7 +228,7 @@ def main() -> int:
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--model", default="default", help="default, a model folder, or tiny (a random 4-layer "
                                                         "Llama made in the work folder)")
-    ap.add_argument("--methods", default="rtn", help="rtn: fp32 + RTN's 5 presets = 6 runs")
+    ap.add_argument("--methods", default="rtn,hqq", help="default rtn,hqq: fp32 + 4 RTN presets + HQQ = 6 runs")
     ap.add_argument("--max-windows", type=int, default=1)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
