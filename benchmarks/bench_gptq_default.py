@@ -115,7 +115,7 @@ def main() -> None:
         ev = ev0
         row = {"method": a.method, "config": cfg.describe() if cfg is not None else a.method, "calib": a.calib,
                "windows": a.windows, "ppl_by_text": ppl, "bits": a.bits, "group_size": a.group_size, "sym": not a.asym,
-               "act_order": a.act_order, "gar": bool(cfg is not None and cfg.group_aware), "calib_dtype": a.calib_dtype,
+               "act_order": a.act_order, "gar": bool(getattr(cfg, "group_aware", False)), "calib_dtype": a.calib_dtype,
                "calib_autocast": (q.polyquant.extra.get("calibration") or {}).get("autocast") if cfg is not None else None,
                "static_groups": a.static_groups, "mse": a.mse,
                "damp": getattr(cfg, "damp_percent", None),
