@@ -3,6 +3,7 @@ sharded output readable by transformers, resume refused on changed arguments / s
 runs identical to uninterrupted ones, and SIGKILLs at random moments of a CLI run."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -102,10 +103,11 @@ def test_lazy_reading_holds_one_unit_at_a_time(src, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("method,fmt", [("rtn", None), ("gptq", None), ("awq", None), ("hqq", None),
-                                        ("spqr", "polyquant-spqr")])
+                                        ("spqr", "polyquant-spqr"), ("bitnet", None), ("fbgemm-fp8", None),
+                                        ("fp8-static", None), ("bnb-int8", None)])
 def test_streamed_checkpoint_equals_in_memory(src, tmp_path, method, fmt):
     spec = get_method(method)
-    cfg = _cfg(method) if method != "hqq" else spec.config_cls()
+    cfg = _cfg(method) if "group_size" in {f.name for f in dataclasses.fields(spec.config_cls)} else spec.config_cls()
     calib = _calib() if spec.needs_calibration else None
     model, tok = polyquant.load_model(str(src))
     torch.manual_seed(0)
@@ -124,6 +126,7 @@ def test_streamed_checkpoint_equals_in_memory(src, tmp_path, method, fmt):
     assert set(index["weight_map"]) == set(b) and len(set(index["weight_map"].values())) == 6
     rec = json.loads(fb["polyquant.json"])
     assert rec["runtime"]["stream"] is True and rec["method"] == method
+    assert rec.get("act_rules") == json.loads(fa["polyquant.json"]).get("act_rules")  # activation rules too
     assert not partial_dir_for(tmp_path / "str").exists()
 
 
@@ -165,6 +168,21 @@ def test_resume_is_bit_identical_and_refuses_changed_arguments(src, tmp_path):
     assert res["resumed_units"] == 3
     assert _files(out) == _files(tmp_path / "ref")
     assert not partial_dir_for(out).exists()
+
+
+def test_resume_keeps_static_activation_scales(src, tmp_path):
+    """fp8-static's calibrated input scales live on each layer's activation rule: a resumed run
+    rebuilds the finished layers' rules from the partial state and writes the same folder."""
+    cfg, calib = get_method("fp8-static").config_cls(), _calib()
+    _stream(src, cfg, tmp_path / "ref", calib)
+    out = tmp_path / "out"
+    with pytest.raises(_Stop):
+        _stream(src, cfg, out, calib, _after_unit=_stop_after(2))
+    res = _stream(src, cfg, out, calib)
+    assert res["resumed_units"] == 3
+    assert _files(out) == _files(tmp_path / "ref")
+    rules = json.loads((out / "polyquant.json").read_text())["act_rules"]
+    assert rules and all(r["dynamic"] is False for r in rules.values())
 
 
 def test_resume_refuses_a_changed_source(tmp_path):

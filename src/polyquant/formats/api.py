@@ -79,6 +79,50 @@ def _config_dict(model: nn.Module, float_dtype: torch.dtype | None) -> dict[str,
 
 
 # -- save ---------------------------------------------------------------------------------------
+
+def add_layer_tensors(fmt: Format, layers: dict[str, nn.Module], tensors: dict[str, torch.Tensor]) -> None:
+    """Each quantized layer's tensors as ``fmt`` stores them (``<layer>.<name>``), and its bias."""
+    for name, m in layers.items():
+        lt = fmt.layer_tensors(name, m)
+        if "bias" in lt:
+            raise ValueError(f"format {fmt.name!r} returned a 'bias' tensor for {name!r}; bias is saved generically")
+        for k, t in lt.items():
+            tensors[f"{name}.{k}"] = t
+        if getattr(m, "bias", None) is not None:
+            tensors[f"{name}.bias"] = m.bias.detach()
+
+
+def own_storage(tensors: dict[str, torch.Tensor]) -> None:
+    """Every tensor detached, on the CPU, contiguous and in storage of its own (safetensors refuses
+    two names over one buffer): in place."""
+    ptrs: set[tuple] = set()
+    for k in list(tensors):
+        t = tensors[k].detach().to("cpu")
+        key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else None
+        if key is not None and key in ptrs:
+            t = t.clone()
+        elif key is not None:
+            ptrs.add(key)
+        tensors[k] = t.contiguous()
+
+
+def write_config_files(tmp: Path, fmt: Format, model: nn.Module, config: dict[str, Any], extra: dict[str, Any],
+                       record: dict[str, Any]) -> None:
+    """config.json, generation_config.json, the format's extra files and polyquant.json, into ``tmp``."""
+    write_json(tmp / "config.json", config)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and hasattr(gen, "to_diff_dict"):
+        write_json(tmp / "generation_config.json", gen.to_diff_dict())
+    for fname, content in extra.items():
+        if Path(fname).name != fname or fname in ("config.json", POLYQUANT_FILE):
+            raise ValueError(f"format {fmt.name!r} asked to write a bad extra file name {fname!r}")
+        if isinstance(content, (bytes, str)):
+            (tmp / fname).write_bytes(content if isinstance(content, bytes) else content.encode())
+        else:
+            write_json(tmp / fname, content)
+    write_json(tmp / POLYQUANT_FILE, record)
+
+
 def save(model: nn.Module, out_dir: str | os.PathLike, format: str | None = None, tokenizer: Any = None,
          overwrite: bool = False, *, max_shard_size: int | None = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """Save a polyquant-quantized model as a Hugging Face folder in an ecosystem format.
@@ -134,23 +178,8 @@ def save(model: nn.Module, out_dir: str | os.PathLike, format: str | None = None
         tensors[k] = t
         if float_dtype is None and t.is_floating_point():
             float_dtype = t.dtype
-    for name, m in layers.items():
-        lt = fmt.layer_tensors(name, m)
-        if "bias" in lt:
-            raise ValueError(f"format {fmt.name!r} returned a 'bias' tensor for {name!r}; bias is saved generically")
-        for k, t in lt.items():
-            tensors[f"{name}.{k}"] = t
-        if getattr(m, "bias", None) is not None:
-            tensors[f"{name}.bias"] = m.bias.detach()
-    ptrs: set[tuple] = set()
-    for k in list(tensors):
-        t = tensors[k].detach().to("cpu")
-        key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else None
-        if key is not None and key in ptrs:
-            t = t.clone()
-        elif key is not None:
-            ptrs.add(key)
-        tensors[k] = t.contiguous()
+    add_layer_tensors(fmt, layers, tensors)
+    own_storage(tensors)
 
     qcfg = dict(fmt.quantization_config(model, layers))
     qcfg.setdefault("quant_method", fmt.quant_method)
@@ -168,18 +197,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, format: str | None = None
             record[key] = rec.extra[key]
 
     with atomic_dir(out, overwrite) as tmp:
-        write_json(tmp / "config.json", config)
-        gen = getattr(model, "generation_config", None)
-        if gen is not None and hasattr(gen, "to_diff_dict"):
-            write_json(tmp / "generation_config.json", gen.to_diff_dict())
-        for fname, content in extra.items():
-            if Path(fname).name != fname or fname in ("config.json", POLYQUANT_FILE):
-                raise ValueError(f"format {fmt.name!r} asked to write a bad extra file name {fname!r}")
-            if isinstance(content, (bytes, str)):
-                (tmp / fname).write_bytes(content if isinstance(content, bytes) else content.encode())
-            else:
-                write_json(tmp / fname, content)
-        write_json(tmp / POLYQUANT_FILE, record)
+        write_config_files(tmp, fmt, model, config, extra, record)
         write_safetensors(tmp, tensors, max_shard_size,
                           metadata={**fmt.safetensors_metadata(tensors, layers),
                                     "polyquant_version": _version(), "quant_format": fmt.name})

@@ -24,14 +24,14 @@ import logging
 import os
 import shutil
 import time
-import types
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from polyquant.formats.api import POLYQUANT_FILE, _config_dict, _format_for_save, _quant_layers, _version
+from polyquant.formats.api import (_config_dict, _format_for_save, _quant_layers, _version, act_rule_record,
+                                   add_layer_tensors, own_storage, write_config_files)
 from polyquant.formats.base import Format
 from polyquant.formats.io import INDEX_NAME, atomic_dir, check_output_dir, write_json
 from polyquant.formats.lazy import LazyModel
@@ -75,8 +75,11 @@ def _written_keys(lazy: LazyModel, keys: list[str], qprefixes: tuple[str, ...]) 
 
 # -- summaries (what quantization_config needs of a released layer) -------------------------------
 def _pack_summary(layers: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Each finished layer's (summary weight, has bias, activation rule) as safetensors tensors and
+    metadata; a rule is kept as its description plus its buffers (a static rule's scales)."""
+    from polyquant.activations.base import rule_of
     tensors, meta = {}, {}
-    for name, (qw, has_bias) in layers.items():
+    for name, (qw, has_bias, act) in layers.items():
         fields, on_meta = {}, {}
         for f, t in qw.tensors().items():
             if t.is_meta:
@@ -86,23 +89,35 @@ def _pack_summary(layers: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict
                 fields[f] = True
         meta[name] = {"qtype": qw.qtype, "shape": list(qw.shape), "block": list(qw.block), "fields": sorted(fields),
                       "meta": on_meta, "bias": has_bias}
+        rule = rule_of(act)
+        if act is not None and rule is None:
+            raise ValueError(f"layer {name!r}: its activation rule {type(act).__name__} has no description to resume from")
+        if rule is not None:
+            bufs = {b: t for b, t in act.named_buffers() if t is not None}
+            tensors.update({f"{name}::act::{b}": t.detach().cpu().contiguous() for b, t in bufs.items()})
+            meta[name]["act"] = {"rule": rule.to_dict(), "buffers": sorted(bufs)}
     return tensors, {"layers": json.dumps(meta, sort_keys=True)}
 
 
 def _unpack_summary(tensors: dict[str, torch.Tensor], metadata: dict[str, str]):
+    from polyquant.activations.base import act_from_dict
     from polyquant.tensor.quantized_weight import QuantizedWeight
     out = {}
     for name, m in json.loads(metadata["layers"]).items():
         t = {f: tensors[f"{name}::{f}"] for f in m["fields"]}
         t.update({f: torch.empty(shape, dtype=getattr(torch, dt), device="meta") for f, (dt, shape) in m["meta"].items()})
-        out[name] = (QuantizedWeight.from_tensors(m["qtype"], tuple(m["shape"]), tuple(m["block"]), t), m["bias"])
+        act = None
+        if m.get("act"):
+            act = act_from_dict(m["act"]["rule"], **{b: tensors[f"{name}::act::{b}"] for b in m["act"]["buffers"]})
+        out[name] = (QuantizedWeight.from_tensors(m["qtype"], tuple(m["shape"]), tuple(m["block"]), t), m["bias"], act)
     return out
 
 
-def _stand_in(spec, config, qw, has_bias: bool, out_features: int) -> nn.Module:
-    from polyquant.nn.quantize import make_quant_linear
-    bias = torch.empty(out_features, device="meta") if has_bias else None
-    return make_quant_linear(spec, config, qw, types.SimpleNamespace(bias=bias), kernel="reference")
+def _stand_in(spec, qw, has_bias: bool, act) -> nn.Module:
+    """A finished layer as its summary: what quantization_config / act_rules read, never run."""
+    from polyquant.nn.quant_linear import QuantLinear
+    bias = torch.empty(qw.shape[0], device="meta") if has_bias else None
+    return QuantLinear(qw, bias, kernel="reference", act_quant=act, method=spec.name)
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -161,8 +176,8 @@ def quantize_stream(source: str | os.PathLike, config, out_dir: str | os.PathLik
     if resumed:
         log.info("resuming %s from %s: %d of %d units done", out, state.folder, resumed, len(units))
     for i in range(state.done):  # finished layers come back as their summaries
-        for name, (qw, has_bias) in _unpack_summary(*state.summary(i)).items():
-            replace_module(model, name, _stand_in(spec, config, qw, has_bias, qw.shape[0]))
+        for name, (qw, has_bias, act) in _unpack_summary(*state.summary(i)).items():
+            replace_module(model, name, _stand_in(spec, qw, has_bias, act))
     block_of = {f"{prefix}.{i}": i for i in range(len(blocks))}
     saved = state.calibration_state() if state.done else None  # where the interrupted run stopped
     if saved is not None and "rng" in saved:
@@ -202,7 +217,7 @@ def quantize_stream(source: str | os.PathLike, config, out_dir: str | os.PathLik
                     replace_module(model, name, make_quant_linear(spec, config, qw, lin, kernel="reference"))
                     del lin, qw
             tensors, layers = _unit_tensors(lazy, fmt, keys, unit_targets, qprefixes)
-            summary = {n: (fmt.layer_summary(n, m), m.bias is not None) for n, m in layers.items()}
+            summary = {n: (fmt.layer_summary(n, m), m.bias is not None, m.act_quant) for n, m in layers.items()}
             calib = {"rng": torch.get_rng_state()}
             if run is not None and captured:
                 calib.update({f"inputs.{j}": t.detach().cpu().contiguous() for j, t in enumerate(run.inputs)})
@@ -210,8 +225,8 @@ def quantize_stream(source: str | os.PathLike, config, out_dir: str | os.PathLik
             meta = {"format": "pt", "polyquant_version": _version(), "quant_format": fmt.name}
             state.finish_unit(u, tensors, meta, _pack_summary(summary), calib, errs)
             del tensors, calib
-            for n, (qw, has_bias) in summary.items():
-                replace_module(model, n, _stand_in(spec, config, qw, has_bias, qw.shape[0]))
+            for n, (qw, has_bias, act) in summary.items():
+                replace_module(model, n, _stand_in(spec, qw, has_bias, act))
             del layers, summary
             lazy.release(list(lazy.held))
             _return_freed_memory()
@@ -271,22 +286,8 @@ def _unit_tensors(lazy: LazyModel, fmt: Format, keys: list[str], unit_targets: l
         reason = fmt.check_layer(name, m.quantized_weight, m)
         if reason:
             raise ValueError(f"format {fmt.name!r} cannot store layer {name!r}: {reason}")
-        lt = fmt.layer_tensors(name, m)
-        if "bias" in lt:
-            raise ValueError(f"format {fmt.name!r} returned a 'bias' tensor for {name!r}; bias is saved generically")
-        for k, t in lt.items():
-            tensors[f"{name}.{k}"] = t
-        if getattr(m, "bias", None) is not None:
-            tensors[f"{name}.bias"] = m.bias.detach()
-    ptrs: set[tuple] = set()
-    for k in list(tensors):
-        t = tensors[k].detach().to("cpu")
-        key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else None
-        if key is not None and key in ptrs:
-            t = t.clone()
-        elif key is not None:
-            ptrs.add(key)
-        tensors[k] = t.contiguous()
+    add_layer_tensors(fmt, layers, tensors)
+    own_storage(tensors)
     return tensors, layers
 
 
@@ -327,6 +328,8 @@ def _assemble(lazy, fmt, spec, config, names, state: PartialState, out: Path, ov
            "modules": sorted(layers)}
     if record.get("source"):
         rec["source"] = record["source"]
+    if rules := act_rule_record(layers):  # each layer's activation rule, as ``save`` records it
+        rec["act_rules"] = rules
     calib = dict(record.get("calibration") or {}) if run is not None else None
     if calib is not None:
         calib["autocast"] = run.autocast_name
@@ -337,18 +340,7 @@ def _assemble(lazy, fmt, spec, config, names, state: PartialState, out: Path, ov
     weight_map = {k: state.shards[i] for i in range(state.done) for k in state.unit_keys[i]}
     index = {"metadata": {"total_size": sum(state.unit_bytes)}, "weight_map": weight_map}
     with atomic_dir(out, overwrite) as tmp:
-        write_json(tmp / "config.json", cfg)
-        gen = getattr(model, "generation_config", None)
-        if gen is not None and hasattr(gen, "to_diff_dict"):
-            write_json(tmp / "generation_config.json", gen.to_diff_dict())
-        for fname, content in extra.items():
-            if Path(fname).name != fname or fname in ("config.json", POLYQUANT_FILE):
-                raise ValueError(f"format {fmt.name!r} asked to write a bad extra file name {fname!r}")
-            if isinstance(content, (bytes, str)):
-                (tmp / fname).write_bytes(content if isinstance(content, bytes) else content.encode())
-            else:
-                write_json(tmp / fname, content)
-        write_json(tmp / POLYQUANT_FILE, rec)
+        write_config_files(tmp, fmt, model, cfg, extra, rec)
         for name in state.shards[:state.done]:
             _link_or_copy(state.folder / name, tmp / name)
         write_json(tmp / INDEX_NAME, index)
