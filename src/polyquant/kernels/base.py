@@ -15,7 +15,8 @@ from polyquant.activations.base import rule_of
 from polyquant.registry import add_entry, instance, lookup
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
-__all__ = ["Kernel", "register_kernel", "get_kernel", "list_kernels", "select_kernel", "KERNELS"]
+__all__ = ["Kernel", "register_kernel", "get_kernel", "list_kernels", "select_kernel", "KERNELS",
+           "layer_rows", "layer_output"]
 
 
 class Kernel:
@@ -77,6 +78,28 @@ class Kernel:
             if cap < self.min_capability:
                 return f"needs compute capability >= {self.min_capability}, got {cap}"
         return None
+
+
+# -- a forward's input and output (kernels on the decode hot path call these: keep them lean) -------
+def layer_rows(module: Any, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The layer's input as a kernel takes it: ``(x, x2, xc)`` with ``x`` after the layer's activation
+    quantizer (when it has one; its shape and dtype are the output's), ``x2`` its ``[rows, in]`` view
+    and ``xc`` those rows in the kernel's compute ``dtype`` (``x2`` itself when it is already)."""
+    if module.act_quant is not None:
+        x = module.act_quant(x)
+    x2 = x.reshape(-1, x.shape[-1])
+    return x, x2, (x2 if x2.dtype == dtype else x2.to(dtype))
+
+
+def layer_output(module: Any, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A kernel's ``[rows, out]`` result as the layer's output for input ``x``: cast to ``x``'s dtype
+    (when it differs), the bias added, ``x``'s leading dimensions restored."""
+    dtype = x.dtype
+    if y.dtype != dtype:
+        y = y.to(dtype)
+    if module.bias is not None:
+        y = y + module.bias.to(dtype)
+    return y.view(*x.shape[:-1], y.shape[-1]) if x.dim() != 2 else y
 
 
 KERNELS: dict[str, Kernel] = {}

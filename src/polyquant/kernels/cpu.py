@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from polyquant.kernels.base import Kernel, register_kernel
+from polyquant.kernels.base import Kernel, layer_output, layer_rows, register_kernel
 
 __all__ = ["CpuInt4Kernel", "CpuInt8Kernel"]
 
@@ -65,12 +65,9 @@ class CpuInt8Kernel(Kernel):
     def forward(self, module, x):
         # Hot path at decode (hundreds of calls per token): read buffers straight from
         # ``_buffers``, skip casts that are not needed, call the op overload directly.
-        if module.act_quant is not None:
-            x = module.act_quant(x)
+        x, x2, xb = layer_rows(module, x, _BF16)
         b = module._buffers
         dtype = x.dtype
-        x2 = x.reshape(-1, x.shape[-1])
-        xb = x2 if dtype == _BF16 else x2.to(_BF16)
         if xb.shape[0] >= _INT8_PREFILL_M:
             # many rows (prefill, evaluation, calibration): the int8 codes are exact in bf16, so a
             # bf16 matmul (oneDNN / AMX) against them, scaled after, is the same sum - and 5-10x
@@ -83,9 +80,7 @@ class CpuInt8Kernel(Kernel):
         c = b.get("k_c")
         if c is not None:
             y = y + x2.sum(-1, keepdim=True).to(dtype) * c.to(dtype)
-        if module.bias is not None:
-            y = y + module.bias.to(dtype)
-        return y.view(*x.shape[:-1], y.shape[-1]) if x.dim() != 2 else y
+        return layer_output(module, y, x)
 
 
 class CpuInt4Kernel(Kernel):
@@ -140,21 +135,12 @@ class CpuInt4Kernel(Kernel):
         return {"w": packed, "sz": sz, "g": torch.tensor(g)}
 
     def forward(self, module, x):
-        if module.act_quant is not None:
-            x = module.act_quant(x)
+        x, x2, xb = layer_rows(module, x, _BF16)
         b = module._buffers
-        dtype = x.dtype
-        x2 = x.reshape(-1, x.shape[-1])
-        xb = x2 if dtype == _BF16 else x2.to(_BF16)
         sz = b["k_sz"]
         # group = in_features / number of scale groups (exact: the group divides in_features);
         # avoids reading the ``k_g`` tensor (an ``.item()``) on every call.
-        y = _int4_mm(xb, b["k_w"], x2.shape[-1] // sz.shape[0], sz)
-        if dtype != _BF16:
-            y = y.to(dtype)
-        if module.bias is not None:
-            y = y + module.bias.to(dtype)
-        return y.view(*x.shape[:-1], y.shape[-1]) if x.dim() != 2 else y
+        return layer_output(module, _int4_mm(xb, b["k_w"], x2.shape[-1] // sz.shape[0], sz), x)
 
 
 register_kernel(CpuInt8Kernel)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from polyquant.kernels.base import Kernel, register_kernel
+from polyquant.kernels.base import Kernel, layer_output, register_kernel
 from polyquant.kernels.cpu import CpuInt4Kernel
 
 _BF16 = torch.bfloat16
@@ -93,12 +93,7 @@ class CpuInt4ActOrderKernel(Kernel):
         xg = gather_columns(x, b["k_perm"])
         xb = xg if dtype == _BF16 else xg.to(_BF16)
         sz = b["k_sz"]
-        y = _int4_mm(xb, b["k_w"], n // sz.shape[0], sz)
-        if dtype != _BF16:
-            y = y.to(dtype)
-        if module.bias is not None:
-            y = y + module.bias.to(dtype)
-        return y.view(*x.shape[:-1], y.shape[-1]) if x.dim() != 2 else y
+        return layer_output(module, _int4_mm(xb, b["k_w"], n // sz.shape[0], sz), x)
 
 
 register_kernel(CpuInt4ActOrderKernel)

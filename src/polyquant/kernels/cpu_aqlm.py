@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from polyquant.kernels.base import Kernel, register_kernel
+from polyquant.kernels.base import Kernel, layer_output, layer_rows, register_kernel
 from polyquant.kernels.cext import CLibrary, I64, PTR, library_error
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
@@ -138,22 +138,14 @@ class CpuAqlmKernel(Kernel):
         return buf
 
     def forward(self, module, x):
-        if module.act_quant is not None:
-            x = module.act_quant(x)
+        x, x2, xf = layer_rows(module, x, torch.float32)
         b = module._buffers
         cb, s, codes, cbT = b["k_cb"], b["k_s"], b["k_codes"], b.get("k_cbT")
-        dtype = x.dtype
-        x2 = x.reshape(-1, x.shape[-1])
-        xf = x2 if dtype == torch.float32 else x2.to(torch.float32)
         if x2.shape[0] < DEQUANT_MIN_M and not (xf.requires_grad and torch.is_grad_enabled()):
             y = aqlm_lut_mm(xf, codes, cbT, s) if cbT is not None else aqlm_gather_mm(xf, codes, cb, s)
         else:
             y = F.linear(xf, module.quantized_weight.dequantize(torch.float32))
-        if dtype != torch.float32:
-            y = y.to(dtype)
-        if module.bias is not None:
-            y = y + module.bias.to(dtype)
-        return y.view(*x.shape[:-1], y.shape[-1]) if x.dim() != 2 else y
+        return layer_output(module, y, x)
 
 
 register_kernel(CpuAqlmKernel)

@@ -26,7 +26,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from polyquant.kernels.base import Kernel, register_kernel
+from polyquant.kernels.base import Kernel, layer_output, layer_rows, register_kernel
 from polyquant.kernels.cext import library_error, load_library
 from polyquant.kernels.cpu_lut4 import _group, lut4_scales
 from polyquant.tensor.quantized_weight import QuantizedWeight
@@ -221,12 +221,8 @@ class CpuGemvKernel(Kernel):
         return buf
 
     def forward(self, module, x):
-        if module.act_quant is not None:
-            x = module.act_quant(x)
+        x, x2, xf = layer_rows(module, x, torch.float32)
         b = module._buffers
-        dtype = x.dtype
-        x2 = x.reshape(-1, x.shape[-1])
-        xf = x2 if dtype == torch.float32 else x2.to(torch.float32)
         if x2.shape[0] < DEQUANT_MIN_M and not (xf.requires_grad and torch.is_grad_enabled()):
             cache = module.__dict__.get("_pq_gemv")
             if cache is None or cache[1] != b["k_w"].data_ptr():
@@ -237,11 +233,7 @@ class CpuGemvKernel(Kernel):
             n, k, bits, off = (int(v) for v in b["k_meta"])
             w = q_dequantize(b["k_w"], b["k_s"], b.get("k_z"), off, n, k, bits)
             y = F.linear(xf, w)
-        if dtype != torch.float32:
-            y = y.to(dtype)
-        if module.bias is not None:
-            y = y + module.bias.to(dtype)
-        return y.view(*x.shape[:-1], y.shape[-1]) if x.dim() != 2 else y
+        return layer_output(module, y, x)
 
 
 register_kernel(CpuGemvKernel)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from polyquant.kernels.base import Kernel, register_kernel
+from polyquant.kernels.base import Kernel, layer_output, register_kernel
 from polyquant.kernels.cext import CLibrary, I64, PTR, library_error
 from polyquant.kernels.cpu_actorder import gather_columns, group_perm, sort_by_group
 from polyquant.tensor.quantized_weight import QuantizedWeight
@@ -171,11 +171,7 @@ class CpuLut4Kernel(Kernel):
             # gradient take the dequantize + matmul path below, differentiable in x)
         else:
             y = F.linear(xf, lut4_dequantize(w, s, lut, z))
-        if dtype != torch.float32:
-            y = y.to(dtype)
-        if module.bias is not None:
-            y = y + module.bias.to(dtype)
-        return y.view(*x.shape[:-1], y.shape[-1]) if x.dim() != 2 else y
+        return layer_output(module, y, x)
 
 
 register_kernel(CpuLut4Kernel)

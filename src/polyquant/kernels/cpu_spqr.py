@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from polyquant.kernels.base import Kernel, register_kernel
+from polyquant.kernels.base import Kernel, layer_output, register_kernel
 from polyquant.kernels.cext import CLibrary, I64, PTR, library_error
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
@@ -161,7 +161,6 @@ class CpuSpQRKernel(Kernel):
         bb = module._buffers
         b = {k: bb[f"k_{k}"] for k in ("w", "s", "z", "mz", "ro", "col", "val")}
         perm = bb.get("k_perm")
-        dtype = x.dtype
         k = module.in_features
         x2 = x.reshape(-1, x.shape[-1])
         kp = b["w"].shape[1] * 2
@@ -171,11 +170,7 @@ class CpuSpQRKernel(Kernel):
             y = spqr_mm(xp, b)
         else:
             y = F.linear(xp, spqr_dequantize(b))
-        if dtype != torch.float32:
-            y = y.to(dtype)
-        if module.bias is not None:
-            y = y + module.bias.to(dtype)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return layer_output(module, y, x)
 
 
 register_kernel(CpuSpQRKernel)
