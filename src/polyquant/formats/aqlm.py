@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from polyquant.formats.base import CheckpointError, Format, check_linears, layer_bias, register_format
+from polyquant.formats.base import CheckpointError, Format, check_linears, layer_bias, register_format, require_tensors
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
 __all__ = ["AQLMFormat", "pack_codes", "unpack_codes", "aqlm_layer_tensors", "aqlm_weight_from_tensors", "scheme_of"]
@@ -96,9 +96,7 @@ def aqlm_weight_from_tensors(name: str, qcfg: dict[str, Any], tensors: dict[str,
                              out_features: int) -> QuantizedWeight:
     """Rebuild a ``QuantizedWeight`` from one layer's AQLM tensors, checked against the config."""
     M, bits, og, ig = config_scheme(qcfg)
-    for key in _KEYS:
-        if key not in tensors:
-            raise _fail(name, f"missing tensor {key!r}")
+    require_tensors(tensors, _KEYS, lambda m: _fail(name, m))
     unexpected = sorted(set(tensors) - {*_KEYS, "bias"})
     if unexpected:
         raise _fail(name, f"unexpected tensor(s) {unexpected}")

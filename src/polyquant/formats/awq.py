@@ -53,8 +53,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from polyquant.formats.base import (CheckpointError, Format, check_linears, float_dtype, layer_bias,
-                                     layer_names, output_head_names, register_format)
+from polyquant.formats.base import (CheckpointError, Format, check_linears, checkpoint_group_size, float_dtype,
+                                     layer_bias, layer_names, output_head_names, register_format)
 from polyquant.tensor.packing import pack, unpack
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
@@ -376,14 +376,7 @@ class AWQFormat(Format):
             raise ValueError("no quantized layers to describe")
         version = self.version
         qws = {n: m.quantized_weight for n, m in layers.items()}
-        grouped = {qw.group_columns for qw in qws.values() if qw.scale.shape[1] > 1}
-        if len(grouped) > 1:
-            raise ValueError(f"AWQ stores one group_size per checkpoint; layers use {sorted(grouped)}")
-        gs = grouped.pop() if grouped else -1
-        if gs != -1:
-            wide = [n for n, qw in qws.items() if qw.scale.shape[1] == 1 and qw.shape[1] > gs]
-            if wide:
-                raise ValueError(f"layers {wide[:3]} are per-channel but others use group_size {gs}")
+        gs = checkpoint_group_size(qws, "AWQ")
         zero_point = not all(qw.qtype == "int4" and qw.zero is None for qw in qws.values())
         head = output_head_names(model)
         floats = sorted(n for n, m in model.named_modules()

@@ -26,7 +26,8 @@ from polyquant.registry import add_entry, instance, lookup
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
 __all__ = ["Format", "LayerRefusal", "refusal", "register_format", "get_format", "list_formats", "FORMATS", "CheckpointError",
-           "layer_names", "check_linears", "linears_with_key", "layer_bias", "float_dtype", "output_head_names"]
+           "layer_names", "check_linears", "linears_with_key", "layer_bias", "float_dtype", "output_head_names",
+           "require_tensors", "checkpoint_group_size"]
 
 
 class CheckpointError(ValueError):
@@ -211,6 +212,15 @@ def linears_with_key(model: nn.Module, keys: set[str], suffix: str, fmt: str) ->
     return names
 
 
+def require_tensors(tensors: dict[str, torch.Tensor], keys: tuple[str, ...] | list[str],
+                    fail: Callable[[str], Exception]) -> list[torch.Tensor]:
+    """The tensors under ``keys``, in that order; ``fail(message)`` is raised for the first key missing."""
+    for key in keys:
+        if key not in tensors:
+            raise fail(f"missing tensor {key!r}")
+    return [tensors[key] for key in keys]
+
+
 def layer_bias(tensors: dict[str, torch.Tensor], out_features: int, fail: Callable[[str], Exception],
                dtype: torch.dtype | None = None) -> torch.Tensor | None:
     """A layer's optional ``bias``: checked to be ``[out_features]`` (``fail(message)`` is raised
@@ -234,3 +244,20 @@ def output_head_names(model: nn.Module) -> set[str]:
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
     return {n for n, m in model.named_modules() if head is not None and m is head}
+
+
+# -- a helper the formats' savers share ------------------------------------------------------------
+
+def checkpoint_group_size(qws: dict[str, QuantizedWeight], fmt: str) -> int:
+    """The one ``group_size`` a ``fmt`` checkpoint stores for all its layers (-1: per channel).
+    ValueError when the grouped layers use different sizes, or when a per-channel layer wider than
+    that group stands beside them (a reader would split it into groups)."""
+    grouped = {qw.group_columns for qw in qws.values() if qw.scale.shape[1] > 1}
+    if len(grouped) > 1:
+        raise ValueError(f"{fmt} stores one group_size per checkpoint; layers use {sorted(grouped)}")
+    group_size = grouped.pop() if grouped else -1
+    if group_size != -1:
+        wide = [n for n, qw in qws.items() if qw.scale.shape[1] == 1 and qw.shape[1] > group_size]
+        if wide:
+            raise ValueError(f"layers {wide[:3]} are per-channel but others use group_size {group_size}")
+    return group_size

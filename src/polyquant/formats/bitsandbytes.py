@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from polyquant.formats.base import CheckpointError, Format, check_linears, layer_bias, register_format
+from polyquant.formats.base import CheckpointError, Format, check_linears, layer_bias, register_format, require_tensors
 from polyquant.methods.bnb import (BLOCKSIZES, NESTED_BLOCKSIZE, bnb_block, code_book, dequantize_blockwise_flat,
                                    int8_weight_from_scb)
 from polyquant.tensor.quantized_weight import QuantizedWeight
@@ -175,10 +175,7 @@ def bnb4_weight_from_tensors(name: str, tensors: dict[str, torch.Tensor], in_fea
         block = bnb_block((out_features, in_features), bs)
     except ValueError as e:
         raise _fail(name, str(e)) from None
-    for key in ("weight", "weight.absmax", "weight.quant_map"):
-        if key not in tensors:
-            raise _fail(name, f"missing tensor {key!r}")
-    qmap = tensors["weight.quant_map"]
+    qmap = require_tensors(tensors, ("weight", "weight.absmax", "weight.quant_map"), lambda m: _fail(name, m))[2]
     if tuple(qmap.shape) != (16,) or not torch.equal(qmap.float(), code_book(qt)):
         raise _fail(name, f"weight.quant_map is not bitsandbytes' {qt} code book (custom code books are not supported)")
     numel = out_features * in_features
@@ -232,10 +229,7 @@ def bnb4_weight_from_tensors(name: str, tensors: dict[str, torch.Tensor], in_fea
 def bnb8_weight_from_tensors(name: str, tensors: dict[str, torch.Tensor], in_features: int,
                              out_features: int) -> QuantizedWeight:
     """Rebuild an LLM.int8 layer's ``QuantizedWeight``."""
-    for key in ("weight", "SCB"):
-        if key not in tensors:
-            raise _fail(name, f"missing tensor {key!r}")
-    cb, scb = tensors["weight"], tensors["SCB"]
+    cb, scb = require_tensors(tensors, ("weight", "SCB"), lambda m: _fail(name, m))
     if cb.dtype != torch.int8 or tuple(cb.shape) != (out_features, in_features):
         raise _fail(name, f"weight must be int8 [{out_features}, {in_features}], got {cb.dtype} {list(cb.shape)}")
     if not scb.dtype.is_floating_point or scb.numel() != out_features:

@@ -232,6 +232,16 @@ def _expected_grid(a: _Args, out: int, inp: int) -> tuple[tuple[int, int], tuple
     raise CheckpointError(f"weight strategy {a.strategy!r} is not supported for Linear weights")
 
 
+def _as_grid(t: torch.Tensor, strategy: str, out: int) -> torch.Tensor:
+    """A stored scale / zero point as its ``[rows, groups]`` grid: a tensor strategy's may be one
+    value of any shape, a channel strategy's ``[out]``; anything else is returned as it is."""
+    if t.numel() == 1 and strategy == "tensor":
+        return t.reshape(1, 1)
+    if strategy == "channel" and tuple(t.shape) == (out,):
+        return t.reshape(out, 1)
+    return t
+
+
 # -- the Format -------------------------------------------------------------------------------
 class CompressedTensorsFormat(Format):
     name = "compressed-tensors"
@@ -398,10 +408,7 @@ class CompressedTensorsFormat(Format):
         scale = tensors["weight_scale"]
         if not scale.is_floating_point():
             raise _fail(name, f"weight_scale must be a float tensor, got {scale.dtype}")
-        if scale.numel() == 1 and a.strategy == "tensor":
-            scale = scale.reshape(1, 1)
-        elif a.strategy == "channel" and tuple(scale.shape) == (out,):
-            scale = scale.reshape(out, 1)
+        scale = _as_grid(scale, a.strategy, out)
         if tuple(scale.shape) != grid:
             raise _fail(name, f"weight_scale has shape {list(tensors['weight_scale'].shape)}, a {a.strategy} "
                               f"scale of a [{out}, {inp}] weight needs {list(grid)}")
@@ -444,10 +451,7 @@ class CompressedTensorsFormat(Format):
                     zcode = zp.to(torch.float32) + half  # unpacked signed zero points
                 else:
                     raise _fail(name, f"weight_zero_point has unsupported dtype {zp.dtype}")
-                if zcode.numel() == 1 and a.strategy == "tensor":
-                    zcode = zcode.reshape(1, 1)
-                elif a.strategy == "channel" and tuple(zcode.shape) == (out,):
-                    zcode = zcode.reshape(out, 1)
+                zcode = _as_grid(zcode, a.strategy, out)
                 if tuple(zcode.shape) != grid:
                     raise _fail(name, f"weight_zero_point unpacks to {list(zcode.shape)}, expected {list(grid)}")
                 qtype, zero = f"uint{bits}", zcode

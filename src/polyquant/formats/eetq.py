@@ -41,7 +41,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from polyquant.formats.base import CheckpointError, Format, layer_bias, linears_with_key, register_format
+from polyquant.formats.base import (CheckpointError, Format, layer_bias, linears_with_key, register_format,
+                                     require_tensors)
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
 __all__ = ["EETQFormat", "eetq_preprocess", "eetq_unpreprocess", "WRITE_ARCH", "ARCHS"]
@@ -161,10 +162,7 @@ class EETQFormat(Format):
         unexpected = sorted(set(tensors) - {"weight", "weight_scales", "bias"})
         if unexpected:
             raise _fail(name, f"unexpected tensor(s) {unexpected}")
-        for key in ("weight", "weight_scales"):
-            if key not in tensors:
-                raise _fail(name, f"missing {key}")
-        w, s = tensors["weight"], tensors["weight_scales"]
+        w, s = require_tensors(tensors, ("weight", "weight_scales"), lambda m: _fail(name, m))
         if w.dtype != torch.int8 or tuple(w.shape) != (k, n):
             raise _fail(name, f"weight must be int8 [{k}, {n}] (in, out), got {w.dtype} {list(w.shape)}")
         if not s.is_floating_point() or s.numel() != n:

@@ -40,8 +40,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from polyquant.formats.base import (CheckpointError, Format, check_linears, float_dtype, layer_bias,
-                                     layer_names, output_head_names, register_format)
+from polyquant.formats.base import (CheckpointError, Format, check_linears, checkpoint_group_size, float_dtype,
+                                     layer_bias, layer_names, output_head_names, register_format, require_tensors)
 from polyquant.tensor.packing import pack, unpack
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
@@ -207,10 +207,7 @@ def gptq_weight_from_tensors(name: str, qcfg: dict[str, Any], tensors: dict[str,
     gs = int(qcfg["group_size"])
     gs = in_features if gs == -1 or gs > in_features else gs
     n_groups = math.ceil(in_features / gs)
-    for key in ("qweight", "qzeros", "scales"):
-        if key not in tensors:
-            raise _fail(name, f"missing tensor {key!r}")
-    qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
+    qweight, qzeros, scales = require_tensors(tensors, ("qweight", "qzeros", "scales"), lambda m: _fail(name, m))
     if (in_features * bits) % 32 or (out_features * bits) % 32:
         raise _fail(name, f"a {in_features}x{out_features} layer cannot be packed in int32 words at {bits} bits")
     expect = {"qweight": ((in_features * bits // 32, out_features), torch.int32),
@@ -298,14 +295,7 @@ class GPTQFormat(Format):
         bits = {qw.bits for qw in qws.values()}
         if len(bits) != 1:
             raise ValueError(f"GPTQ stores one bit width per checkpoint; layers use {sorted(bits)}")
-        grouped = {qw.group_columns for qw in qws.values() if qw.scale.shape[1] > 1}
-        if len(grouped) > 1:
-            raise ValueError(f"GPTQ stores one group_size per checkpoint; layers use {sorted(grouped)}")
-        group_size = grouped.pop() if grouped else -1
-        if group_size != -1:
-            wide = [n for n, qw in qws.items() if qw.scale.shape[1] == 1 and qw.shape[1] > group_size]
-            if wide:
-                raise ValueError(f"layers {wide[:3]} are per-channel but others use group_size {group_size}")
+        group_size = checkpoint_group_size(qws, "GPTQ")
         half = (1 << (next(iter(bits)) - 1))
         sym = all(bool((_gptq_zeros(qw) == half).all()) for qw in qws.values())
         desc_act = any(qw.g_idx is not None and not torch.equal(

@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 from polyquant.formats.base import (CheckpointError, Format, check_linears, layer_bias, layer_names,
-                                     register_format)
+                                     register_format, require_tensors)
 from polyquant.methods.spqr import decode_stats, spqr_stats
 from polyquant.tensor.packing import pack, packed_length, unpack
 from polyquant.tensor.quantized_weight import QuantizedWeight
@@ -399,9 +399,7 @@ class PolyquantSpQRFormat(Format):
                    module: nn.Linear) -> nn.Module:
         from polyquant.nn.quant_linear import QuantLinear
         m, n = module.out_features, module.in_features
-        for k in ("qweight", *_OWN_KEYS, "row_offsets", "cols", "values"):
-            if k not in tensors:
-                raise _fail(name, f"missing tensor {k!r}")
+        require_tensors(tensors, ("qweight", *_OWN_KEYS, "row_offsets", "cols", "values"), lambda m: _fail(name, m))
         bits, gs = int(qcfg.get("bits", 0)), int(qcfg.get("group_size", 0))
         meta = [int(v) for v in tensors["qq_meta"].reshape(-1).tolist()]
         cfg_meta = [qcfg.get("qq_scale_bits"), qcfg.get("qq_zero_bits"), qcfg.get("qq_groupsize")]
