@@ -157,34 +157,28 @@ def flowchart_svg(fc: Flowchart, name: str, title: str) -> str:
         lab_w[lo] = max(lab_w.get(lo, 0.0), _tw(e.label) + 16)
     margin = 16.0
     title_h = 28.0
-    if fc.direction == "LR":
-        x = margin
-        col_h = {r: sum(size[i][1] for i in items[r]) + 2 * _GAP * max(len(items[r]) - 1, 0) for r in ranks}
-        total_h = max(col_h.values())
-        for r in ranks:
-            cw = max(size[i][0] for i in items[r])
-            y = title_h + (total_h - col_h[r]) / 2
-            for i in items[r]:
-                w, h = size[i]
-                boxes[i] = _Box(x + (cw - w) / 2, y, w, h)
-                y += h + 2 * _GAP
-            x += cw + max(90.0, lab_w.get(r, 0.0) + 40)
-        width = x - max(90.0, lab_w.get(ranks[-1], 0.0) + 40) + margin
-        height = title_h + total_h + margin
-    else:
-        y = title_h
-        row_w = {r: sum(size[i][0] for i in items[r]) + 2 * _GAP * max(len(items[r]) - 1, 0) for r in ranks}
-        total_w = max(row_w.values())
-        for r in ranks:
-            rh = max(size[i][1] for i in items[r])
-            x = margin + (total_w - row_w[r]) / 2
-            for i in items[r]:
-                w, h = size[i]
-                boxes[i] = _Box(x, y, w, h)
-                x += w + 2 * _GAP
-            y += rh + max(50.0, lab_w.get(r, 0.0))
-        width = total_w + 2 * margin
-        height = y - max(50.0, lab_w.get(ranks[-1], 0.0)) + margin
+    # one layout for both directions: ranks follow each other along the main axis (x for LR, y for
+    # TB), a rank's items along the cross axis with the rank centred there; LR also centres each
+    # item in its column, TB keeps a row's items top-aligned
+    lr = fc.direction == "LR"
+    main, cross = (0, 1) if lr else (1, 0)  # indices into a (w, h) size
+
+    def rank_gap(r: int) -> float:
+        return max(90.0, lab_w.get(r, 0.0) + 40) if lr else max(50.0, lab_w.get(r, 0.0))
+
+    span = {r: sum(size[i][cross] for i in items[r]) + 2 * _GAP * max(len(items[r]) - 1, 0) for r in ranks}
+    total = max(span.values())
+    at, cross0 = (margin, title_h) if lr else (title_h, margin)
+    for r in ranks:
+        thick = max(size[i][main] for i in items[r])
+        pos = cross0 + (total - span[r]) / 2
+        for i in items[r]:
+            w, h = size[i]
+            boxes[i] = _Box(at + (thick - w) / 2, pos, w, h) if lr else _Box(pos, at, w, h)
+            pos += size[i][cross] + 2 * _GAP
+        at += thick + rank_gap(r)
+    extent = at - rank_gap(ranks[-1]) + margin
+    width, height = (extent, cross0 + total + margin) if lr else (cross0 + total + margin, extent)
     # members inside their clusters
     for c in fc.clusters:
         cb = boxes[c.id]
