@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import signal
 import threading
 import time
@@ -163,16 +162,15 @@ def cmd_compare(args) -> int:
                      "DIR/results.json (written by polyquant compare) without running anything.",
          args=[arg("dir", metavar="DIR", help="the output folder of a polyquant compare run")])
 def cmd_report(args) -> int:
+    from polyquant.report.advisor import load_results
     folder = Path(args.dir).expanduser()
     path = folder / "results.json"
     if not path.is_file():
         raise UsageError(f"{path} does not exist (give the -o DIR of a polyquant compare run)")
     try:
-        result = json.loads(path.read_text(encoding="utf-8"))
+        result = load_results(path)  # refuses a file that is not JSON or has no 'runs' list
     except ValueError as e:
-        raise UsageError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(result, dict) or not isinstance(result.get("runs"), list):
-        raise UsageError(f"{path} is not a polyquant compare results file (no 'runs' list)")
+        raise UsageError(str(e)) from None
     paths = _write_report_files(folder, result)
     out(f"wrote {folder / 'report.html'} and {len(paths) - 1} other files from {len(result['runs'])} records")
     return 0
