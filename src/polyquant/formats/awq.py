@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from polyquant.formats.base import (CheckpointError, Format, check_linears, checkpoint_group_size, float_dtype,
-                                     layer_bias, layer_names, output_head_names, register_format)
+                                     layer_bias, layer_names, layer_weights, output_head_names, register_format)
 from polyquant.tensor.packing import pack, unpack
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
@@ -372,10 +372,8 @@ class AWQFormat(Format):
         return awq_layer_tensors(module.quantized_weight, self.version)
 
     def _settings(self, model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, Any]:
-        if not layers:
-            raise ValueError("no quantized layers to describe")
         version = self.version
-        qws = {n: m.quantized_weight for n, m in layers.items()}
+        qws = layer_weights(layers)
         gs = checkpoint_group_size(qws, "AWQ")
         zero_point = not all(qw.qtype == "int4" and qw.zero is None for qw in qws.values())
         head = output_head_names(model)

@@ -27,7 +27,7 @@ from polyquant.tensor.quantized_weight import QuantizedWeight
 
 __all__ = ["Format", "LayerRefusal", "refusal", "register_format", "get_format", "list_formats", "FORMATS", "CheckpointError",
            "layer_names", "check_linears", "linears_with_key", "layer_bias", "float_dtype", "output_head_names",
-           "require_tensors", "checkpoint_group_size"]
+           "require_tensors", "layer_weights", "plain_grid_reason", "checkpoint_group_size"]
 
 
 class CheckpointError(ValueError):
@@ -246,7 +246,25 @@ def output_head_names(model: nn.Module) -> set[str]:
     return {n for n, m in model.named_modules() if head is not None and m is head}
 
 
-# -- a helper the formats' savers share ------------------------------------------------------------
+# -- helpers the formats' savers share -------------------------------------------------------------
+
+def layer_weights(layers: dict[str, nn.Module]) -> dict[str, QuantizedWeight]:
+    """Each quantized layer's ``QuantizedWeight`` by name, for a ``quantization_config`` (ValueError
+    when there is none: a config describes at least one layer)."""
+    if not layers:
+        raise ValueError("no quantized layers to describe")
+    return {n: m.quantized_weight for n, m in layers.items()}
+
+
+def plain_grid_reason(qw: QuantizedWeight, fmt: str) -> str | None:
+    """Why ``fmt``, which stores codes and a float scale grid (and zero points) only, cannot take
+    ``qw``: act-order, extra tensors, or non-float scales; None when it has none of them."""
+    if qw.g_idx is not None or qw.extras:
+        return f"act-order (g_idx) / extra tensors have no {fmt} equivalent"
+    if not qw.scale.is_floating_point():
+        return f"scale dtype {qw.scale.dtype}"
+    return None
+
 
 def checkpoint_group_size(qws: dict[str, QuantizedWeight], fmt: str) -> int:
     """The one ``group_size`` a ``fmt`` checkpoint stores for all its layers (-1: per channel).

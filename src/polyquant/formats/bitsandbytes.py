@@ -44,7 +44,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from polyquant.formats.base import CheckpointError, Format, check_linears, layer_bias, register_format, require_tensors
+from polyquant.formats.base import (CheckpointError, Format, check_linears, layer_bias, layer_weights, register_format,
+                                     require_tensors)
 from polyquant.methods.bnb import (BLOCKSIZES, NESTED_BLOCKSIZE, bnb_block, code_book, dequantize_blockwise_flat,
                                    int8_weight_from_scb)
 from polyquant.tensor.quantized_weight import QuantizedWeight
@@ -268,9 +269,7 @@ class BitsAndBytesFormat(Format):
         return bnb4_layer_tensors(qw)
 
     def quantization_config(self, model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, Any]:
-        if not layers:
-            raise ValueError("no quantized layers to describe")
-        qws = {n: m.quantized_weight for n, m in layers.items()}
+        qws = layer_weights(layers)
         kinds = {_kind(qw) for qw in qws.values()}
         if len(kinds) != 1:
             raise ValueError("a bitsandbytes checkpoint is either 4-bit or 8-bit; these layers mix both")

@@ -41,8 +41,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from polyquant.formats.base import (CheckpointError, Format, layer_bias, linears_with_key, register_format,
-                                     require_tensors)
+from polyquant.formats.base import (CheckpointError, Format, layer_bias, linears_with_key, plain_grid_reason,
+                                     register_format, require_tensors)
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
 __all__ = ["EETQFormat", "eetq_preprocess", "eetq_unpreprocess", "WRITE_ARCH", "ARCHS"]
@@ -106,10 +106,8 @@ def _plan(qw: QuantizedWeight) -> str | None:
         return f"EETQ stores symmetric int8 weights, got {qw.qtype}{'' if qw.zero is None else ' with zero points'}"
     if qw.block != (1, k):
         return f"EETQ stores per-channel scales, got block {qw.block}"
-    if qw.g_idx is not None or qw.extras:
-        return "act-order / extra tensors have no EETQ equivalent"
-    if not qw.scale.is_floating_point():
-        return f"scale dtype {qw.scale.dtype}"
+    if why := plain_grid_reason(qw, "EETQ"):
+        return why
     if k % 64 or n % 64:
         return f"EETQ's CUTLASS layout needs in_features and out_features multiples of 64, got [{n}, {k}]"
     return None

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from polyquant.formats.base import (CheckpointError, Format, check_linears, checkpoint_group_size, float_dtype,
-                                     layer_bias, layer_names, output_head_names, register_format, require_tensors)
+                                     layer_bias, layer_names, layer_weights, output_head_names, register_format, require_tensors)
 from polyquant.tensor.packing import pack, unpack
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
@@ -289,9 +289,7 @@ class GPTQFormat(Format):
         return gptq_layer_tensors(module.quantized_weight, self.checkpoint_format)
 
     def quantization_config(self, model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, Any]:
-        if not layers:
-            raise ValueError("no quantized layers to describe")
-        qws = {n: m.quantized_weight for n, m in layers.items()}
+        qws = layer_weights(layers)
         bits = {qw.bits for qw in qws.values()}
         if len(bits) != 1:
             raise ValueError(f"GPTQ stores one bit width per checkpoint; layers use {sorted(bits)}")

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from polyquant.formats.base import CheckpointError, Format, linears_with_key, register_format
-from polyquant.formats.base import LayerRefusal as _Refuse, refusal
+from polyquant.formats.base import LayerRefusal as _Refuse, plain_grid_reason, refusal
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
 __all__ = ["QuantoFormat", "pack_weights", "unpack_weights", "QMAP_FILE"]
@@ -90,10 +90,8 @@ def _plan(qw: QuantizedWeight, module: nn.Module) -> tuple[str, str]:
     """(quanto weights qtype, activations qtype) of a layer, or _Refuse."""
     from polyquant.kernels.quanto_act import QuantoActivation
     n, k = qw.shape
-    if qw.g_idx is not None or qw.extras:
-        raise _Refuse("act-order / extra tensors have no quanto equivalent")
-    if not qw.scale.is_floating_point():
-        raise _Refuse(f"scale dtype {qw.scale.dtype}")
+    if why := plain_grid_reason(qw, "quanto"):
+        raise _Refuse(why)
     wname = _weights_name(qw)
     r, c = qw.block
     if wname in ("qint8", "qfloat8_e4m3fn"):

@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from polyquant.formats.base import CheckpointError, Format, linears_with_key, register_format
-from polyquant.formats.base import LayerRefusal as _Refuse, refusal
+from polyquant.formats.base import LayerRefusal as _Refuse, plain_grid_reason, refusal
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
 __all__ = ["TorchAOFormat", "pack_int4", "unpack_int4", "TORCHAO_VERSION"]
@@ -171,10 +171,8 @@ def _plan(qw: QuantizedWeight, module: nn.Module) -> _Plan:
     qt = qw.qt
     n, k = qw.shape
     r, c = qw.block
-    if qw.g_idx is not None or qw.extras:
-        raise _Refuse("act-order (g_idx) / extra tensors have no torchao equivalent")
-    if not qw.scale.is_floating_point():
-        raise _Refuse(f"scale dtype {qw.scale.dtype}")
+    if why := plain_grid_reason(qw, "torchao"):
+        raise _Refuse(why)
     act = _act_plan(module)
     gran = "row" if (r, c) == (1, k) else ("tensor" if (r, c) == (n, k) else None)
     if qt.kind == "int" and qt.bits == 4:
