@@ -118,12 +118,8 @@ void pq_aqlm_lut_mm(int64_t Mr, int64_t N, int64_t G, int64_t ig, int64_t M, int
         else
 #endif
             build_lut_portable(G, M, K, ig, x + r * ldx, cbT, lut);
-        const int64_t nt = nthreads > 0 ? nthreads : 1;
-        const int64_t chunk = (N + nt - 1) / nt;
-#pragma omp parallel for schedule(static) num_threads((int)nt) if (nt > 1)
-        for (int64_t p = 0; p < nt; p++) {
-            const int64_t n0 = p * chunk, n1 = (n0 + chunk < N) ? n0 + chunk : N;
-            if (n0 >= n1) continue;
+        const int64_t chunk = (N + PQ_THREADS(nthreads) - 1) / PQ_THREADS(nthreads); /* one chunk per thread */
+        PQ_FOR_CHUNKS(n0, n1, N, chunk, nthreads) {
 #ifdef PQ_X86
             if (simd == 2) { lookup_avx2(n0, n1, T, K, codes, lut, s, y + r * ldy); continue; }
 #endif
@@ -163,12 +159,8 @@ AVX2_FN static void gather_avx2(int64_t n0, int64_t n1, int64_t Mr, int64_t G, i
 void pq_aqlm_gather_mm(int64_t Mr, int64_t N, int64_t G, int64_t ig, int64_t M, int64_t K, const float *x, int64_t ldx,
                        const uint16_t *codes, const float *cb, const float *s, float *y, int64_t ldy, int64_t nthreads,
                        int64_t simd) {
-    const int64_t nt = nthreads > 0 ? nthreads : 1;
-    const int64_t chunk = (N + nt - 1) / nt;
-#pragma omp parallel for schedule(static) num_threads((int)nt) if (nt > 1)
-    for (int64_t p = 0; p < nt; p++) {
-        const int64_t n0 = p * chunk, n1 = (n0 + chunk < N) ? n0 + chunk : N;
-        if (n0 >= n1) continue;
+    const int64_t chunk = (N + PQ_THREADS(nthreads) - 1) / PQ_THREADS(nthreads); /* one chunk per thread */
+    PQ_FOR_CHUNKS(n0, n1, N, chunk, nthreads) {
         if (simd == 2) gather_avx2(n0, n1, Mr, G, ig, M, K, x, ldx, codes, cb, s, y, ldy);
         else gather_portable(n0, n1, Mr, G, ig, M, K, x, ldx, codes, cb, s, y, ldy);
     }

@@ -27,8 +27,7 @@ static void rows_portable(int64_t M, int64_t n0, int64_t n1, int64_t K, int64_t 
     float vals[32];
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *wr = w + n * kb;
-        for (int64_t m0 = 0; m0 < M; m0 += MB) {
-            const int64_t mb = (M - m0) < MB ? (M - m0) : MB;
+        PQ_FOR_MBLOCKS(m0, mb, M, MB) {
             float acc[MB] = {0};
             for (int64_t g = 0; g < ng; g++) {
                 const float sc = s[n * ng + g], zp = z ? z[n * ng + g] : 0.f;
@@ -97,10 +96,7 @@ __attribute__((target("avx512f"))) static int64_t gemv4_avx512(int64_t n0, int64
             const __m512 t3 = TABLE((n + 3) * ng + g);
             for (int64_t c = g * G; c < (g + 1) * G; c += 32) {
                 const uint8_t *p = w0 + c / 2;
-                _mm_prefetch((const char *)(p + 4 * kb), _MM_HINT_T0);
-                _mm_prefetch((const char *)(p + 5 * kb), _MM_HINT_T0);
-                _mm_prefetch((const char *)(p + 6 * kb), _MM_HINT_T0);
-                _mm_prefetch((const char *)(p + 7 * kb), _MM_HINT_T0);
+                pq_prefetch_next4(p, kb);
                 const __m512 xl = _mm512_loadu_ps(x + c), xh = _mm512_loadu_ps(x + c + 16);
                 __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
                 a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(q, t0), xl, a0);
@@ -132,8 +128,7 @@ __attribute__((target("avx512f"))) static void rows_avx512(int64_t M, int64_t n0
     const __m512 table = _mm512_loadu_ps(lut);
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *wr = w + n * kb;
-        for (int64_t m0 = 0; m0 < M; m0 += MB) {
-            const int64_t mb = (M - m0) < MB ? (M - m0) : MB;
+        PQ_FOR_MBLOCKS(m0, mb, M, MB) {
             __m512 acc[MB];
             for (int m = 0; m < MB; m++) acc[m] = _mm512_setzero_ps();
             const float *xr = x + m0 * ldx;
@@ -198,8 +193,7 @@ __attribute__((target("avx2,fma"))) static void rows_avx2(int64_t M, int64_t n0,
     const __m256i nib = _mm256_set1_epi32(15);
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *wr = w + n * kb;
-        for (int64_t m0 = 0; m0 < M; m0 += MB) {
-            const int64_t mb = (M - m0) < MB ? (M - m0) : MB;
+        PQ_FOR_MBLOCKS(m0, mb, M, MB) {
             __m256 acc[MB][2];
             for (int m = 0; m < MB; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
             for (int64_t g = 0; g < ng; g++) {
@@ -225,11 +219,7 @@ __attribute__((target("avx2,fma"))) static void rows_avx2(int64_t M, int64_t n0,
                 }
             }
             for (int64_t m = 0; m < mb; m++) {
-                const __m256 a = _mm256_add_ps(acc[m][0], acc[m][1]);
-                __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-                h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-                h = _mm_add_ss(h, _mm_movehdup_ps(h));
-                y[(m0 + m) * ldy + n] = _mm_cvtss_f32(h);
+                y[(m0 + m) * ldy + n] = pq_hsum8_ps(_mm256_add_ps(acc[m][0], acc[m][1]));
             }
         }
     }
@@ -267,11 +257,7 @@ __attribute__((target("avx2,fma"))) static void dequant_avx2(int64_t n0, int64_t
 void pq_lut4_mm(int64_t M, int64_t N, int64_t K, int64_t G, const float *x, int64_t ldx, const uint8_t *w,
                 const float *s, const float *z, const float *lut, float *y, int64_t ldy, int64_t nthreads,
                 int64_t simd) {
-    const int64_t chunk = 16;
-    const int64_t nchunks = (N + chunk - 1) / chunk;
-#pragma omp parallel for schedule(static) num_threads(PQ_THREADS(nthreads)) if (nthreads > 1)
-    for (int64_t i = 0; i < nchunks; i++) {
-        const int64_t n0 = i * chunk, n1 = (n0 + chunk < N) ? n0 + chunk : N;
+    PQ_FOR_CHUNKS(n0, n1, N, 16, nthreads) {
 #ifdef PQ_X86
         if (simd == 1) {
             int64_t n = n0;
@@ -291,11 +277,7 @@ void pq_lut4_mm(int64_t M, int64_t N, int64_t K, int64_t G, const float *x, int6
 /* out[N][K] = (lut[code] - zero) * scale, float32 (z may be NULL: no zero points). */
 void pq_lut4_dequant(int64_t N, int64_t K, int64_t G, const uint8_t *w, const float *s, const float *z,
                      const float *lut, float *out, int64_t nthreads, int64_t simd) {
-    const int64_t chunk = 16;
-    const int64_t nchunks = (N + chunk - 1) / chunk;
-#pragma omp parallel for schedule(static) num_threads(PQ_THREADS(nthreads)) if (nthreads > 1)
-    for (int64_t i = 0; i < nchunks; i++) {
-        const int64_t n0 = i * chunk, n1 = (n0 + chunk < N) ? n0 + chunk : N;
+    PQ_FOR_CHUNKS(n0, n1, N, 16, nthreads) {
 #ifdef PQ_X86
         if (simd == 1) {
             dequant_avx512(n0, n1, K, G, w, s, z, lut, out);

@@ -36,8 +36,7 @@ static void rows_portable(int64_t M, int64_t n0, int64_t n1, int64_t Kp, const f
     const int64_t G = Kp / 16;
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *wr = w + n * (Kp / 2);
-        for (int64_t m0 = 0; m0 < M; m0 += MB) {
-            const int64_t mb = (M - m0) < MB ? (M - m0) : MB;
+        PQ_FOR_MBLOCKS(m0, mb, M, MB) {
             float acc[MB] = {0};
             for (int64_t g = 0; g < G; g++) {
                 const float sc = s[n * G + g], zp = z[n * G + g];
@@ -94,8 +93,7 @@ __attribute__((target("avx512f"))) static void rows_avx512(int64_t M, int64_t n0
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *wr = w + n * (Kp / 2);
         const float *sr = s + n * G, *zr = z + n * G;
-        for (int64_t m0 = 0; m0 < M; m0 += MB) {
-            const int64_t mb = (M - m0) < MB ? (M - m0) : MB;
+        PQ_FOR_MBLOCKS(m0, mb, M, MB) {
             __m512 acc[MB];
             for (int m = 0; m < MB; m++) acc[m] = _mm512_setzero_ps();
             if (mb == 1) {
@@ -158,13 +156,6 @@ __attribute__((target("avx2,fma"))) static inline void codes8x2(const uint8_t *p
     *b = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(hi, sh), mask));
 }
 
-__attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
-}
-
 /* The decode path factors the scale out of each group: sum_k (q_k - z) s x_k = s (q . x) - s z sum(x), with
    mz = -s z per group and xs = the per-group sums of the activations (computed once per call by the
    caller); the mz . xs term is one vector dot per row. Two groups per step, independent accumulators. */
@@ -176,8 +167,7 @@ __attribute__((target("avx2,fma"))) static void rows_avx2(int64_t M, int64_t n0,
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *wr = w + n * (Kp / 2);
         const float *sr = s + n * G, *mr = mz + n * G;
-        for (int64_t m0 = 0; m0 < M; m0 += MB) {
-            const int64_t mb = (M - m0) < MB ? (M - m0) : MB;
+        PQ_FOR_MBLOCKS(m0, mb, M, MB) {
             float res[MB];
             if (mb == 1) {
                 const float *xr = x + m0 * Kp;
@@ -202,7 +192,7 @@ __attribute__((target("avx2,fma"))) static void rows_avx2(int64_t M, int64_t n0,
                     t0 = _mm256_fmadd_ps(qb, _mm256_loadu_ps(xr + 16 * g + 8), t0);
                     a0 = _mm256_fmadd_ps(t0, _mm256_broadcast_ss(sr + g), a0);
                 }
-                res[0] = hsum256(_mm256_add_ps(a0, a1));
+                res[0] = pq_hsum8_ps(_mm256_add_ps(a0, a1));
             } else {
                 __m256 acc[MB];
                 for (int m = 0; m < MB; m++) acc[m] = _mm256_setzero_ps();
@@ -217,14 +207,14 @@ __attribute__((target("avx2,fma"))) static void rows_avx2(int64_t M, int64_t n0,
                         acc[m] = _mm256_fmadd_ps(t, sb, acc[m]);
                     }
                 }
-                for (int64_t m = 0; m < mb; m++) res[m] = hsum256(acc[m]);
+                for (int64_t m = 0; m < mb; m++) res[m] = pq_hsum8_ps(acc[m]);
             }
             for (int64_t m = 0; m < mb; m++) {
                 const float *xsr = xs + (m0 + m) * G;
                 __m256 zacc = _mm256_setzero_ps();
                 int64_t g = 0;
                 for (; g + 8 <= G; g += 8) zacc = _mm256_fmadd_ps(_mm256_loadu_ps(mr + g), _mm256_loadu_ps(xsr + g), zacc);
-                float zt = hsum256(zacc);
+                float zt = pq_hsum8_ps(zacc);
                 for (; g < G; g++) zt += mr[g] * xsr[g];
                 y[(m0 + m) * ldy + n] = res[m] + zt + sparse_dot(ro, col, val, n, x + (m0 + m) * Kp);
             }
@@ -257,11 +247,7 @@ __attribute__((target("avx2,fma"))) static void dequant_avx2(int64_t n0, int64_t
 void pq_spqr_mm(int64_t M, int64_t N, int64_t Kp, const float *x, const uint8_t *w, const float *s, const float *z,
                 const float *mz, const float *xs, const int32_t *ro, const int32_t *col, const float *val, float *y, int64_t ldy, int64_t nthreads,
                 int64_t simd) {
-    const int64_t chunk = 16;
-    const int64_t nchunks = (N + chunk - 1) / chunk;
-#pragma omp parallel for schedule(static) num_threads(PQ_THREADS(nthreads)) if (nthreads > 1)
-    for (int64_t c = 0; c < nchunks; c++) {
-        const int64_t n0 = c * chunk, n1 = (n0 + chunk < N) ? n0 + chunk : N;
+    PQ_FOR_CHUNKS(n0, n1, N, 16, nthreads) {
 #ifdef PQ_X86
         if (simd == 1) { rows_avx512(M, n0, n1, Kp, x, w, s, z, ro, col, val, y, ldy); continue; }
         if (simd == 2) { rows_avx2(M, n0, n1, Kp, x, w, s, mz, xs, ro, col, val, y, ldy); continue; }
@@ -273,11 +259,7 @@ void pq_spqr_mm(int64_t M, int64_t N, int64_t Kp, const float *x, const uint8_t 
 /* out [N][Kp]: the dense float32 weight in processing order, outliers added. */
 void pq_spqr_dequant(int64_t N, int64_t Kp, const uint8_t *w, const float *s, const float *z, const int32_t *ro,
                      const int32_t *col, const float *val, float *out, int64_t nthreads, int64_t simd) {
-    const int64_t chunk = 16;
-    const int64_t nchunks = (N + chunk - 1) / chunk;
-#pragma omp parallel for schedule(static) num_threads(PQ_THREADS(nthreads)) if (nthreads > 1)
-    for (int64_t c = 0; c < nchunks; c++) {
-        const int64_t n0 = c * chunk, n1 = (n0 + chunk < N) ? n0 + chunk : N;
+    PQ_FOR_CHUNKS(n0, n1, N, 16, nthreads) {
 #ifdef PQ_X86
         if (simd == 1) { dequant_avx512(n0, n1, Kp, w, s, z, ro, col, val, out); continue; }
         if (simd == 2) { dequant_avx2(n0, n1, Kp, w, s, z, ro, col, val, out); continue; }

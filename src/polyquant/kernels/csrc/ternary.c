@@ -94,38 +94,43 @@ __attribute__((target("avx2"))) static inline int32_t hsum_avx2(__m256i a) {
     return _mm_cvtsi128_si32(h);
 }
 
-/* four weight rows per pass: the activation loads are shared, four weight streams in flight */
+/* The body of a rows_* function (n0, n1, Kp, q, w, acc in scope): four weight rows per pass (the activation
+   loads shared, four weight streams in flight, the next four rows prefetched), then the rest one at a time.
+   VEC: the accumulator type, zero ZERO; X x = XLOAD(q + b): the activation operand of block b;
+   STEP(a, p, x): a plus the products of the 64 codes at p with x; SUM(a): a's int32 total. */
+#define TERNARY_ROWS(VEC, ZERO, X, XLOAD, STEP, SUM)                                                         \
+    const int64_t kb = Kp / 4;                                                                              \
+    int64_t n = n0;                                                                                         \
+    for (; n + 4 <= n1; n += 4) {                                                                           \
+        const uint8_t *w0 = w + n * kb;                                                                     \
+        VEC a0 = ZERO, a1 = a0, a2 = a0, a3 = a0;                                                           \
+        for (int64_t b = 0; b < Kp; b += 64) {                                                              \
+            const uint8_t *p = w0 + b / 4;                                                                  \
+            pq_prefetch_next4(p, kb);                                                                       \
+            const X x = XLOAD(q + b);                                                                       \
+            a0 = STEP(a0, p, x);                                                                            \
+            a1 = STEP(a1, p + kb, x);                                                                       \
+            a2 = STEP(a2, p + 2 * kb, x);                                                                   \
+            a3 = STEP(a3, p + 3 * kb, x);                                                                   \
+        }                                                                                                   \
+        acc[n] = SUM(a0);                                                                                   \
+        acc[n + 1] = SUM(a1);                                                                               \
+        acc[n + 2] = SUM(a2);                                                                               \
+        acc[n + 3] = SUM(a3);                                                                               \
+    }                                                                                                       \
+    for (; n < n1; n++) {                                                                                   \
+        const uint8_t *w0 = w + n * kb;                                                                     \
+        VEC a0 = ZERO;                                                                                      \
+        for (int64_t b = 0; b < Kp; b += 64) a0 = STEP(a0, w0 + b / 4, XLOAD(q + b));                       \
+        acc[n] = SUM(a0);                                                                                   \
+    }
+
+#define Q_PTR(qb) (qb) /* AVX2 reads the activations inside block_avx2 */
+#define STEP_AVX2(a, p, qb) _mm256_add_epi32(a, _mm256_madd_epi16(block_avx2(p, qb, mask), ones))
 __attribute__((target("avx2"))) static void rows_avx2(int64_t n0, int64_t n1, int64_t Kp, const int8_t *q,
                                                      const uint8_t *w, int32_t *acc) {
-    const int64_t kb = Kp / 4;
     const __m256i mask = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
-    int64_t n = n0;
-    for (; n + 4 <= n1; n += 4) {
-        const uint8_t *w0 = w + n * kb;
-        __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t b = 0; b < Kp; b += 64) {
-            const uint8_t *p = w0 + b / 4;
-            _mm_prefetch((const char *)(p + 4 * kb), _MM_HINT_T0);
-            _mm_prefetch((const char *)(p + 5 * kb), _MM_HINT_T0);
-            _mm_prefetch((const char *)(p + 6 * kb), _MM_HINT_T0);
-            _mm_prefetch((const char *)(p + 7 * kb), _MM_HINT_T0);
-            a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(block_avx2(p, q + b, mask), ones));
-            a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(block_avx2(p + kb, q + b, mask), ones));
-            a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(block_avx2(p + 2 * kb, q + b, mask), ones));
-            a3 = _mm256_add_epi32(a3, _mm256_madd_epi16(block_avx2(p + 3 * kb, q + b, mask), ones));
-        }
-        acc[n] = hsum_avx2(a0);
-        acc[n + 1] = hsum_avx2(a1);
-        acc[n + 2] = hsum_avx2(a2);
-        acc[n + 3] = hsum_avx2(a3);
-    }
-    for (; n < n1; n++) {
-        const uint8_t *w0 = w + n * kb;
-        __m256i a0 = _mm256_setzero_si256();
-        for (int64_t b = 0; b < Kp; b += 64)
-            a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(block_avx2(w0 + b / 4, q + b, mask), ones));
-        acc[n] = hsum_avx2(a0);
-    }
+    TERNARY_ROWS(__m256i, _mm256_setzero_si256(), int8_t *, Q_PTR, STEP_AVX2, hsum_avx2)
 }
 
 /* ---- AVX-512 (BW; VNNI) ------------------------------------------------------------------ */
@@ -136,77 +141,23 @@ __attribute__((target(PQ_AVX512))) static inline __m512i codes_avx512(const uint
     return _mm512_and_si512(_mm512_srlv_epi64(v, shifts), mask);
 }
 
+#define Q_LOAD512(qb) _mm512_loadu_si512((const void *)(qb))
+#define STEP_AVX512BW(a, p, x) \
+    _mm512_add_epi32(a, _mm512_madd_epi16(_mm512_maddubs_epi16(codes_avx512(p, shifts, mask), x), ones))
 __attribute__((target(PQ_AVX512))) static void rows_avx512bw(int64_t n0, int64_t n1, int64_t Kp, const int8_t *q,
                                                             const uint8_t *w, int32_t *acc) {
-    const int64_t kb = Kp / 4;
     const __m512i mask = _mm512_set1_epi8(3), ones = _mm512_set1_epi16(1);
     const __m512i shifts = _mm512_set_epi64(6, 6, 4, 4, 2, 2, 0, 0);
-    int64_t n = n0;
-    for (; n + 4 <= n1; n += 4) {
-        const uint8_t *w0 = w + n * kb;
-        __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t b = 0; b < Kp; b += 64) {
-            const uint8_t *p = w0 + b / 4;
-            _mm_prefetch((const char *)(p + 4 * kb), _MM_HINT_T0);
-            _mm_prefetch((const char *)(p + 5 * kb), _MM_HINT_T0);
-            _mm_prefetch((const char *)(p + 6 * kb), _MM_HINT_T0);
-            _mm_prefetch((const char *)(p + 7 * kb), _MM_HINT_T0);
-            const __m512i x = _mm512_loadu_si512((const void *)(q + b));
-            a0 = _mm512_add_epi32(a0, _mm512_madd_epi16(_mm512_maddubs_epi16(codes_avx512(p, shifts, mask), x), ones));
-            a1 = _mm512_add_epi32(a1, _mm512_madd_epi16(_mm512_maddubs_epi16(codes_avx512(p + kb, shifts, mask), x), ones));
-            a2 = _mm512_add_epi32(a2, _mm512_madd_epi16(_mm512_maddubs_epi16(codes_avx512(p + 2 * kb, shifts, mask), x), ones));
-            a3 = _mm512_add_epi32(a3, _mm512_madd_epi16(_mm512_maddubs_epi16(codes_avx512(p + 3 * kb, shifts, mask), x), ones));
-        }
-        acc[n] = _mm512_reduce_add_epi32(a0);
-        acc[n + 1] = _mm512_reduce_add_epi32(a1);
-        acc[n + 2] = _mm512_reduce_add_epi32(a2);
-        acc[n + 3] = _mm512_reduce_add_epi32(a3);
-    }
-    for (; n < n1; n++) {
-        const uint8_t *w0 = w + n * kb;
-        __m512i a0 = _mm512_setzero_si512();
-        for (int64_t b = 0; b < Kp; b += 64) {
-            const __m512i x = _mm512_loadu_si512((const void *)(q + b));
-            a0 = _mm512_add_epi32(a0, _mm512_madd_epi16(_mm512_maddubs_epi16(codes_avx512(w0 + b / 4, shifts, mask), x), ones));
-        }
-        acc[n] = _mm512_reduce_add_epi32(a0);
-    }
+    TERNARY_ROWS(__m512i, _mm512_setzero_si512(), __m512i, Q_LOAD512, STEP_AVX512BW, _mm512_reduce_add_epi32)
 }
 
 #define PQ_VNNI "avx512f,avx512bw,avx512vnni"
+#define STEP_VNNI(a, p, x) _mm512_dpbusd_epi32(a, codes_avx512(p, shifts, mask), x)
 __attribute__((target(PQ_VNNI))) static void rows_vnni(int64_t n0, int64_t n1, int64_t Kp, const int8_t *q,
                                                       const uint8_t *w, int32_t *acc) {
-    const int64_t kb = Kp / 4;
     const __m512i mask = _mm512_set1_epi8(3);
     const __m512i shifts = _mm512_set_epi64(6, 6, 4, 4, 2, 2, 0, 0);
-    int64_t n = n0;
-    for (; n + 4 <= n1; n += 4) {
-        const uint8_t *w0 = w + n * kb;
-        __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t b = 0; b < Kp; b += 64) {
-            const uint8_t *p = w0 + b / 4;
-            _mm_prefetch((const char *)(p + 4 * kb), _MM_HINT_T0);
-            _mm_prefetch((const char *)(p + 5 * kb), _MM_HINT_T0);
-            _mm_prefetch((const char *)(p + 6 * kb), _MM_HINT_T0);
-            _mm_prefetch((const char *)(p + 7 * kb), _MM_HINT_T0);
-            const __m512i x = _mm512_loadu_si512((const void *)(q + b));
-            a0 = _mm512_dpbusd_epi32(a0, codes_avx512(p, shifts, mask), x);
-            a1 = _mm512_dpbusd_epi32(a1, codes_avx512(p + kb, shifts, mask), x);
-            a2 = _mm512_dpbusd_epi32(a2, codes_avx512(p + 2 * kb, shifts, mask), x);
-            a3 = _mm512_dpbusd_epi32(a3, codes_avx512(p + 3 * kb, shifts, mask), x);
-        }
-        acc[n] = _mm512_reduce_add_epi32(a0);
-        acc[n + 1] = _mm512_reduce_add_epi32(a1);
-        acc[n + 2] = _mm512_reduce_add_epi32(a2);
-        acc[n + 3] = _mm512_reduce_add_epi32(a3);
-    }
-    for (; n < n1; n++) {
-        const uint8_t *w0 = w + n * kb;
-        __m512i a0 = _mm512_setzero_si512();
-        for (int64_t b = 0; b < Kp; b += 64)
-            a0 = _mm512_dpbusd_epi32(a0, codes_avx512(w0 + b / 4, shifts, mask), _mm512_loadu_si512((const void *)(q + b)));
-        acc[n] = _mm512_reduce_add_epi32(a0);
-    }
+    TERNARY_ROWS(__m512i, _mm512_setzero_si512(), __m512i, Q_LOAD512, STEP_VNNI, _mm512_reduce_add_epi32)
 }
 #endif
 
@@ -223,15 +174,10 @@ static void rows(int simd, int64_t n0, int64_t n1, int64_t Kp, const int8_t *q, 
 /* Integer products only: acc[M][N] = q[M][Kp] (int8, zero padded) @ (codes - 1)^T, int32. */
 void pq_ternary_int_mm(int64_t M, int64_t N, int64_t Kp, const int8_t *q, const uint8_t *w, int32_t *acc,
                        int64_t nthreads, int64_t simd) {
-    const int64_t chunk = 16, nchunks = (N + chunk - 1) / chunk;
     for (int64_t m = 0; m < M; m++) {
         int32_t s = 0;
         for (int64_t k = 0; k < Kp; k++) s += q[m * Kp + k];
-#pragma omp parallel for schedule(static) num_threads(PQ_THREADS(nthreads)) if (nthreads > 1)
-        for (int64_t i = 0; i < nchunks; i++) {
-            const int64_t n0 = i * chunk, n1 = (n0 + chunk < N) ? n0 + chunk : N;
-            rows((int)simd, n0, n1, Kp, q + m * Kp, w, acc + m * N);
-        }
+        PQ_FOR_CHUNKS(n0, n1, N, 16, nthreads) rows((int)simd, n0, n1, Kp, q + m * Kp, w, acc + m * N);
         for (int64_t n = 0; n < N; n++) acc[m * N + n] -= s;
     }
 }
@@ -243,16 +189,11 @@ void pq_ternary_linear(int64_t M, int64_t N, int64_t K, int64_t Kp, const float 
                        int64_t simd) {
     int32_t *acc = (int32_t *)malloc(sizeof(int32_t) * (size_t)N);
     if (!acc) return;
-    const int64_t chunk = 16, nchunks = (N + chunk - 1) / chunk;
     for (int64_t m = 0; m < M; m++) {
         int8_t *q = scratch + m * Kp;
         int32_t s;
         const float xs = quant_row(K, Kp, x + m * ldx, q, &s);
-#pragma omp parallel for schedule(static) num_threads(PQ_THREADS(nthreads)) if (nthreads > 1)
-        for (int64_t i = 0; i < nchunks; i++) {
-            const int64_t n0 = i * chunk, n1 = (n0 + chunk < N) ? n0 + chunk : N;
-            rows((int)simd, n0, n1, Kp, q, w, acc);
-        }
+        PQ_FOR_CHUNKS(n0, n1, N, 16, nthreads) rows((int)simd, n0, n1, Kp, q, w, acc);
         float *yr = y + m * ldy;
         if (nws == 1) {
             const float d = xs * ws[0];
