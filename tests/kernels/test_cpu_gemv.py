@@ -118,6 +118,19 @@ def test_float_and_bf16_descriptors():
     assert d is None and "float16" in why
 
 
+@pytest.mark.parametrize("simd", SIMD)
+@pytest.mark.parametrize("k", [67, 5])  # not a multiple of 8: the vector loop and the scalar tail
+def test_dense_rows_with_a_tail_on_every_path(simd, k):
+    from polyquant.kernels.cpu_gemv import F32, GemvLinear
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(3, k, generator=g), torch.randn(7, k, generator=g)  # 7 rows: a tile of 4 and 3 single rows
+    d = GemvLinear(F32, 7, k, k, w.data_ptr(), None, None, 0.0, 0, None)
+    assert torch.allclose(gemv(d, x, simd=simd), x @ w.T, rtol=1e-5, atol=1e-5)
+    wb = w.to(torch.bfloat16)
+    d = GemvLinear(BF16, 7, k, k, wb.view(torch.int16).data_ptr(), None, None, 0.0, 0, None)
+    assert torch.allclose(gemv(d, x, simd=simd), x @ wb.float().T, rtol=1e-5, atol=1e-5)
+
+
 def test_refusals_and_auto_never_picks_it():
     from polyquant.methods.bnb import BnbNF4Config, bnb_quantize_4bit
     w = torch.randn(32, 128)

@@ -21,13 +21,12 @@ q/k/v, rope, the KV cache write, attention, o, gate/up, SiLU, down), which
 from __future__ import annotations
 
 import ctypes
-import functools
 
 import torch
 import torch.nn.functional as F
 
 from polyquant.kernels.base import Kernel, layer_output, layer_rows, register_kernel
-from polyquant.kernels.cext import library_error, load_library
+from polyquant.kernels.cext import CLibrary, I64, PTR, library_error
 from polyquant.kernels.cpu_lut4 import _group, lut4_scales
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
@@ -58,34 +57,20 @@ class Model(ctypes.Structure):
                 ("inter", _i64), ("scaling", _f32), ("cos", _ptr), ("sin", _ptr), ("buf", _ptr)]
 
 
-@functools.lru_cache(maxsize=None)
-def lib() -> ctypes.CDLL:
-    """The compiled library with its signatures declared (RuntimeError when it cannot build)."""
-    L = load_library(_LIB)
-    L.pq_gemv.argtypes = [ctypes.POINTER(GemvLinear), _i64, _ptr, _i64, _ptr, _i64, _i64, _i64]
-    L.pq_gemv.restype = None
-    L.pq_q_dequant.argtypes = [_i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _f32, _ptr, _i64]
-    L.pq_q_dequant.restype = None
-    L.pq_decode_scratch.argtypes = [_i64] * 7
-    L.pq_decode_scratch.restype = _i64
-    L.pq_decode_layer.argtypes = [ctypes.POINTER(Model), ctypes.POINTER(Layer), _ptr, _i64, _i64, _i64]
-    L.pq_decode_layer.restype = _i64
-    L.pq_decode_head.argtypes = [ctypes.POINTER(Model), _ptr, _f32, ctypes.POINTER(GemvLinear), _ptr, _ptr, _i64,
-                                 _i64]
-    L.pq_decode_head.restype = None
-    L.pq_gemv_simd_level.restype = ctypes.c_int
-    return L
+_C = CLibrary(_LIB, {
+    "pq_gemv": ([ctypes.POINTER(GemvLinear), I64, PTR, I64, PTR, I64, I64, I64], None),
+    "pq_q_dequant": ([I64, I64, I64, I64, PTR, PTR, PTR, _f32, PTR, I64], None),
+    "pq_decode_scratch": ([I64] * 7, I64),
+    "pq_decode_layer": ([ctypes.POINTER(Model), ctypes.POINTER(Layer), PTR, I64, I64, I64], I64),
+    "pq_decode_head": ([ctypes.POINTER(Model), PTR, _f32, ctypes.POINTER(GemvLinear), PTR, PTR, I64, I64], None),
+})
+lib = _C.lib  # the compiled library with its signatures declared (RuntimeError when it cannot build)
+simd_levels = _C.simd_levels  # every code path this CPU can run (tests cover each)
 
 
-@functools.lru_cache(maxsize=None)
 def simd_level() -> int:
     """The code path this CPU runs: 2 AVX2 + FMA, 0 the portable C loop."""
-    return int(lib().pq_gemv_simd_level())
-
-
-def simd_levels() -> list[int]:
-    """Every code path this CPU can run (tests cover each)."""
-    return [0, 2] if simd_level() == 2 else [0]
+    return _C.simd_level()
 
 
 def _bits(qw: QuantizedWeight) -> int:
@@ -130,7 +115,7 @@ def gemv(desc: GemvLinear, x: torch.Tensor, simd: int | None = None, threads: in
     m = x.shape[0]
     y = torch.empty(m, desc.n, dtype=torch.float32)
     lib().pq_gemv(ctypes.byref(desc), m, x.data_ptr(), desc.k, y.data_ptr(), desc.n,
-                  threads or torch.get_num_threads(), simd_level() if simd is None else int(simd))
+                  threads or torch.get_num_threads(), _C.level(simd))
     return y
 
 

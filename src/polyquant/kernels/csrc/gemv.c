@@ -24,25 +24,15 @@
  * Threads: OpenMP over blocks of output rows when nthreads > 1.
  */
 #include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define PQ_X86 1
-#endif
+#include "pq_common.h"
 
 #define ROWS_PER_TASK 16
 
 /* the best code path this CPU runs: 2 = AVX2 + FMA, 0 = portable C */
-int pq_gemv_simd_level(void) {
-#ifdef PQ_X86
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 2;
-#endif
-    return 0;
-}
+int pq_gemv_simd_level(void) { return pq_f32_simd_level(0); }
 
 /* ---- activation preparation ------------------------------------------------------------- */
 /* xp[k] = x[k] * 2^-(bits * j) for the lane position j of input k (the top position unscaled: it is
@@ -68,6 +58,13 @@ static void prep_x(int64_t K, int64_t G, int bits, const float *x, float *xp, fl
 }
 
 /* ---- portable ---------------------------------------------------------------------------- */
+static inline float bf16_to_f32(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
 static inline uint32_t word_at(const uint32_t *w, int64_t nb, int64_t n, int64_t b, int64_t i) {
     return w[((n / 4) * nb + b) * 32 + (n % 4) * 8 + i];
 }
@@ -101,13 +98,6 @@ static void rows_q_portable(int bits, int64_t n0, int64_t n1, int64_t K, int64_t
 
 /* ---- AVX2 + FMA -------------------------------------------------------------------------- */
 #ifdef PQ_X86
-__attribute__((target("avx2,fma"))) static inline float hsum8(__m256 a) {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    return _mm_cvtss_f32(h);
-}
-
 /* One tile of 4 weight rows (they share the activation loads), 4-bit codes (1- to 3-bit codes are 4-bit
    codes with the high bits clear). Inputs run in half blocks of 32 (nibble positions 0-3 or 4-7), so a
    group of any multiple of 32 inputs is whole half blocks. */
@@ -119,6 +109,12 @@ __attribute__((target("avx2,fma"))) static inline float hsum8(__m256 a) {
         A##2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(Q(v2)), xv, A##2);                                \
         A##3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(Q(v3)), xv, A##3);                                \
     }
+/* tile t's weight words, scales and zero points (nb blocks, ng groups per row) and its four row totals */
+#define TILE_BEGIN()                                                                                \
+    const uint32_t *wt = w + t * nb * 32;                                                           \
+    const float *st = s + t * ng * 4, *zt = z ? z + t * ng * 4 : NULL;                              \
+    __m256 t0 = _mm256_setzero_ps(), t1 = _mm256_setzero_ps(), t2 = _mm256_setzero_ps(), t3 = _mm256_setzero_ps();
+#define TILE_END() { out[0] = pq_hsum8_ps(t0); out[1] = pq_hsum8_ps(t1); out[2] = pq_hsum8_ps(t2); out[3] = pq_hsum8_ps(t3); }
 #define ZERO_ACC()                                                                                  \
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
 /* 8-bit: two accumulators per row (even / odd positions), eight independent FMA chains (measured
@@ -144,9 +140,7 @@ __attribute__((target("avx2,fma"))) static void tile_q4_avx2(int64_t t, int64_t 
     const __m256i k0 = _mm256_set1_epi32(0xF), k1 = _mm256_set1_epi32(0xF0), k2 = _mm256_set1_epi32(0xF00),
                   k3 = _mm256_set1_epi32(0xF000), k4 = _mm256_set1_epi32(0xF0000), k5 = _mm256_set1_epi32(0xF00000),
                   k6 = _mm256_set1_epi32(0xF000000);
-    const uint32_t *wt = w + t * nb * 32;
-    const float *st = s + t * ng * 4, *zt = z ? z + t * ng * 4 : NULL;
-    __m256 t0 = _mm256_setzero_ps(), t1 = _mm256_setzero_ps(), t2 = _mm256_setzero_ps(), t3 = _mm256_setzero_ps();
+    TILE_BEGIN()
     int64_t h = 0;
     for (int64_t g = 0; g < ng; g++) {
         ZERO_ACC()
@@ -173,7 +167,7 @@ __attribute__((target("avx2,fma"))) static void tile_q4_avx2(int64_t t, int64_t 
         }
         FINISH_GROUP()
     }
-    out[0] = hsum8(t0); out[1] = hsum8(t1); out[2] = hsum8(t2); out[3] = hsum8(t3);
+    TILE_END()
 }
 
 /* One tile of 4 rows, 8-bit codes: blocks of 32 inputs, byte positions 0-3. */
@@ -182,9 +176,7 @@ __attribute__((target("avx2,fma"))) static void tile_q8_avx2(int64_t t, int64_t 
                                                             const float *z, float off, float *out) {
     const int64_t nb = K / 32, ng = K / G, bpg = G / 32;
     const __m256i k0 = _mm256_set1_epi32(0xFF), k1 = _mm256_set1_epi32(0xFF00), k2 = _mm256_set1_epi32(0xFF0000);
-    const uint32_t *wt = w + t * nb * 32;
-    const float *st = s + t * ng * 4, *zt = z ? z + t * ng * 4 : NULL;
-    __m256 t0 = _mm256_setzero_ps(), t1 = _mm256_setzero_ps(), t2 = _mm256_setzero_ps(), t3 = _mm256_setzero_ps();
+    TILE_BEGIN()
     int64_t b = 0;
     for (int64_t g = 0; g < ng; g++) {
         ZERO_ACC2()
@@ -204,83 +196,65 @@ __attribute__((target("avx2,fma"))) static void tile_q8_avx2(int64_t t, int64_t 
         MERGE_ACC()
         FINISH_GROUP()
     }
-    out[0] = hsum8(t0); out[1] = hsum8(t1); out[2] = hsum8(t2); out[3] = hsum8(t3);
-}
-
-__attribute__((target("avx2,fma"))) static void rows_f32_avx2(int64_t n0, int64_t n1, int64_t K, const float *x,
-                                                             const float *w, float *y) {
-    int64_t n = n0;
-    for (; n + 4 <= n1; n += 4) {
-        const float *w0 = w + n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-        int64_t k = 0;
-        for (; k + 8 <= K; k += 8) {
-            const __m256 xv = _mm256_loadu_ps(x + k);
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + k), xv, a0);
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + k), xv, a1);
-            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + k), xv, a2);
-            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + k), xv, a3);
-        }
-        float t0 = hsum8(a0), t1 = hsum8(a1), t2 = hsum8(a2), t3 = hsum8(a3);
-        for (; k < K; k++) {
-            t0 += w0[k] * x[k]; t1 += w1[k] * x[k]; t2 += w2[k] * x[k]; t3 += w3[k] * x[k];
-        }
-        y[n] = t0; y[n + 1] = t1; y[n + 2] = t2; y[n + 3] = t3;
-    }
-    for (; n < n1; n++) {
-        const float *wr = w + n * K;
-        __m256 a = _mm256_setzero_ps();
-        int64_t k = 0;
-        for (; k + 8 <= K; k += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(wr + k), _mm256_loadu_ps(x + k), a);
-        float t = hsum8(a);
-        for (; k < K; k++) t += wr[k] * x[k];
-        y[n] = t;
-    }
+    TILE_END()
 }
 
 __attribute__((target("avx2,fma"))) static inline __m256 bf16x8(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
 
-__attribute__((target("avx2,fma"))) static void rows_bf16_avx2(int64_t n0, int64_t n1, int64_t K, const float *x,
-                                                              const uint16_t *w, float *y) {
+/* Dense weights, float32 or (bf16 != 0) bf16 bits: w[i] .. w[i + 8) and w[i] as floats. bf16 is a constant
+   where these are inlined, so each caller compiles to its own loop without a branch. */
+#define DENSE_FN __attribute__((target("avx2,fma"), always_inline)) static inline
+DENSE_FN __m256 dense8(const void *w, int64_t i, int bf16) {
+    return bf16 ? bf16x8((const uint16_t *)w + i) : _mm256_loadu_ps((const float *)w + i);
+}
+DENSE_FN float dense1(const void *w, int64_t i, int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)w)[i]) : ((const float *)w)[i];
+}
+
+/* y[n] = w[n] . x for rows n0..n1: four rows per pass (they share the activation loads), then one at a time */
+DENSE_FN void rows_dense_avx2(int64_t n0, int64_t n1, int64_t K, const float *x, const void *w, int bf16, float *y) {
     int64_t n = n0;
     for (; n + 4 <= n1; n += 4) {
-        const uint16_t *w0 = w + n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+        const int64_t r0 = n * K, r1 = r0 + K, r2 = r1 + K, r3 = r2 + K;
         __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
         int64_t k = 0;
         for (; k + 8 <= K; k += 8) {
             const __m256 xv = _mm256_loadu_ps(x + k);
-            a0 = _mm256_fmadd_ps(bf16x8(w0 + k), xv, a0);
-            a1 = _mm256_fmadd_ps(bf16x8(w1 + k), xv, a1);
-            a2 = _mm256_fmadd_ps(bf16x8(w2 + k), xv, a2);
-            a3 = _mm256_fmadd_ps(bf16x8(w3 + k), xv, a3);
+            a0 = _mm256_fmadd_ps(dense8(w, r0 + k, bf16), xv, a0);
+            a1 = _mm256_fmadd_ps(dense8(w, r1 + k, bf16), xv, a1);
+            a2 = _mm256_fmadd_ps(dense8(w, r2 + k, bf16), xv, a2);
+            a3 = _mm256_fmadd_ps(dense8(w, r3 + k, bf16), xv, a3);
         }
-        float t[4] = {hsum8(a0), hsum8(a1), hsum8(a2), hsum8(a3)};
+        float t0 = pq_hsum8_ps(a0), t1 = pq_hsum8_ps(a1), t2 = pq_hsum8_ps(a2), t3 = pq_hsum8_ps(a3);
         for (; k < K; k++) {
-            for (int r = 0; r < 4; r++) {
-                uint32_t u = (uint32_t)w[(n + r) * K + k] << 16;
-                float f;
-                memcpy(&f, &u, 4);
-                t[r] += f * x[k];
-            }
+            t0 += dense1(w, r0 + k, bf16) * x[k];
+            t1 += dense1(w, r1 + k, bf16) * x[k];
+            t2 += dense1(w, r2 + k, bf16) * x[k];
+            t3 += dense1(w, r3 + k, bf16) * x[k];
         }
-        for (int r = 0; r < 4; r++) y[n + r] = t[r];
+        y[n] = t0; y[n + 1] = t1; y[n + 2] = t2; y[n + 3] = t3;
     }
     for (; n < n1; n++) {
-        const uint16_t *wr = w + n * K;
+        const int64_t r = n * K;
         __m256 a = _mm256_setzero_ps();
         int64_t k = 0;
-        for (; k + 8 <= K; k += 8) a = _mm256_fmadd_ps(bf16x8(wr + k), _mm256_loadu_ps(x + k), a);
-        float t = hsum8(a);
-        for (; k < K; k++) {
-            uint32_t u = (uint32_t)wr[k] << 16;
-            float f;
-            memcpy(&f, &u, 4);
-            t += f * x[k];
-        }
+        for (; k + 8 <= K; k += 8) a = _mm256_fmadd_ps(dense8(w, r + k, bf16), _mm256_loadu_ps(x + k), a);
+        float t = pq_hsum8_ps(a);
+        for (; k < K; k++) t += dense1(w, r + k, bf16) * x[k];
         y[n] = t;
     }
+}
+
+__attribute__((target("avx2,fma"))) static void rows_f32_avx2(int64_t n0, int64_t n1, int64_t K, const float *x,
+                                                             const float *w, float *y) {
+    rows_dense_avx2(n0, n1, K, x, w, 0, y);
+}
+
+__attribute__((target("avx2,fma"))) static void rows_bf16_avx2(int64_t n0, int64_t n1, int64_t K, const float *x,
+                                                              const uint16_t *w, float *y) {
+    rows_dense_avx2(n0, n1, K, x, w, 1, y);
 }
 #endif
 
@@ -290,13 +264,6 @@ static void rows_f32_portable(int64_t n0, int64_t n1, int64_t K, const float *x,
         for (int64_t k = 0; k < K; k++) t += w[n * K + k] * x[k];
         y[n] = t;
     }
-}
-
-static inline float bf16_to_f32(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
 }
 
 /* round-to-nearest-even to bf16 (as torch casts), returned as a float */
@@ -346,10 +313,7 @@ static void gemv_one(const pq_linear *L, const float *x, float *y, int64_t nthre
         for (int64_t k = 0; k < K; k++) scratch[k] = round_bf16(x[k]);
         xin = scratch;
     }
-    const int64_t ntasks = (N + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
-#pragma omp parallel for schedule(static) num_threads((int)(nthreads > 0 ? nthreads : 1)) if (nthreads > 1)
-    for (int64_t t = 0; t < ntasks; t++) {
-        const int64_t n0 = t * ROWS_PER_TASK, n1 = (n0 + ROWS_PER_TASK < N) ? n0 + ROWS_PER_TASK : N;
+    PQ_FOR_CHUNKS(n0, n1, N, ROWS_PER_TASK, nthreads) {
         if (L->kind == PQ_Q4 || L->kind == PQ_Q8) {
             const float *xp = scratch, *xs = scratch + K;
 #ifdef PQ_X86
@@ -402,7 +366,7 @@ void pq_q_dequant(int64_t bits, int64_t N, int64_t K, int64_t G, const uint32_t 
     const int per = (int)(32 / bits);
     const int64_t blk = 8 * per, ng = K / G, nb = K / blk;
     const uint32_t mask = (1u << bits) - 1u;
-#pragma omp parallel for schedule(static) num_threads((int)(nthreads > 0 ? nthreads : 1)) if (nthreads > 1)
+#pragma omp parallel for schedule(static) num_threads(PQ_THREADS(nthreads)) if (nthreads > 1)
     for (int64_t n = 0; n < N; n++) {
         for (int64_t k = 0; k < K; k++) {
             const int64_t b = k / blk, j = (k % blk) / 8, i = k % 8;
@@ -465,7 +429,7 @@ __attribute__((target("avx2,fma"))) static float dot_avx2(int64_t n, const float
     __m256 acc = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    float t = hsum8(acc);
+    float t = pq_hsum8_ps(acc);
     for (; i < n; i++) t += a[i] * b[i];
     return t;
 }
