@@ -65,6 +65,10 @@ static inline float bf16_to_f32(uint16_t v) {
     return f;
 }
 
+static inline float dense1(const void *w, int64_t i, int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)w)[i]) : ((const float *)w)[i];
+}
+
 static inline uint32_t word_at(const uint32_t *w, int64_t nb, int64_t n, int64_t b, int64_t i) {
     return w[((n / 4) * nb + b) * 32 + (n % 4) * 8 + i];
 }
@@ -100,14 +104,17 @@ static void rows_q_portable(int bits, int64_t n0, int64_t n1, int64_t K, int64_t
 #ifdef PQ_X86
 /* One tile of 4 weight rows (they share the activation loads), 4-bit codes (1- to 3-bit codes are 4-bit
    codes with the high bits clear). Inputs run in half blocks of 32 (nibble positions 0-3 or 4-7), so a
-   group of any multiple of 32 inputs is whole half blocks. */
-#define STEP(j, Q, A)                                                                               \
+   group of any multiple of 32 inputs is whole half blocks. STEP: position j's codes of the four rows,
+   OP(v, M) (AND: masked in place by M; SRL: the top field shifted down by M), times x into A0..A3. */
+#define AND _mm256_and_si256
+#define SRL _mm256_srli_epi32
+#define STEP(j, OP, M, A)                                                                           \
     {                                                                                               \
         const __m256 xv = _mm256_loadu_ps(xb + 8 * (j));                                            \
-        A##0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(Q(v0)), xv, A##0);                                \
-        A##1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(Q(v1)), xv, A##1);                                \
-        A##2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(Q(v2)), xv, A##2);                                \
-        A##3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(Q(v3)), xv, A##3);                                \
+        A##0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(OP(v0, M)), xv, A##0);                            \
+        A##1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(OP(v1, M)), xv, A##1);                            \
+        A##2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(OP(v2, M)), xv, A##2);                            \
+        A##3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(OP(v3, M)), xv, A##3);                            \
     }
 /* tile t's weight words, scales and zero points (nb blocks, ng groups per row) and its four row totals */
 #define TILE_BEGIN()                                                                                \
@@ -152,17 +159,9 @@ __attribute__((target("avx2,fma"))) static void tile_q4_avx2(int64_t t, int64_t 
             const __m256i v0 = _mm256_loadu_si256((const __m256i *)p), v1 = _mm256_loadu_si256((const __m256i *)(p + 8)),
                           v2 = _mm256_loadu_si256((const __m256i *)(p + 16)), v3 = _mm256_loadu_si256((const __m256i *)(p + 24));
             if (!(h & 1)) {
-#define Q0(v) _mm256_and_si256(v, k0)
-#define Q1(v) _mm256_and_si256(v, k1)
-#define Q2(v) _mm256_and_si256(v, k2)
-#define Q3(v) _mm256_and_si256(v, k3)
-                STEP(0, Q0, a) STEP(1, Q1, a) STEP(2, Q2, a) STEP(3, Q3, a)
+                STEP(0, AND, k0, a) STEP(1, AND, k1, a) STEP(2, AND, k2, a) STEP(3, AND, k3, a)
             } else {
-#define Q4(v) _mm256_and_si256(v, k4)
-#define Q5(v) _mm256_and_si256(v, k5)
-#define Q6(v) _mm256_and_si256(v, k6)
-#define Q7(v) _mm256_srli_epi32(v, 28)
-                STEP(4, Q4, a) STEP(5, Q5, a) STEP(6, Q6, a) STEP(7, Q7, a)
+                STEP(4, AND, k4, a) STEP(5, AND, k5, a) STEP(6, AND, k6, a) STEP(7, SRL, 28, a)
             }
         }
         FINISH_GROUP()
@@ -187,11 +186,7 @@ __attribute__((target("avx2,fma"))) static void tile_q8_avx2(int64_t t, int64_t 
             _mm_prefetch((const char *)(p + 272), _MM_HINT_T0);
             const __m256i v0 = _mm256_loadu_si256((const __m256i *)p), v1 = _mm256_loadu_si256((const __m256i *)(p + 8)),
                           v2 = _mm256_loadu_si256((const __m256i *)(p + 16)), v3 = _mm256_loadu_si256((const __m256i *)(p + 24));
-#define B0(v) _mm256_and_si256(v, k0)
-#define B1(v) _mm256_and_si256(v, k1)
-#define B2(v) _mm256_and_si256(v, k2)
-#define B3(v) _mm256_srli_epi32(v, 24)
-            STEP(0, B0, a) STEP(1, B1, c) STEP(2, B2, a) STEP(3, B3, c)
+            STEP(0, AND, k0, a) STEP(1, AND, k1, c) STEP(2, AND, k2, a) STEP(3, SRL, 24, c)
         }
         MERGE_ACC()
         FINISH_GROUP()
@@ -203,14 +198,11 @@ __attribute__((target("avx2,fma"))) static inline __m256 bf16x8(const uint16_t *
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
 
-/* Dense weights, float32 or (bf16 != 0) bf16 bits: w[i] .. w[i + 8) and w[i] as floats. bf16 is a constant
-   where these are inlined, so each caller compiles to its own loop without a branch. */
+/* Dense weights, float32 or (bf16 != 0) bf16 bits: w[i] .. w[i + 8) as floats (dense1: w[i]). bf16 is a
+   constant where these are inlined, so each caller compiles to its own loop without a branch. */
 #define DENSE_FN __attribute__((target("avx2,fma"), always_inline)) static inline
 DENSE_FN __m256 dense8(const void *w, int64_t i, int bf16) {
     return bf16 ? bf16x8((const uint16_t *)w + i) : _mm256_loadu_ps((const float *)w + i);
-}
-DENSE_FN float dense1(const void *w, int64_t i, int bf16) {
-    return bf16 ? bf16_to_f32(((const uint16_t *)w)[i]) : ((const float *)w)[i];
 }
 
 /* y[n] = w[n] . x for rows n0..n1: four rows per pass (they share the activation loads), then one at a time */
@@ -258,10 +250,11 @@ __attribute__((target("avx2,fma"))) static void rows_bf16_avx2(int64_t n0, int64
 }
 #endif
 
-static void rows_f32_portable(int64_t n0, int64_t n1, int64_t K, const float *x, const float *w, float *y) {
+/* dense float32 or (bf16) bf16 weights */
+static void rows_dense_portable(int64_t n0, int64_t n1, int64_t K, const float *x, const void *w, int bf16, float *y) {
     for (int64_t n = n0; n < n1; n++) {
         float t = 0.f;
-        for (int64_t k = 0; k < K; k++) t += w[n * K + k] * x[k];
+        for (int64_t k = 0; k < K; k++) t += dense1(w, n * K + k, bf16) * x[k];
         y[n] = t;
     }
 }
@@ -278,14 +271,6 @@ static inline float round_bf16(float f) {
     }
     memcpy(&f, &u, 4);
     return f;
-}
-
-static void rows_bf16_portable(int64_t n0, int64_t n1, int64_t K, const float *x, const uint16_t *w, float *y) {
-    for (int64_t n = n0; n < n1; n++) {
-        float t = 0.f;
-        for (int64_t k = 0; k < K; k++) t += bf16_to_f32(w[n * K + k]) * x[k];
-        y[n] = t;
-    }
 }
 
 /* ---- the linear descriptor and one matrix-vector product -------------------------------- */
@@ -328,16 +313,13 @@ static void gemv_one(const pq_linear *L, const float *x, float *y, int64_t nthre
             }
 #endif
             rows_q_portable(bits, n0, n1, K, L->g, xp, xs, L->w, L->s, L->z, L->off, y);
-        } else if (L->kind == PQ_F32) {
+        } else {
+            const int bf16 = L->kind == PQ_BF16;
 #ifdef PQ_X86
+            if (simd == 2 && bf16) { rows_bf16_avx2(n0, n1, K, xin, L->w, y); continue; }
             if (simd == 2) { rows_f32_avx2(n0, n1, K, xin, L->w, y); continue; }
 #endif
-            rows_f32_portable(n0, n1, K, xin, L->w, y);
-        } else {
-#ifdef PQ_X86
-            if (simd == 2) { rows_bf16_avx2(n0, n1, K, xin, L->w, y); continue; }
-#endif
-            rows_bf16_portable(n0, n1, K, xin, L->w, y);
+            rows_dense_portable(n0, n1, K, xin, L->w, bf16, y);
         }
     }
     if (L->kind == PQ_BF16 && L->bf16_io) {
