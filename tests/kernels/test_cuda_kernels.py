@@ -117,3 +117,38 @@ def test_fp8_cuda_kernels_match_cpu_emulation(m, n, k, block, recipe, kernel):
     layer.set_kernel(kernel)
     y = layer(x.to(CUDA).bfloat16()).float().cpu()
     assert float((y - ref).abs().max() / ref.abs().max()) < 1e-2
+
+
+@pytest.mark.parametrize("recipe,group,static", [("ct", None, False), ("fbgemm", None, False), ("deepseek", 128, False),
+                                                 ("ct", 64, False), ("ct", None, True)])
+@pytest.mark.parametrize("n,k,block", [(4096, 4096, (128, 128)), (11008, 4096, (1, 4096)), (4096, 11008, (128, 128))])
+def test_fp8_gemv_compiled_applies_the_rule_exactly(recipe, group, static, n, k, block):
+    """The one-row fp8 kernel quantizes the activation inside (hardware e4m3 cast): its sums equal
+    the rule's codes times the weight in float64 to fp32 rounding (one code off would show)."""
+    import math
+
+    from polyquant.activations.fp8 import Fp8ActQuant, fp8_saturate
+    from polyquant.kernels.triton_gemv import fp8_gemv
+    g = torch.Generator().manual_seed(n + k)
+    bn, bk = block
+    ws = torch.rand(math.ceil(n / bn), math.ceil(k / bk), generator=g) * 0.01 + 0.001
+    full = ws.repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
+    wq = fp8_saturate(torch.randn(n, k, generator=g) / full)
+    act = Fp8ActQuant(recipe, group, scale_ub=30.0 if recipe == "fbgemm" else None, scale=0.02 if static else None)
+    x = (torch.randn(1, k, generator=g) * 3).bfloat16()
+    ref = act.fake_quant(x).double() @ (wq.double() * full.double()).T
+    y = fp8_gemv(x.to(CUDA), act.to(CUDA), wq.to(CUDA), ws.to(CUDA), block, torch.float32).cpu()
+    assert float((y.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("bits,sym,act_order", [(4, True, False), (4, False, True), (8, True, False), (2, False, False)])
+def test_int_gemv_compiled_matches_float64(bits, sym, act_order):
+    from polyquant.kernels.triton_gemv import int_gemv
+    from polyquant.kernels.triton_w4a16 import prepare_w4a16
+    n, k = 11008, 4096
+    qw = _int_weight(n, k, bits, 128, sym, act_order, seed=bits)
+    buf = {kk: v.to(CUDA) for kk, v in prepare_w4a16(qw).items()}
+    x = torch.randn(1, k)
+    y = int_gemv(x.to(CUDA), buf, bits, 128, qw.qt.code_offset, n, k).cpu()
+    ref = x.double() @ qw.dequantize(torch.float64).T
+    assert float((y.double() - ref).abs().max() / ref.abs().max()) < 1e-5

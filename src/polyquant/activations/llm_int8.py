@@ -21,6 +21,7 @@ class LLMInt8Activation(ActivationQuantizer):
     """
 
     kind = "llm-int8"
+    graph_safe = False  # the outlier columns come from the data (nonzero): not capturable in a CUDA graph
 
     def __init__(self, threshold: float = 6.0, quant_dtype: str = "float16") -> None:
         super().__init__()

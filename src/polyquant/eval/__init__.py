@@ -132,8 +132,10 @@ def evaluate(model: nn.Module, tokenizer=None, *, text: str | os.PathLike | None
         holdout: leave the last 10% of the text's tokens (the calibration slice) out; default:
             yes for the default text, no for a user's text.
         show_progress: progress bar over windows.
-        runtime: decode runtime, ``plain`` (the model's own forward) or ``fast``
-            (:class:`polyquant.nn.decode.FastDecoder`: same tokens, less per-token overhead).
+        runtime: decode runtime, ``plain`` (the model's own forward), ``fast``
+            (:class:`polyquant.nn.decode.FastDecoder`: same tokens, less per-token overhead) or
+            ``graph`` (:class:`polyquant.nn.graph_decode.GraphDecoder`: one CUDA graph launch per
+            token on a GPU).
 
     Returns keys (None where they do not apply): ``model method bits group_size format kernel
     kernels dtype`` (what was measured), ``ppl nll kl top1`` (accuracy), ``windows``, ``tokens``

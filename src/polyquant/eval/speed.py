@@ -104,7 +104,7 @@ def greedy_decode(model: nn.Module, prompt: torch.Tensor, n: int) -> tuple[torch
     return torch.cat(new, dim=1).reshape(-1).cpu(), seconds
 
 
-RUNTIMES = ("plain", "fast")
+RUNTIMES = ("plain", "fast", "graph")
 
 
 def decode_tok_s(model: nn.Module, prompt: torch.Tensor, n: int = 64, runs: int = 3, budget_s: float = 9.0,
@@ -113,7 +113,9 @@ def decode_tok_s(model: nn.Module, prompt: torch.Tensor, n: int = 64, runs: int 
 
     ``runtime="fast"`` decodes with :class:`polyquant.nn.decode.FastDecoder` (static KV cache, fused
     projections; same tokens); a model it cannot run is measured on its own forward and the reason
-    is recorded as ``decode_runtime_fallback``."""
+    is recorded as ``decode_runtime_fallback``. ``runtime="graph"``:
+    :class:`polyquant.nn.graph_decode.GraphDecoder` (the one-token step as one CUDA graph launch on a
+    GPU; the same static step eagerly elsewhere, the reason in ``decode_runtime_fallbacks``)."""
     if n < 1:
         raise ValueError(f"decode_tokens must be >= 1, got {n}")
     if runtime not in RUNTIMES:
@@ -130,7 +132,18 @@ def decode_tok_s(model: nn.Module, prompt: torch.Tensor, n: int = 64, runs: int 
             extra = {"decode_runtime": "fast", "decode_runtime_fallbacks": list(dec.fallbacks)}
         else:
             extra["decode_runtime_fallback"] = reason
-    run(min(n, warmup_tokens))  # warm-up
+    elif runtime == "graph":
+        from polyquant.nn.decode import fast_decode_reason
+        from polyquant.nn.graph_decode import GraphDecoder, graph_greedy_decode
+        max_len = int(prompt.numel()) + n + 1
+        reason = fast_decode_reason(model, max_len)
+        if reason is None:
+            gdec = GraphDecoder(model, max_len=max_len)
+            run = lambda k: graph_greedy_decode(gdec, prompt, k)  # noqa: E731
+            extra = {"decode_runtime": "graph", "decode_runtime_fallbacks": list(gdec.fallbacks)}
+        else:
+            extra["decode_runtime_fallback"] = reason
+    run(min(n, warmup_tokens))  # warm-up (the graph runtime captures its step here)
     times: list[float] = []
     while len(times) < runs:
         times.append(run(n)[1])

@@ -44,6 +44,11 @@ class Kernel:
 
     # Layout families this kernel runs (``QuantizedWeight.layout``: scalar, ternary, vector) and
     # whether it adds sparse outliers itself; ``select_kernel`` refuses the rest before ``supports``.
+    # Whether a forward can be recorded in a CUDA graph (no host synchronisation, no shapes or
+    # launches that depend on the data); ``graph_unsafe_reason`` says why not.
+    graph_safe: bool = True
+    graph_unsafe_reason: str = ""
+
     layout_kinds: tuple[str, ...] = ("scalar", "ternary")
     sparse_outliers: bool = False
 

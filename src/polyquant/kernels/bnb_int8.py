@@ -49,6 +49,8 @@ class LLMInt8Kernel(Kernel):
     devices = ("cpu", "cuda")
     priority = 30
     layouts = "bitsandbytes int8 (row-wise absmax, SCB): int8 x int8 matmul + float outlier columns"
+    graph_safe = False
+    graph_unsafe_reason = "its outlier columns are found from the activations on the host (nonzero)"
 
     def supports(self, qw, device):
         if r := self._device_reason(device):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from polyquant.activations.fp8 import E4M3, FP8_MAX, RECIPES, Fp8ActQuant, fp8_saturate, is_fp8_act
 from polyquant.kernels.base import Kernel, register_kernel
+from polyquant.kernels.triton_util import triton_available
 
 __all__ = ["FP8_MAX", "fp8_saturate", "Fp8ActQuant", "RECIPES", "Fp8EmulatedKernel", "Fp8ScaledMMKernel",
            "fp8_scaled_mm", "is_fp8_act"]
@@ -135,8 +136,13 @@ class Fp8ScaledMMKernel(Kernel):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         act = module.act_quant
-        if getattr(act, "kind", None) == Fp8ActQuant.kind and (act.static or act.group_size is None
-                                             or act.group_size >= x2.shape[-1]):
+        per_token = getattr(act, "kind", None) == Fp8ActQuant.kind and (
+            act.static or act.group_size is None or act.group_size >= x2.shape[-1])
+        if per_token and x2.shape[0] == 1 and x2.is_cuda and triton_available():  # decode: the rule fused into one kernel
+            from polyquant.kernels.triton_gemv import fp8_gemv
+            m = module._meta
+            y = fp8_gemv(x2, act, module.qw_data, module.qw_scale, m["block"], torch.bfloat16)
+        elif per_token:
             xq, xs = act.quantize(x2)
             y = fp8_scaled_mm(xq, xs, module.qw_data, module.kbuf("ws"))
         else:  # no fp8 x fp8 product for this activation rule: dequantize per call

@@ -11,7 +11,9 @@ group)::
     acc[m, n] += dot(xq[m, tile], wq[n, tile]) * xs[m, k0 // xg] * ws[n // bn, k0 // bk]
 
 in fp32, then stores ``acc`` in the output dtype. The activation codes come from the layer's
-:class:`polyquant.kernels.fp8.Fp8ActQuant` (the same definition the CPU emulation uses).
+:class:`polyquant.kernels.fp8.Fp8ActQuant` (the same definition the CPU emulation uses). One row
+(batch-1 decode) runs :func:`polyquant.kernels.triton_gemv.fp8_gemv` instead: the activation rule is
+applied inside the matrix-vector kernel (no separate quantization ops).
 
 ``triton`` is imported lazily and the kernel is JIT-wrapped on first use; CPU tensors run in
 Triton's interpreter (tests: ``TRITON_INTERPRET=1``). Registered for ``cuda`` only (cc >= 8.9: fp8
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from polyquant.kernels.base import Kernel, register_kernel
+from polyquant.kernels.triton_gemv import fp8_gemv, fp8_gemv_reason
 from polyquant.kernels.triton_util import import_triton, jit_kernel, triton_available, triton_reason
 from polyquant.activations.fp8 import Fp8ActQuant
 
@@ -152,9 +155,11 @@ class TritonFp8BlockKernel(Kernel):
         fits = getattr(act, "kind", None) == Fp8ActQuant.kind and (
             act.static or act.group_size is None or act.group_size >= K
             or tile_k(K, m["block"][1], act.group_size) is not None)
-        if fits:
+        odt = x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+        if x2.shape[0] == 1 and fp8_gemv_reason(act, K, m["block"]) is None:  # decode: the rule fused
+            y = fp8_gemv(x2, act, module.qw_data, module.qw_scale, m["block"], odt)
+        elif fits:
             xq, xs = act.quantize(x2)
-            odt = x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
             y = fp8_block_matmul(xq, xs, module.qw_data, module.qw_scale, m["block"],
                                  None if act.static else act.group_size, odt)
         else:  # weight-only or another activation rule: dequantize per call

@@ -13,7 +13,8 @@ Layout prepared once per layer (``prepare``):
   ``g_idx`` whose groups are not runs of ``group_size`` is read by a per-row gather of scales.
 
 The kernel computes ``y[m, n] = sum_k x[m, k] * ((q[k, n] - z[g(k), n]) * s[g(k), n])`` with an
-fp32 accumulator: decode shapes (M <= 16) use 16-row tiles and split K across programs to fill
+fp32 accumulator: one row (batch-1 decode) runs the matrix-vector kernel of
+:mod:`polyquant.kernels.triton_gemv` (CUDA cores, K split across programs); other decode shapes (M <= 16) use 16-row tiles and split K across programs to fill
 the GPU (partial sums reduced in fp32). Prefill shapes (M >= ``DEQUANT_MIN_M``, fp16/bf16) take
 ExLlama's route instead: one Triton pass dequantizes the layer to a dense ``[K, N]`` tile, and
 cuBLAS multiplies (act-order: the input's columns are gathered by ``perm``).
@@ -29,6 +30,7 @@ import math
 import torch
 
 from polyquant.kernels.base import Kernel, register_kernel
+from polyquant.kernels.triton_gemv import int_gemv, int_gemv_reason
 from polyquant.kernels.triton_util import import_triton, jit_kernel, triton_available, triton_reason
 from polyquant.qtypes import get_qtype
 from polyquant.tensor.packing import pack
@@ -216,10 +218,13 @@ def _config(M: int, N: int, K: int, group_size: int, n_groups: int, device: torc
 def w4a16_matmul(x: torch.Tensor, buf: dict[str, torch.Tensor], bits: int, group_size: int, offset: int,
                  N: int, K: int, *, block_m: int | None = None, block_n: int | None = None,
                  block_k: int | None = None, split_k: int | None = None, num_warps: int | None = None,
-                 num_stages: int | None = None, dequant_min_m: int | None = None) -> torch.Tensor:
+                 num_stages: int | None = None, dequant_min_m: int | None = None,
+                 gemv: bool | None = None) -> torch.Tensor:
     """``x [M, K] @ W.T`` for the prepared buffers ``buf`` (see :func:`prepare_w4a16`); returns
     ``[M, N]`` in ``x.dtype``. From ``dequant_min_m`` rows (default :data:`DEQUANT_MIN_M`) the
     weight is dequantized once and multiplied by ``torch.matmul``; below, the fused kernel runs.
+    One row (``M == 1``, batch-1 decode) runs :func:`polyquant.kernels.triton_gemv.int_gemv` where it
+    takes the layout (``gemv=False``: the fused matmul kernel anyway).
     CPU tensors run in Triton's interpreter (slow; tests only)."""
     if bits not in _BITS:
         raise ValueError(f"triton-w4a16 handles {_BITS}-bit codes, not {bits}")
@@ -233,6 +238,8 @@ def w4a16_matmul(x: torch.Tensor, buf: dict[str, torch.Tensor], bits: int, group
         perm = buf.get("perm")
         xs = x if perm is None else x.index_select(1, perm)
         return torch.matmul(xs, wt)
+    if M == 1 and gemv is not False and int_gemv_reason(buf, bits, group_size, K) is None:
+        return int_gemv(x, buf, bits, group_size, offset, N, K)
     interpret = x.device.type != "cuda"
     scales = buf["scales"]
     n_groups = scales.shape[0]

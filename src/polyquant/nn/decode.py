@@ -121,6 +121,17 @@ def _native_module(m: nn.Module) -> nn.Module:
     return m
 
 
+def _act_key(act) -> Any:
+    """What makes two activation rules compute the same thing on the same input (siblings share
+    their input, so equal rules let their weights run as one matmul): the rule and any static scale."""
+    if act is None:
+        return None
+    scale = getattr(act, "scale", None)
+    return (type(act).__name__, repr(getattr(act, "rule", None)),
+            tuple(scale.detach().reshape(-1).tolist()) if isinstance(scale, torch.Tensor) else id(act)
+            if getattr(act, "rule", None) is None else None)
+
+
 class _Proj:
     """One matmul over the concatenation of sibling projections (or each member alone)."""
 
@@ -141,7 +152,7 @@ class _Proj:
             self.fused = lin.requires_grad_(False)
         elif all(isinstance(m, QuantLinear) for m in members):
             qw = concat_weights([m.quantized_weight for m in members])
-            same = len({(m._kernel_request, m.method, id(m.act_quant) if m.act_quant else None) for m in members}) == 1
+            same = len({(m._kernel_request, m.method, _act_key(m.act_quant)) for m in members}) == 1
             has_bias = [m.bias is not None for m in members]
             if qw is not None and same and len(set(has_bias)) == 1:
                 bias = torch.cat([m.bias.detach() for m in members]) if has_bias[0] else None

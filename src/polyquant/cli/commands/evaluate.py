@@ -26,9 +26,10 @@ _EVAL_ARGS = [
     arg("--head-dtype", choices=("float32", "bfloat16"),
         help="compute the float lm_head in this dtype (bfloat16 is a lossy float cast, not quantization: "
              "faster decode, check the perplexity); recorded under 'runtime'"),
-    arg("--runtime", choices=("plain", "fast", "llama.cpp"), default="plain",
+    arg("--runtime", choices=("plain", "fast", "graph", "llama.cpp"), default="plain",
         help="decode runtime: 'plain' (the model's own forward) or 'fast' (static KV cache, fused projections, "
              "the same greedy tokens; Llama-family decoders, others fall back with the reason recorded); "
+             "'graph' (on a GPU each token is one CUDA graph launch of that step; eagerly elsewhere); "
              "'llama.cpp' scores and times a .gguf with llama.cpp's own binaries ($LLAMA_CPP_BIN or PATH)"),
     arg("-q", "--quiet", action="store_true", help="no progress bars"),
     arg("--json", action="store_true", help="print one JSON object"),
