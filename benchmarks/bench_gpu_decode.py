@@ -114,8 +114,9 @@ def sweep(args) -> dict:
     shape = SHAPES[args.model]
     gs = shape["group_size"]
     g = torch.Generator().manual_seed(0)
-    int_grid = list(itertools.product((32, 64, 128), (128, 256, 512), (2, 4, 8), (4, 8)))
-    fp8_grid = list(itertools.product((16, 32, 64, 128), (2, 4, 8), (4,)))
+    int_grid = [c for c in itertools.product((32, 64, 128), (256, 512, 1024, 2048), (4, 8, 16, 32), (4, 8))
+                if c[0] * c[1] <= 65536]
+    fp8_grid = list(itertools.product((16, 32, 64, 128), (4, 8, 16, 32), (4,)))
     if DEV != "cuda":
         int_grid, fp8_grid = int_grid[:2], fp8_grid[:2]
     int_times: dict = {c: [] for c in int_grid}
@@ -293,6 +294,29 @@ def _graph_check(model, vocab: int) -> dict:
             "graph_fallbacks": dec.fallbacks[:4]}
 
 
+def _profile(model, vocab: int, steps: int = 5) -> dict:
+    """CUDA kernel time of the decode step (eager, profiler): total per token and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from polyquant.nn.graph_decode import GraphDecoder
+    dec = GraphDecoder(model, max_len=80, graph=False)
+    p = torch.randint(0, vocab, (32,), generator=torch.Generator().manual_seed(4))
+    tok = dec(p).argmax(-1, keepdim=True)
+    dec.generate(tok, 3)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        dec.generate(tok, steps)
+        torch.cuda.synchronize()
+    ev = prof.key_averages()
+    t = lambda e: getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)  # noqa: E731
+    kern = [e for e in ev if t(e) > 0 and e.count > 0]
+    total = sum(t(e) for e in kern)
+    top = sorted(kern, key=lambda e: -t(e))[:8]
+    return {"kernel_us_per_token": round(total / steps, 1), "kernels_per_token": round(sum(e.count for e in kern) / steps, 1),
+            "top": [[e.key[:60], round(t(e) / steps, 1), round(e.count / steps, 1)] for e in top],
+            "fused_ops": dec.fused_ops_reason is None}
+
+
 def decode(args) -> dict:
     import polyquant
     from polyquant.nn import kernel_summary, set_kernels
@@ -338,7 +362,7 @@ def decode(args) -> dict:
                 row["kv_bytes_graph_step"] = kv_graph
                 bound = bw / (wb + kv_graph)
                 row["bound_tok_s"] = round(bound, 1)
-                plain_rows = set(args.plain_rows.split(",")) if args.plain_rows else None
+                plain_rows = None if args.plain_rows == "all" else set(args.plain_rows.split(","))
                 for rt in ("plain", "graph"):
                     if rt == "plain" and plain_rows is not None and label not in plain_rows and cfg is not None:
                         continue
@@ -358,6 +382,11 @@ def decode(args) -> dict:
                 if "plain_tok_s" in row:
                     row["graph_vs_plain"] = round(row["graph_tok_s"] / row["plain_tok_s"], 3)
                 row.update(_graph_check(q, vocab))
+                if label in ("bf16", "w4-g128-sym", "fp8-block-128"):
+                    try:
+                        row["profile"] = _profile(q, vocab)
+                    except Exception as e:  # noqa: BLE001
+                        row["profile"] = f"{type(e).__name__}: {e}"[:300]
             except Exception as e:  # noqa: BLE001 - a failed row is reported, the rest run
                 import traceback
                 row["error"] = f"{type(e).__name__}: {e}"[:600]
@@ -383,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=128, help="graph decode tokens per run")
     p.add_argument("--plain-tokens", type=int, default=48, help="plain decode tokens per run")
     p.add_argument("--plain-rows", default="w4-g128-sym,fp8-block-128,w4-g64-sym",
-                   help="decode: settings also timed with the model's own forward (bf16 always; '' for all)")
+                   help="decode: settings also timed with the model's own forward (bf16 always; 'all', 'none')")
     p.add_argument("--out")
     p.add_argument("--smoke", action="store_true", help="decode part on the CPU (code paths only)")
     args = p.parse_args(argv)

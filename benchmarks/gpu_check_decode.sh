@@ -15,7 +15,7 @@ rc=0
   $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'cc', torch.cuda.get_device_capability())"
 } 2>&1 | tee "$OUT/env.txt"
 echo "== 1. compiled kernels + captured graph (pytest)"
-timeout ${T_TEST:-120} $PY -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_cuda_kernels.py tests/nn/test_graph_decode.py \
+timeout ${T_TEST:-120} $PY -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_cuda_kernels.py tests/nn/test_graph_decode.py ${TEST_K:+-k "$TEST_K"} \
   > "$OUT/pytest.log" 2>&1 || rc=1
 tail -25 "$OUT/pytest.log"
 echo "== 2. one-row kernel sweep (llama-7b layer shapes)"
@@ -23,7 +23,7 @@ timeout ${T_SWEEP:-100} $PY benchmarks/bench_gpu_decode.py sweep --model llama-7
   > "$OUT/sweep.jsonl" 2> "$OUT/sweep.err" || { rc=1; tail -5 "$OUT/sweep.err"; }
 cut -c1-400 "$OUT/sweep.jsonl"
 echo "== 3. whole-model decode"
-timeout ${T_DECODE:-230} $PY benchmarks/bench_gpu_decode.py decode --models ${MODELS:-llama-7b} --apply "$OUT/sweep.json" \
+timeout ${T_DECODE:-230} $PY benchmarks/bench_gpu_decode.py decode --models ${MODELS:-llama-7b} --apply "$OUT/sweep.json" ${DECODE_ARGS:-} \
   --out "$OUT/decode.json" > "$OUT/decode.jsonl" 2> "$OUT/decode.err" || { rc=1; tail -5 "$OUT/decode.err"; }
 cut -c1-700 "$OUT/decode.jsonl"
 exit $rc

@@ -102,11 +102,11 @@ def _cuda_rows():
 @cuda
 @pytest.mark.parametrize("row", range(6))
 def test_captured_graph_gives_the_eager_tokens_on_cuda(row):
-    model = tiny_llama(hidden=256, layers=2, vocab=512)
-    if row < 5:
+    model = tiny_llama(hidden=256, layers=2, vocab=512).to(torch.bfloat16)  # before quantizing: a dtype
+    if row < 5:  # cast afterwards would turn float8 weights into bf16 ones
         label, cfg = _cuda_rows()[row]
         model = polyquant.quantize(model, cfg, show_progress=False)
-    model = model.to("cuda").to(torch.bfloat16)
+    model = model.to("cuda")
     set_kernels(model)
     p = _prompt(vocab=512)
     eager = GraphDecoder(model, max_len=96, graph=False)
@@ -117,3 +117,49 @@ def test_captured_graph_gives_the_eager_tokens_on_cuda(row):
     assert torch.equal(got, want)
     again, _ = graph_greedy_decode(dec, p, 64)  # replays the same graph from a reset
     assert torch.equal(again, want)
+
+
+@pytest.mark.parametrize("quant", [None, dict(bits=4, group_size=32)])
+def test_fused_ops_step_matches_the_model(monkeypatch, quant):
+    """The fused small ops (Triton's interpreter on a CPU) inside the static step: the same greedy
+    tokens as the model's own forward and each step's logits within float32 rounding."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    model = tiny_llama(layers=2)
+    if quant is not None:
+        model = polyquant.quantize(model, polyquant.RTNConfig(**quant), show_progress=False)
+        set_kernels(model, "reference")
+    p = _prompt()
+    dec = GraphDecoder(model, max_len=64, fused_ops=True)
+    assert dec.fused_ops_reason is None and dec.info["fused_ops"]
+    fast, _ = graph_greedy_decode(dec, p, 24)
+    plain, _ = greedy_decode(model, p, 24)
+    assert torch.equal(fast, plain)
+    dec.reset()
+    dec(p)
+    seq = torch.cat([p, plain])
+    with torch.no_grad():
+        full = model(seq[None]).logits[0]
+    for i, tok in enumerate(plain[:8]):
+        step = dec(tok[None])
+        want = full[len(p) + i]
+        assert float((step - want).abs().max() / want.abs().max()) < 1e-5
+
+
+def test_fused_ops_refusals(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    dec = GraphDecoder(tiny_llama(layers=1), max_len=32)
+    assert "CUDA" in dec.fused_ops_reason
+    with pytest.raises(ValueError, match="fused_ops=True"):
+        GraphDecoder(tiny_llama(layers=1), max_len=32, fused_ops=True)
+
+
+@cuda
+def test_fused_ops_on_cuda_match_the_model_in_float32():
+    model = tiny_llama(hidden=256, layers=2, vocab=512).to("cuda")
+    p = _prompt(vocab=512)
+    dec = GraphDecoder(model, max_len=96)
+    assert dec.fused_ops_reason is None
+    got, _ = graph_greedy_decode(dec, p, 64)
+    plain, _ = greedy_decode(model, p.to("cuda"), 64)
+    assert dec.captured and torch.equal(got, plain.cpu())

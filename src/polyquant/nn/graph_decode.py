@@ -71,9 +71,14 @@ class GraphDecoder(FastDecoder):
             each step, so size it to the need.
         graph: capture the step (default: where the model is on CUDA); False: the same static step
             eagerly.
+        fused_ops: run the norms, residual adds, rope + KV cache write and SiLU * up as the fused
+            Triton kernels of :mod:`polyquant.kernels.triton_decode_ops` (default: where they can run:
+            CUDA, fused q/k/v and gate/up in every layer, SiLU, a power-of-two head size); the reason
+            they do not is :attr:`fused_ops_reason`.
     """
 
-    def __init__(self, model: nn.Module, max_len: int = 2048, graph: bool | None = None) -> None:
+    def __init__(self, model: nn.Module, max_len: int = 2048, graph: bool | None = None,
+                 fused_ops: bool | None = None) -> None:
         super().__init__(model, max_len, native=False)
         self.fallbacks = [f for f in self.fallbacks if not f.startswith("every layer: Python step")]
         dev = self.device
@@ -83,6 +88,7 @@ class GraphDecoder(FastDecoder):
         self._positions = torch.arange(self.max_len, device=dev)
         self._graph: Any = None
         self._out: torch.Tensor | None = None
+        self.fused_ops_reason = self._fused_ops_reason(fused_ops)
         want = dev.type == "cuda" if graph is None else bool(graph)
         self.graph_reason = capture_reason(self) if want else "graph=False"
         if want and self.graph_reason is not None:
@@ -92,10 +98,33 @@ class GraphDecoder(FastDecoder):
     @property
     def info(self) -> dict[str, Any]:
         return {**super().info, "runtime": "graph", "graph": self.graph_reason is None,
-                "graph_reason": self.graph_reason, "captured": self.captured}
+                "graph_reason": self.graph_reason, "captured": self.captured,
+                "fused_ops": self.fused_ops_reason is None, "fused_ops_reason": self.fused_ops_reason}
+
+    def _fused_ops_reason(self, fused_ops: bool | None) -> str | None:
+        from polyquant.kernels.triton_decode_ops import decode_ops_reason
+        if fused_ops is False:
+            return "fused_ops=False"
+        why = decode_ops_reason(self.device)
+        if why is None and self.act is not F.silu:
+            why = "the activation is not SiLU"
+        if why is None and (self.head_dim & (self.head_dim - 1) or self.head_dim < 2):
+            why = f"head size {self.head_dim} is not a power of two"
+        if why is None:
+            for i, L in enumerate(self.layers):
+                if L["qkv"].fused is None or L["gu"].fused is None:
+                    why = f"layer {i}: q/k/v or gate/up are not one fused matmul"
+                    break
+        if why is None:
+            why = None if self.cos.is_contiguous() and self.cos.dim() == 2 else "rope tables are not [max_len, hd]"
+        if fused_ops and why is not None:
+            raise ValueError(f"fused_ops=True but {why}")
+        return why
 
     # -- the static step (fixed shapes; position and token are device tensors) -------------------
     def _static_step(self) -> torch.Tensor:
+        if self.fused_ops_reason is None:
+            return self._fused_step()
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
         p = self._pos
         x = self.embed(self._tok).to(self.dtype)  # [1, hidden]
@@ -117,12 +146,40 @@ class GraphDecoder(FastDecoder):
             h = F.rms_norm(x, (x.shape[-1],), w, eps)
             g, u = L["gu"](h)
             x = x + L["down"](self.act(g) * u)
-        logits = self._head(x)
+        return self._advance(self._head(x))
+
+    def _advance(self, logits: torch.Tensor) -> torch.Tensor:
+        p = self._pos
         nxt = logits.argmax(-1, keepdim=True)
         self._hist.index_copy_(0, p + 1, nxt)  # the token this step predicts, at the next position
         self._tok.copy_(nxt)
         self._pos.add_(1)
         return logits
+
+    def _fused_step(self) -> torch.Tensor:
+        """The static step with the small ops fused (:mod:`polyquant.kernels.triton_decode_ops`)."""
+        from polyquant.kernels.triton_decode_ops import add_rms_norm, rope_kv_write, silu_mul
+        nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
+        p = self._pos
+        x = self.embed(self._tok).to(self.dtype).contiguous()  # [1, hidden]: the residual stream
+        mask = (self._positions <= p).view(1, 1, 1, -1)
+        delta = None
+        for li, L in enumerate(self.layers):
+            w, eps = L["ln1"]
+            h = add_rms_norm(x, w, eps, delta)
+            qkv = L["qkv"].fused(h)
+            kc, vc = self.k_cache[li], self.v_cache[li]
+            q = rope_kv_write(qkv, self.cos, self.sin, p, kc, vc, nh, nkv)
+            a = F.scaled_dot_product_attention(q[None, :, None], kc[None], vc[None], attn_mask=mask,
+                                               scale=self.scaling, enable_gqa=nkv != nh)
+            o = L["o"](a.reshape(1, nh * hd))
+            w, eps = L["ln2"]
+            h = add_rms_norm(x, w, eps, o)
+            d = L["down"](silu_mul(L["gu"].fused(h)))
+            delta = d
+        w, eps = self.norm
+        h = add_rms_norm(x, w, eps, delta)
+        return self._advance(self.head(h)[0].float())
 
     def _capture(self) -> None:
         tok, pos = self._tok.clone(), self._pos.clone()
