@@ -370,6 +370,14 @@ def decode(args) -> dict:
                     row[f"{rt}_tok_s"] = round(r["decode_tok_s"], 1)
                     if rt == "graph":
                         row["graph_fallbacks"] = r.get("decode_runtime_fallbacks") or r.get("decode_runtime_fallback")
+                if args.fused_ops:  # the fused small ops (not yet the default)
+                    from polyquant.nn.graph_decode import GraphDecoder, graph_greedy_decode
+                    fd = GraphDecoder(q, max_len=32 + args.tokens + 1, fused_ops=True)
+                    pr = torch.randint(0, vocab, (32,), generator=torch.Generator().manual_seed(1))
+                    graph_greedy_decode(fd, pr, 8)
+                    ts = sorted(graph_greedy_decode(fd, pr, args.tokens)[1] for _ in range(3))
+                    row["graph_fused_tok_s"] = round(args.tokens / ts[1], 1)
+                    del fd
                 row["graph_of_bound"] = round(row["graph_tok_s"] / bound, 3)
                 if cfg is None:
                     ref["bf16"] = row
@@ -413,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plain-tokens", type=int, default=48, help="plain decode tokens per run")
     p.add_argument("--plain-rows", default="w4-g128-sym,fp8-block-128,w4-g64-sym",
                    help="decode: settings also timed with the model's own forward (bf16 always; 'all', 'none')")
+    p.add_argument("--fused-ops", action="store_true", help="decode: also time the graph with fused small ops")
     p.add_argument("--out")
     p.add_argument("--smoke", action="store_true", help="decode part on the CPU (code paths only)")
     args = p.parse_args(argv)

@@ -174,9 +174,10 @@ def _sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-#: launch parameters (``block_n``, ``block_k`` in codes, programs per multiprocessor, warps); the
-#: GPU check (``benchmarks/bench_gpu_decode.py --sweep``) times the alternatives inside CUDA graphs
-GEMV_DEFAULTS = {"int": (64, 256, 4, 4), "fp8": (32, 128, 4, 4)}
+#: launch parameters (``block_n``, ``block_k`` in codes, programs per multiprocessor, warps): the best
+#: geometric-mean time over Llama-7B's five layer shapes in ``benchmarks/bench_gpu_decode.py sweep``
+#: on an H200 (2026-12-04, inside CUDA graphs; results/h200-2026-12-04/sweep-run1.jsonl)
+GEMV_DEFAULTS = {"int": (64, 512, 8, 4), "fp8": (32, 128, 8, 4)}
 
 
 def gemv_config(kind: str, N: int, K: int, device: torch.device, block_n: int | None = None,

@@ -71,10 +71,12 @@ class GraphDecoder(FastDecoder):
             each step, so size it to the need.
         graph: capture the step (default: where the model is on CUDA); False: the same static step
             eagerly.
-        fused_ops: run the norms, residual adds, rope + KV cache write and SiLU * up as the fused
-            Triton kernels of :mod:`polyquant.kernels.triton_decode_ops` (default: where they can run:
-            CUDA, fused q/k/v and gate/up in every layer, SiLU, a power-of-two head size); the reason
-            they do not is :attr:`fused_ops_reason`.
+        fused_ops: True: run the norms, residual adds, rope + KV cache write and SiLU * up as the
+            fused Triton kernels of :mod:`polyquant.kernels.triton_decode_ops` (needs CUDA, fused
+            q/k/v and gate/up in every layer, SiLU, a power-of-two head size; ValueError otherwise).
+            Default (None) off: they are checked in Triton's interpreter and compiled ahead for
+            sm_80 / sm_90, but have not yet run on a GPU. The reason they are off is
+            :attr:`fused_ops_reason`.
     """
 
     def __init__(self, model: nn.Module, max_len: int = 2048, graph: bool | None = None,
@@ -103,8 +105,8 @@ class GraphDecoder(FastDecoder):
 
     def _fused_ops_reason(self, fused_ops: bool | None) -> str | None:
         from polyquant.kernels.triton_decode_ops import decode_ops_reason
-        if fused_ops is False:
-            return "fused_ops=False"
+        if not fused_ops:
+            return "fused_ops=False" if fused_ops is False else "off by default (not yet run on a GPU)"
         why = decode_ops_reason(self.device)
         if why is None and self.act is not F.silu:
             why = "the activation is not SiLU"
