@@ -122,25 +122,16 @@ def decode_tok_s(model: nn.Module, prompt: torch.Tensor, n: int = 64, runs: int 
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     extra: dict = {"decode_runtime": "plain"}
     run = lambda k: greedy_decode(model, prompt, k)  # noqa: E731
-    if runtime == "fast":
+    if runtime in ("fast", "graph"):
         from polyquant.nn.decode import FastDecoder, fast_decode_reason, fast_greedy_decode
-        max_len = int(prompt.numel()) + n + 1
-        reason = fast_decode_reason(model, max_len)
-        if reason is None:
-            dec = FastDecoder(model, max_len=max_len)
-            run = lambda k: fast_greedy_decode(dec, prompt, k)  # noqa: E731
-            extra = {"decode_runtime": "fast", "decode_runtime_fallbacks": list(dec.fallbacks)}
-        else:
-            extra["decode_runtime_fallback"] = reason
-    elif runtime == "graph":
-        from polyquant.nn.decode import fast_decode_reason
         from polyquant.nn.graph_decode import GraphDecoder, graph_greedy_decode
+        make, loop = (FastDecoder, fast_greedy_decode) if runtime == "fast" else (GraphDecoder, graph_greedy_decode)
         max_len = int(prompt.numel()) + n + 1
         reason = fast_decode_reason(model, max_len)
         if reason is None:
-            gdec = GraphDecoder(model, max_len=max_len)
-            run = lambda k: graph_greedy_decode(gdec, prompt, k)  # noqa: E731
-            extra = {"decode_runtime": "graph", "decode_runtime_fallbacks": list(gdec.fallbacks)}
+            dec = make(model, max_len=max_len)
+            run = lambda k: loop(dec, prompt, k)  # noqa: E731
+            extra = {"decode_runtime": runtime, "decode_runtime_fallbacks": list(dec.fallbacks)}
         else:
             extra["decode_runtime_fallback"] = reason
     run(min(n, warmup_tokens))  # warm-up (the graph runtime captures its step here)
