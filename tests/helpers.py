@@ -75,3 +75,61 @@ def _have_lut4() -> bool:
 
 
 HAVE_LUT4 = _have_lut4()  # the compiled cpu-lut4 kernel builds here (a C compiler, POLYQUANT_NO_CEXT unset)
+
+
+def int_qweight(out: int, inp: int, bits: int = 4, gs: int = 32, sym: bool = True, act_order: bool = False,
+                seed: int = 0):
+    """A seeded integer ``QuantizedWeight`` (GPTQ-style layouts): random codes, scales in
+    [0.01, 0.06), zero points when ``sym`` is False, a shuffled act-order ``g_idx`` when asked;
+    ``gs=-1``: per channel."""
+    from polyquant.tensor.quantized_weight import QuantizedWeight
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2 ** bits, (out, inp), generator=g, dtype=torch.uint8)
+    ng = 1 if gs == -1 else -(-inp // gs)
+    block = (1, inp if gs == -1 else gs)
+    scale = torch.rand(out, ng, generator=g) * 0.05 + 0.01
+    zero = None if sym else torch.randint(0, 2 ** bits, (out, ng), generator=g).float()
+    g_idx = None
+    if act_order:
+        g_idx = torch.empty(inp, dtype=torch.int32)
+        g_idx[torch.randperm(inp, generator=g)] = (torch.arange(inp) // block[1]).int()
+    return QuantizedWeight.from_codes(codes, f"{'int' if sym else 'uint'}{bits}", block, scale, zero, g_idx)
+
+
+COMPILE_PRELUDE = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+from polyquant.kernels.triton_util import import_triton
+cap = int(sys.argv[1])
+
+def build(fn, sig, consts):
+    import_triton(fn.__globals__)
+    fn = JITFunction(fn)
+    sig = dict(sig)
+    sig.update({n: "i32" for n in fn.arg_names if n not in sig and n not in consts})
+    sig.update({n: "constexpr" for n in consts})
+    src = ASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": 4, "num_stages": 3})
+"""
+
+
+def compile_ahead(script: str, cap: int) -> None:
+    """Run ``COMPILE_PRELUDE + script`` (which calls ``build`` and prints "ok") in a fresh process
+    with TRITON_INTERPRET unset, so triton compiles for ``cuda`` capability ``cap`` (no GPU needed);
+    skips where this triton has no GPUTarget, asserts the script succeeded."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+    except ImportError:
+        pytest.skip("this triton has no GPUTarget")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", COMPILE_PRELUDE + script, str(cap)], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]

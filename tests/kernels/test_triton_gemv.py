@@ -13,29 +13,16 @@ import torch
 
 pytest.importorskip("triton")
 
+from helpers import compile_ahead, int_qweight  # noqa: E402
+
 from polyquant.activations.fp8 import Fp8ActQuant, fp8_saturate  # noqa: E402
 from polyquant.kernels.triton_gemv import fp8_gemv, fp8_gemv_reason, int_gemv, int_gemv_reason  # noqa: E402
 from polyquant.kernels.triton_w4a16 import prepare_w4a16, w4a16_matmul  # noqa: E402
-from polyquant.tensor.quantized_weight import QuantizedWeight  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def _interpret(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-def _int_weight(out, inp, bits, gs, sym, act_order, seed):
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 2 ** bits, (out, inp), generator=g, dtype=torch.uint8)
-    ng = 1 if gs == -1 else -(-inp // gs)
-    block = (1, inp if gs == -1 else gs)
-    scale = torch.rand(out, ng, generator=g) * 0.05 + 0.01
-    zero = None if sym else torch.randint(0, 2 ** bits, (out, ng), generator=g).float()
-    g_idx = None
-    if act_order:
-        g_idx = torch.empty(inp, dtype=torch.int32)
-        g_idx[torch.randperm(inp, generator=g)] = (torch.arange(inp) // block[1]).int()
-    return QuantizedWeight.from_codes(codes, f"{'int' if sym else 'uint'}{bits}", block, scale, zero, g_idx)
 
 
 @pytest.mark.parametrize("bits,sym,gs,act_order", [(4, True, 32, False), (4, False, 32, False), (8, True, -1, False),
@@ -44,7 +31,7 @@ def _int_weight(out, inp, bits, gs, sym, act_order, seed):
 @pytest.mark.parametrize("split", [None, 1, 3])
 def test_int_gemv_matches_float64(bits, sym, gs, act_order, split):
     out, inp = 72, 160  # partial N tile, K not a multiple of the K step
-    qw = _int_weight(out, inp, bits, gs, sym, act_order, seed=bits + 7 * (gs + act_order))
+    qw = int_qweight(out, inp, bits, gs, sym, act_order, seed=bits + 7 * (gs + act_order))
     buf = prepare_w4a16(qw)
     group = inp if gs == -1 else gs
     assert int_gemv_reason(buf, bits, group, inp) is None
@@ -56,7 +43,7 @@ def test_int_gemv_matches_float64(bits, sym, gs, act_order, split):
 
 
 def test_w4a16_matmul_takes_the_gemv_for_one_row_and_agrees_with_the_matmul_kernel():
-    qw = _int_weight(48, 96, 4, 32, False, False, seed=3)
+    qw = int_qweight(48, 96, 4, 32, False, False, seed=3)
     buf = prepare_w4a16(qw)
     x = torch.randn(1, 96).half()
     a = w4a16_matmul(x, buf, 4, 32, qw.qt.code_offset, 48, 96)
@@ -68,7 +55,7 @@ def test_w4a16_matmul_takes_the_gemv_for_one_row_and_agrees_with_the_matmul_kern
 
 
 def test_int_gemv_refuses_irregular_act_order_and_odd_groups():
-    qw = _int_weight(32, 64, 4, 32, True, True, seed=0)
+    qw = int_qweight(32, 64, 4, 32, True, True, seed=0)
     buf = prepare_w4a16(qw)
     buf_irregular = dict(buf, g_idx=torch.zeros(64, dtype=torch.int32))
     assert "act-order" in int_gemv_reason(buf_irregular, 4, 32, 64)
@@ -121,24 +108,7 @@ def test_fp8_gemv_reasons():
 
 
 _COMPILE = r"""
-import sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton.runtime.jit import JITFunction
 from polyquant.kernels import triton_gemv as tg
-from polyquant.kernels.triton_util import import_triton
-import_triton(vars(tg))
-cap = int(sys.argv[1])
-
-def build(fn, sig, consts):
-    fn = JITFunction(fn)
-    sig = dict(sig)
-    sig.update({n: "i32" for n in fn.arg_names if n not in sig and n not in consts})
-    sig.update({n: "constexpr" for n in consts})
-    src = ASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in consts.items()})
-    return triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": 4, "num_stages": 3})
-
 for zero, perm in ((False, False), (True, True)):
     k = build(tg._int_gemv_kernel, {"x_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*fp32",
                                     "perm_ptr": "*i32", "y_ptr": "*fp32"},
@@ -159,14 +129,4 @@ print("ok")
 def test_gemv_kernels_compile_for_nvidia_targets_without_a_gpu(cap):
     """Compiled ahead to cubins in a fresh process: there TRITON_INTERPRET is unset when triton is
     imported (this process set it, so that the interpreter runs tl.sum)."""
-    import os
-    import subprocess
-    import sys
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-    except ImportError:
-        pytest.skip("this triton has no GPUTarget")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _COMPILE, str(cap)], env=env, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+    compile_ahead(_COMPILE, cap)

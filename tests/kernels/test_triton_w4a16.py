@@ -7,6 +7,8 @@ import torch
 
 pytest.importorskip("triton")
 
+from helpers import int_qweight  # noqa: E402
+
 from polyquant.kernels import get_kernel, select_kernel  # noqa: E402
 from polyquant.kernels.triton_w4a16 import prepare_w4a16, w4a16_matmul  # noqa: E402
 from polyquant.nn import QuantLinear  # noqa: E402
@@ -21,18 +23,7 @@ def _interpret(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-def _weight(out, inp, bits=4, gs=32, sym=True, act_order=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 2 ** bits, (out, inp), generator=g, dtype=torch.uint8)
-    ng = 1 if gs == -1 else -(-inp // gs)
-    block = (1, inp if gs == -1 else gs)
-    scale = torch.rand(out, ng, generator=g) * 0.05 + 0.01
-    zero = None if sym else torch.randint(0, 2 ** bits, (out, ng), generator=g).float()
-    g_idx = None
-    if act_order:
-        g_idx = torch.empty(inp, dtype=torch.int32)
-        g_idx[torch.randperm(inp, generator=g)] = (torch.arange(inp) // block[1]).int()
-    return QuantizedWeight.from_codes(codes, f"{'int' if sym else 'uint'}{bits}", block, scale, zero, g_idx)
+_weight = int_qweight
 
 
 def _check(qw, x, **launch):

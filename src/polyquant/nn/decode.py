@@ -126,10 +126,12 @@ def _act_key(act) -> Any:
     their input, so equal rules let their weights run as one matmul): the rule and any static scale."""
     if act is None:
         return None
+    rule = getattr(act, "rule", None)
+    if rule is None:  # a rule that does not describe itself: equal only to itself
+        return id(act)
     scale = getattr(act, "scale", None)
-    return (type(act).__name__, repr(getattr(act, "rule", None)),
-            tuple(scale.detach().reshape(-1).tolist()) if isinstance(scale, torch.Tensor) else id(act)
-            if getattr(act, "rule", None) is None else None)
+    return (type(act).__name__, repr(rule),
+            tuple(scale.detach().reshape(-1).tolist()) if isinstance(scale, torch.Tensor) else None)
 
 
 class _Proj:
