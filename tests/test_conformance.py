@@ -90,6 +90,33 @@ def test_method_round_trips_through_each_format_it_declares(method, fmt, tiny, c
     assert torch.equal(_logits(q), _logits(q2)), f"{method} -> {fmt}: logits differ after the round trip"
 
 
+_QUANTIZED: dict[str, torch.nn.Module] = {}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_module_dtype_cast_keeps_every_quantized_tensor_bit_for_bit(method, tiny, calib):
+    """``model.to(torch.bfloat16)`` (or ``.half()``) after quantizing casts the float parts of the
+    model, never the format's tensors (fp8 codes, fp16 scales, fp32 absmax) or the kernel's prepared
+    buffers; the cast model still runs, close to the float32 one."""
+    spec = METHODS[method]
+    q = quantize_model(tiny, spec.config_cls(), calib if spec.needs_calibration or spec.after_quantize else None,
+                       show_progress=False)
+    before = {n: b.clone() for n, b in q.named_buffers() if n.rsplit(".", 1)[-1].startswith(("qw_", "k_"))}
+    assert before
+    ref = _logits(q)
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.float()):
+        cast(q)
+        after = dict(q.named_buffers())
+        for n, b in before.items():
+            assert after[n].dtype == b.dtype, f"{method}: {n} cast from {b.dtype} to {after[n].dtype}"
+            assert torch.equal(after[n], b), f"{method}: {n} changed under a module dtype cast"
+    assert q.lm_head.weight.dtype == torch.float32 or isinstance(q.lm_head, QuantLinear)
+    q.to(torch.bfloat16)
+    out = _logits(q).float()
+    cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)
+    assert torch.isfinite(out).all() and cos > 0.99, f"{method}: bf16 model's logits cosine {cos:.5f}"
+
+
 # -- kernels against the reference ---------------------------------------------------------------
 
 #: The tolerance table, per qtype: max over outputs of ``|y - y_ref| / (|x| @ |W_deq|^T)`` (the error

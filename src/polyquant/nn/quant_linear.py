@@ -1,7 +1,10 @@
 """``QuantLinear``: a Linear whose weight is a ``QuantizedWeight``, run by an explicitly chosen kernel.
 
 The quantized weight's tensors are buffers (they follow ``.to(device)``); the kernel's own
-prepared buffers are non-persistent and rebuilt by :meth:`QuantLinear.set_kernel`. ``repr``
+prepared buffers are non-persistent and rebuilt by :meth:`QuantLinear.set_kernel`. Both keep their
+dtype through module-wide dtype casts (``model.to(torch.bfloat16)``, ``.half()``): an fp8 code, an
+fp16 scale or an fp32 absmax is part of the format, so only the bias and the computation follow
+the cast. ``repr``
 shows the qtype, the block and the kernel in use.
 """
 from __future__ import annotations
@@ -69,6 +72,23 @@ class QuantLinear(nn.Module):
             self.register_buffer(f"k_{k}", v, persistent=False)
         self.kernel, self.kernel_skipped, self._kernel_request = chosen, skipped, kernel
         return chosen.name
+
+    def _apply(self, fn, recurse=True):
+        """Module-wide casts move the quantized and kernel buffers between devices but never change
+        their dtype; a dtype-preserving ``fn`` (``share_memory_``, a device move) applies as is."""
+        probes = [torch.empty(0, dtype=d, device=self.qw_data.device) for d in (torch.float32, torch.float16)]
+        moved = [fn(t) for t in probes]
+        keeps_dtype = all(m.dtype == t.dtype for m, t in zip(moved, probes))
+        device = moved[0].device
+        own = {n: b for n, b in self._buffers.items() if b is not None and n.startswith(("qw_", "k_"))}
+        for n in own:
+            self._buffers[n] = None
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for n, b in own.items():
+                self._buffers[n] = fn(b) if keeps_dtype else b.to(device)
+        return self
 
     def kbuf(self, name: str, default=_MISSING):
         t = getattr(self, f"k_{name}", None)
