@@ -73,14 +73,25 @@ def _size(model) -> dict:
             "outlier_share_per_layer": per_layer or None}
 
 
+def _ppl_by_text(model, tok, texts, windows) -> dict:
+    """Held-back windows of each built-in text (``pydoc``: the default text's evaluation slice)."""
+    from polyquant import data
+    return {t: polyquant.evaluate(model, tok, text=None if t == "pydoc" else data.builtin_text(t), holdout=True,
+                                  seqlen=512, max_windows=windows, measure_speed=False, show_progress=False)["ppl"]
+            for t in texts}
+
+
 def accuracy(a) -> None:
     torch.set_num_threads(a.threads)
     model, tok = polyquant.load_model("default")
-    calib = calibration_data(tok, n_samples=a.n_samples, seqlen=a.seqlen, seed=a.seed)
+    mix = None if a.calib == "mix" else (a.calib,)
+    calib = calibration_data(tok, n_samples=a.n_samples, seqlen=a.seqlen, seed=a.seed, **({"mix": mix} if mix else {}))
+    texts = a.texts.split(",")
     rows = []
     if "fp32" in a.rows:
-        ev = polyquant.evaluate(model, tok, seqlen=512, max_windows=a.windows, measure_speed=False, show_progress=False)
-        rows.append({"row": "fp32", "ppl": ev["ppl"], "bits_per_weight": 32.0, "windows": a.windows})
+        ppl = _ppl_by_text(model, tok, texts, a.windows)
+        rows.append({"row": "fp32", "ppl": ppl[texts[0]], "ppl_by_text": ppl, "bits_per_weight": 32.0,
+                     "windows": a.windows, "calib": a.calib})
         print(json.dumps(rows[-1]), flush=True)
     cfgs = _configs(a.w2_threshold)
     for name in [r for r in a.rows if r != "fp32"]:
@@ -95,8 +106,9 @@ def accuracy(a) -> None:
                                show_progress=False)
         wall, cpu = time.perf_counter() - t0, _cpu() - c0
         polyquant.set_kernels(q, "reference" if name.startswith("spqr") else "auto")
-        ev = polyquant.evaluate(q, tok, seqlen=512, max_windows=a.windows, measure_speed=False, show_progress=False)
-        row = {"row": name, "config": cfg.describe(), "ppl": ev["ppl"], "quant_seconds": round(wall, 1),
+        ppl = _ppl_by_text(q, tok, texts, a.windows)
+        row = {"row": name, "config": cfg.describe(), "ppl": ppl[texts[0]], "ppl_by_text": ppl, "calib": a.calib,
+               "quant_seconds": round(wall, 1),
                "quant_cpu_seconds": round(cpu, 1), **_size(q), "n_samples": a.n_samples, "seqlen": a.seqlen,
                "windows": a.windows, "threads": a.threads, "include": a.include, "load_avg_1min": round(os.getloadavg()[0], 1)}
         if not a.per_layer:
@@ -116,13 +128,14 @@ def accuracy(a) -> None:
     for s in by:
         g = "gptq-w4-g64" if s.startswith("spqr-w3") else ("gptq-w3-g64" if s.startswith("spqr-w2") else None)
         if g in by:
-            summary[f"{s}_vs_{g}"] = {"ppl": [round(by[s]["ppl"], 3), round(by[g]["ppl"], 3)],
-                                      "bits": [by[s]["bits_per_weight"], by[g]["bits_per_weight"]],
-                                      "below": by[s]["ppl"] < by[g]["ppl"]}
-    print(f"\n{'row':<13} {'ppl':>8} {'bits/w':>7} {'file b/w':>8} {'outl %':>7} {'quant s':>8} {'cpu s':>7} {'cpu/gptq4':>9}")
+            summary[f"{s}_vs_{g}"] = {
+                "bits": [by[s]["bits_per_weight"], by[g]["bits_per_weight"]],
+                **{t: {"ppl": [round(by[s]["ppl_by_text"][t], 3), round(by[g]["ppl_by_text"][t], 3)],
+                       "below": by[s]["ppl_by_text"][t] < by[g]["ppl_by_text"][t]} for t in texts}}
+    print(f"\n{'row':<13} " + " ".join(f"{t:>8}" for t in texts) + f" {'bits/w':>7} {'file b/w':>8} {'outl %':>7} {'quant s':>8} {'cpu s':>7} {'cpu/gptq4':>9}")
     for r in rows:
         f = lambda k, spec: (spec.format(r[k]) if r.get(k) is not None else "-")  # noqa: E731
-        print(f"{r['row']:<13} {r['ppl']:>8.3f} {f('bits_per_weight', '{:.3f}'):>7} {f('spqr_file_bits', '{:.3f}'):>8} "
+        print(f"{r['row']:<13} " + " ".join(f"{r['ppl_by_text'][t]:>8.3f}" for t in texts) + f" {f('bits_per_weight', '{:.3f}'):>7} {f('spqr_file_bits', '{:.3f}'):>8} "
               f"{(format(100 * r['outlier_share'], '.3f') if r.get('outlier_share') is not None else '-'):>7} "
               f"{f('quant_seconds', '{:.1f}'):>8} {f('quant_cpu_seconds', '{:.1f}'):>7} {f('quant_cpu_vs_gptq_w4', '{:.2f}'):>9}")
     print(json.dumps({"summary": summary}))
@@ -185,6 +198,9 @@ def main() -> None:
     ap.add_argument("--speed-rows", nargs="+", default=["fp32", "spqr-w3"])
     ap.add_argument("--w2-threshold", type=float, default=0.2)
     ap.add_argument("--n-samples", type=int, default=32)
+    ap.add_argument("--calib", choices=("pydoc", "enwiki", "mix"), default="pydoc",
+                    help="calibration windows (pydoc: enwiki is then out of domain)")
+    ap.add_argument("--texts", default="pydoc,enwiki", help="built-in texts to evaluate on (held-back windows)")
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--windows", type=int, default=8)

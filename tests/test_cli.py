@@ -166,6 +166,24 @@ def test_build_config_refuses_with_the_reason(kw, needle):
         build_config("rtn", **kw)
 
 
+@pytest.mark.parametrize("method", sorted(polyquant.METHODS))
+def test_group_size_sets_each_methods_own_granularity_field(method):
+    """``--group-size`` means the weight's group size for every method, whatever its home library
+    calls the field (bitsandbytes ``blocksize``, fine-grained FP8's ``weight_block_size`` block);
+    a method without one refuses it naming its options."""
+    import dataclasses
+    cls = polyquant.METHODS[method].config_cls
+    names = {f.name for f in dataclasses.fields(cls)}
+    field = cls.group_field if cls.group_field in names else None
+    if field is None:
+        with pytest.raises(UsageError, match=re.escape(f"method {method!r} has no group size (--group-size)")):
+            build_config(method, group_size=32)
+        return
+    value = getattr(build_config(method, group_size=32), field)
+    assert value == ([32] * len(value) if isinstance(value, list) else 32)
+    assert value != getattr(cls(), field)
+
+
 def test_unknown_option_lists_the_valid_ones():
     with pytest.raises(UsageError) as e:
         build_config("rtn", opts=["clip_gird=3"])

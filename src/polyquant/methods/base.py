@@ -44,6 +44,11 @@ class MethodConfig:
 
     method: ClassVar[str] = ""
     allowed_bits: ClassVar[tuple[int, ...]] = ()
+    #: the field that holds the weight's group size under its home library's name (``group_size``
+    #: in GPTQ/AWQ/HQQ, ``blocksize`` in bitsandbytes, ``weight_block_size`` in fine-grained FP8,
+    #: a ``[rows, cols]`` block); ``--group-size`` sets it. None: the method has no group size
+    #: (per-tensor / per-channel scales, or a granularity named in words).
+    group_field: ClassVar[str | None] = "group_size"
     include: list[str] | None = None
     exclude: list[str] = field(default_factory=list)
     quantize_lm_head: bool = False

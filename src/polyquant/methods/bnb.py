@@ -30,6 +30,7 @@ float16 (``quant_dtype``), ``SCB[n] = max |W[n, :]|`` and ``CB = round(W * (127 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -183,6 +184,8 @@ class Bnb4bitConfig(MethodConfig):
     blocksize: int = 64
     double_quant: bool = False
     compute_dtype: str = "float32"
+
+    group_field: ClassVar[str | None] = "blocksize"
 
     quant_type = "nf4"  # class attribute, set per registered subclass
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +97,8 @@ class Fp8BlockConfig(MethodConfig):
     """
 
     weight_block_size: list[int] = field(default_factory=lambda: [128, 128])
+
+    group_field: ClassVar[str | None] = "weight_block_size"  # --group-size N: N x N blocks
     activation_scheme: str = "dynamic"
 
     def validate(self) -> None:

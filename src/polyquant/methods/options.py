@@ -121,6 +121,17 @@ def convert_value(raw: str, tp: Any, name: str) -> Any:
         return raw
 
 
+def _group_field(method: str, cls: type[MethodConfig], fields, value: int, listing: str) -> tuple[str, Any]:
+    """``--group-size`` on a method whose group size has its home library's name (bitsandbytes'
+    ``blocksize``, fine-grained FP8's ``weight_block_size`` block, set to N x N)."""
+    gf = cls.group_field
+    if gf is None or gf not in fields:
+        raise ValueError(f"method {method!r} has no group size (--group-size); its options: {listing}")
+    default = fields[gf].default_factory() if fields[gf].default_factory is not dataclasses.MISSING \
+        else fields[gf].default
+    return gf, [value] * len(default) if isinstance(default, (list, tuple)) else value
+
+
 def config_values(method: str, bits: int | None = None, group_size: int | None = None, sym: bool | None = None,
                   act_order: bool | None = None, clip_search: bool | None = None,
                   include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
@@ -140,6 +151,8 @@ def config_values(method: str, bits: int | None = None, group_size: int | None =
                         ("clip_search", clip_search)):
         if value is None:
             continue
+        if name == "group_size" and name not in fields:
+            name, value = _group_field(method, cls, fields, value, listing)
         if name not in fields:
             if name == "bits" and tuple(spec.bits) == (value,):
                 continue  # a fixed-width method asked for its own width

@@ -61,7 +61,8 @@ def _args() -> list:
         arg("--method", "-m", default="rtn", help="method name (default: rtn)"),
         arg("--bits", "-b", type=int, help="weight bits (default: the method's; see above)"),
         arg("--group-size", "-g", type=int,
-            help="input columns per scale, -1: per channel (default: the method's, made to fit the model)"),
+            help="weights per scale (input columns; bitsandbytes' blocksize; N x N FP8 blocks), -1: per channel "
+                 "(default: the method's, made to fit the model)"),
         group(arg("--sym", dest="sym", action="store_const", const=True, default=None, help="symmetric"),
               arg("--asym", dest="sym", action="store_const", const=False, help="asymmetric (zero points)")),
         arg("--act-order", action=argparse.BooleanOptionalAction, default=None,
