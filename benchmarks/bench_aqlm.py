@@ -2,9 +2,9 @@
 time, interop with transformers + the ``aqlm`` package, decode speed against the ``aqlm`` Numba kernel.
 
 Quality stage (one process; the same calibration and windows as ``bench_gptq_default.py``: 128 x 512
-calibration tokens, seed 0, exact fp32 forwards; perplexity on the first ``--windows`` windows of 512 of
-the default text). Rows: fp32, AQLM (``--scheme``, default 2x8 g8), GPTQ W3 g64, GPTQ W2 g64 (sym,
-group-aware order), HQQ 2-bit g64, RTN W2 g64 sym. Each row appends one JSON line to ``--out`` as it
+calibration tokens of ``--calib`` (pydoc), seed 0, exact fp32 forwards; perplexity on the first
+``--windows`` held-back windows of 512 of each ``--texts`` text: pydoc, and enwiki out of domain).
+Rows: fp32, AQLM (``--scheme``, default 2x8 g8), GPTQ W3 g64, GPTQ W2 g64 (sym, group-aware order), HQQ 2-bit g64, RTN W2 g64 sym. Each row appends one JSON line to ``--out`` as it
 finishes. The AQLM row saves its checkpoint (``--ckpt``, ``aqlm`` format) and records where the
 quantization time went (k-means init / code search / code books / scales per layer, summed; the rest
 is the calibration forwards and statistics). Interop: transformers (with ``aqlm`` installed) loads the
@@ -76,9 +76,12 @@ def quality(a) -> None:
     from polyquant.methods.hqq import HQQConfig
     torch.set_num_threads(a.threads)
     base, tok = polyquant.load_model("default")
-    calib = calibration_data(tok, n_samples=a.n_samples, seqlen=a.seqlen, seed=a.seed)
+    mix = {} if a.calib == "mix" else {"mix": (a.calib,)}
+    calib = calibration_data(tok, n_samples=a.n_samples, seqlen=a.seqlen, seed=a.seed, **mix)
     rows = [r for r in a.rows.split(",") if r]
-    common = {"n_samples": a.n_samples, "seqlen": a.seqlen, "seed": a.seed, "windows": a.windows, "threads": a.threads}
+    texts = a.texts.split(",")
+    common = {"n_samples": a.n_samples, "seqlen": a.seqlen, "seed": a.seed, "windows": a.windows, "threads": a.threads,
+              "calib": a.calib}
     for row in rows:
         model = copy.deepcopy(base)
         t0, c0 = time.perf_counter(), _cpu()
@@ -121,9 +124,12 @@ def quality(a) -> None:
                 quant_s - sum(v for k, v in extra["method_seconds"].items()), 1)
             if a.ckpt:
                 polyquant.save(q, a.ckpt, tokenizer=tok, overwrite=True)
-        ev = C.measure_ppl(q, tok, 512, a.windows, "inference_mode")
+        from polyquant import data
+        ppl = {t: polyquant.evaluate(q, tok, text=None if t == "pydoc" else data.builtin_text(t), holdout=True,
+                                     seqlen=512, max_windows=a.windows, measure_speed=False, show_progress=False)["ppl"]
+               for t in texts}
         kernels = sorted({getattr(m, "kernel_name", None) for m in q.modules() if hasattr(m, "kernel_name")} - {None})
-        _emit({"stage": "quality", "row": row, **common, "ppl": ev["ppl"], "eval_windows": ev["windows"],
+        _emit({"stage": "quality", "row": row, **common, "ppl": ppl[texts[0]], "ppl_by_text": ppl,
                "quant_seconds": round(quant_s, 1), "quant_cpu_seconds": round(quant_cpu, 1),
                "bits_per_weight": _bpw(q), "kernels": kernels, **extra}, a.out)
         if row.startswith("aqlm") and a.ckpt:
@@ -195,7 +201,8 @@ def layers(a) -> None:
         h.remove()
     m, b = (int(v) for v in a.scheme.split("x"))
     configs = {f"aqlm-{a.scheme}": AQLMConfig(num_codebooks=m, nbits_per_codebook=b, max_iters=a.max_iters,
-                                              init_iters=a.init_iters, codebook_steps=a.codebook_steps),
+                                              init_iters=a.init_iters, codebook_steps=a.codebook_steps,
+                                              beam_size=a.beam_size, in_group_size=a.in_group_size),
                "gptq-w3-g64": GPTQConfig(bits=3, group_size=64), "gptq-w2-g64": GPTQConfig(bits=2, group_size=64),
                "hqq-2bit-g64": HQQConfig(bits=2, group_size=64), "rtn-w2-g64": RTNConfig(bits=2, group_size=64)}
     table: dict[str, dict[str, float]] = {}
@@ -280,6 +287,9 @@ def main() -> None:
     ap.add_argument("--init-iters", type=int, default=12)
     ap.add_argument("--codebook-steps", type=int, default=4)
     ap.add_argument("--n-samples", type=int, default=128)
+    ap.add_argument("--calib", choices=("pydoc", "enwiki", "mix"), default="pydoc",
+                    help="calibration windows (pydoc: enwiki is then out of domain)")
+    ap.add_argument("--texts", default="pydoc,enwiki", help="built-in texts to evaluate on (held-back windows)")
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
