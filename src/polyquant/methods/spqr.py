@@ -75,7 +75,7 @@ from polyquant.methods._hessian import hessian_inputs, zero_dead_inputs
 from polyquant.methods.base import MethodConfig, check_int
 from polyquant.methods.gptq import _inverse_hessian_upper, _one_thread
 from polyquant.methods.registry import MethodSpec, register_method
-from polyquant.methods.traits import Preset
+from polyquant.methods.traits import BENCH, Preset, Prior, rel
 from polyquant.tensor.packing import pack, unpack
 from polyquant.tensor.quantized_weight import QuantizedWeight
 from polyquant.tensor.sparse import SparseOutliers
@@ -376,4 +376,8 @@ register_method(MethodSpec(
     collect="hessian",
     order=25,
     presets=(Preset("spqr-w3", {}),),
+    priors=(Prior(3, None, None, rel(16.079), "measured: " + BENCH + ", SpQR section: w3 g16, threshold 0.2, 4.31 bits "
+                  "per weight counted, 32 x 512 pydoc calibration"),
+            Prior(2, None, None, rel(39.463), "measured: " + BENCH + ", SpQR section: w2 g16 at threshold 1.0 (3.08 bits "
+                  "counted; the default threshold 0.2 keeps ~10 % outliers at 2 bits, ~6 bits per weight)")),
 ))
