@@ -9,6 +9,7 @@ import os
 import random
 import signal
 import subprocess
+import shutil
 import sys
 import time
 import weakref
@@ -209,6 +210,27 @@ def test_cli_resume_with_other_bits_is_refused_naming_it(src, tmp_path, capsys):
     assert code == 0 and json.loads((out / "polyquant.json").read_text())["config"]["bits"] == 3
 
 
+def test_state_left_by_a_kill_after_the_final_rename_is_cleared_by_the_rerun(src, tmp_path, capsys, monkeypatch):
+    """A kill between renaming the assembled checkpoint into place and removing OUT.partial leaves a
+    complete output and a stale state: the next run of the command removes the state (and, the
+    output existing, refuses to overwrite it); a state whose output never appeared is kept."""
+    from polyquant.formats.partial import ASSEMBLED, PartialState, clear_stale_partial
+    out = tmp_path / "q"
+    monkeypatch.setattr(PartialState, "remove", lambda self: None)  # the kill lands just before the cleanup
+    _stream(src, _cfg("rtn"), out)
+    monkeypatch.undo()
+    partial = partial_dir_for(out)
+    assert (partial / ASSEMBLED).is_file() and (out / "config.json").is_file()
+    files = _files(out)
+    code = main(["quantize", str(src), "-m", "rtn", "-g", "32", "-o", str(out), "--stream", "-q"])
+    assert code == 2 and "already exists" in capsys.readouterr().err
+    assert not partial.exists() and _files(out) == files
+    partial.mkdir()
+    (partial / ASSEMBLED).write_text("x")
+    shutil.rmtree(out)
+    assert not clear_stale_partial(out) and partial.exists()  # no output: every unit done, rerun assembles
+
+
 def test_sigkill_at_random_moments_then_rerun_gives_identical_files(src, tmp_path, capsys):
     """Two SIGKILLs of `polyquant quantize --stream` (GPTQ) at random moments once it is working,
     each followed by a check that the output path holds nothing or the complete checkpoint; a
@@ -235,6 +257,7 @@ def test_sigkill_at_random_moments_then_rerun_gives_identical_files(src, tmp_pat
         p.wait()
         if out.exists():  # only ever the complete checkpoint
             assert _files(out) == ref
+            main(args + ["-o", str(out)])  # a kill after the rename left the state: the rerun clears it
             break
     capsys.readouterr()
     if not out.exists():

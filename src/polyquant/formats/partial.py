@@ -27,6 +27,10 @@ from polyquant.formats.base import CheckpointError
 __all__ = ["PartialState", "ResumeMismatch", "partial_dir_for", "source_fingerprint"]
 
 MANIFEST = "manifest.json"
+#: written into ``OUT.partial`` just before the assembled checkpoint is renamed into place: a partial
+#: folder holding it beside an output at least as new is the leftover of a run killed between that
+#: rename and the folder's removal (see :func:`clear_stale_partial`)
+ASSEMBLED = "assembled"
 STATE_FORMAT = "polyquant-stream-partial"
 STATE_VERSION = 1
 
@@ -39,6 +43,23 @@ def partial_dir_for(out: str | os.PathLike) -> Path:
     """``OUT.partial`` beside ``OUT``."""
     out = Path(out)
     return out.parent / f"{out.name}.partial"
+
+
+def clear_stale_partial(out: str | os.PathLike) -> bool:
+    """Remove ``OUT.partial`` when it is the leftover of a finished run (its ``assembled`` marker is
+    there and ``OUT`` is a folder written at or after it); True when it was removed. A marker with no
+    output, or with an older output (an ``--overwrite`` run that failed while assembling), is kept:
+    every unit is done and a rerun assembles again."""
+    out = Path(out)
+    folder = partial_dir_for(out)
+    marker = folder / ASSEMBLED
+    try:
+        if marker.is_file() and out.is_dir() and out.stat().st_mtime >= marker.stat().st_mtime:
+            shutil.rmtree(folder, ignore_errors=True)
+            return True
+    except OSError:
+        return False
+    return False
 
 
 def _fsync_file(path: Path) -> None:
@@ -204,6 +225,9 @@ class PartialState:
         p = self.summary_path(i)
         with safe_open(str(p), "pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+    def mark_assembled(self) -> None:
+        atomic_file(self.folder / ASSEMBLED, lambda p: p.write_text("the checkpoint was assembled from this state\n"))
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

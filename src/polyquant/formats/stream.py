@@ -35,7 +35,7 @@ from polyquant.formats.api import (_config_dict, _format_for_save, _quant_layers
 from polyquant.formats.base import Format
 from polyquant.formats.io import INDEX_NAME, atomic_dir, check_output_dir, write_json
 from polyquant.formats.lazy import LazyModel
-from polyquant.formats.partial import PartialState, partial_dir_for, source_fingerprint
+from polyquant.formats.partial import PartialState, clear_stale_partial, partial_dir_for, source_fingerprint
 
 __all__ = ["quantize_stream", "stream_refusal", "partial_dir_for"]
 
@@ -138,6 +138,8 @@ def quantize_stream(source: str | os.PathLike, config, out_dir: str | os.PathLik
 
     t0 = time.perf_counter()
     out = Path(out_dir)
+    if clear_stale_partial(out):
+        log.info("removed %s: left by a finished run killed before it cleaned up", partial_dir_for(out))
     check_output_dir(out, overwrite)
     spec = get_method(config.method)
     if spec.needs_calibration and calibration is None:
@@ -233,8 +235,9 @@ def quantize_stream(source: str | os.PathLike, config, out_dir: str | os.PathLik
             if _after_unit is not None:
                 _after_unit(u, lazy)
         bar.close()
+    state.mark_assembled()
     _assemble(lazy, fmt, spec, config, names, state, out, overwrite, tokenizer, record, run)
-    state.remove()
+    state.remove()  # a kill before this line leaves a stale state: clear_stale_partial removes it
     return {"out": out, "units": len(units), "resumed_units": resumed, "seconds": time.perf_counter() - t0,
             "errors": dict(state.errors), "layers": len(names), "format": fmt.name}
 

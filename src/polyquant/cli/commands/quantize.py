@@ -154,6 +154,10 @@ def cmd_quantize(args) -> int:
     _check_kernel(args.kernel)
     check_model_arg(args.model, allow_checkpoint=False)
     out_dir = Path(args.output).expanduser()
+    from polyquant.formats.partial import clear_stale_partial, partial_dir_for
+    if clear_stale_partial(out_dir):
+        err(f"polyquant: removed {partial_dir_for(out_dir)}, left by a finished run of {out_dir} killed before it "
+            "cleaned up")
     check_output(out_dir, args.overwrite)
     fmt = args.format or spec.default_format
     if fmt not in formats.FORMATS:
