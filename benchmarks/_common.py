@@ -103,6 +103,31 @@ def eval_stream(tokenizer) -> torch.Tensor:
     return data.eval_tokens(tokenizer)
 
 
+def add_text_args(ap) -> None:
+    """``--calib`` (which built-in text the calibration windows come from) and ``--texts`` (the texts
+    perplexity is measured on): pydoc calibration makes enwiki out of domain."""
+    ap.add_argument("--calib", choices=("pydoc", "enwiki", "mix"), default="pydoc",
+                    help="calibration windows (pydoc: enwiki is then out of domain)")
+    ap.add_argument("--texts", default="pydoc,enwiki", help="built-in texts to evaluate on (held-back windows)")
+
+
+def calibration_windows(tokenizer, calib: str, n_samples: int, seqlen: int, seed: int) -> list:
+    """``polyquant.calibration_data`` from one built-in text, or the default mix (``calib == "mix"``)."""
+    from polyquant.calibration import calibration_data
+    mix = {} if calib == "mix" else {"mix": (calib,)}
+    return calibration_data(tokenizer, n_samples=n_samples, seqlen=seqlen, seed=seed, **mix)
+
+
+def ppl_by_text(model, tokenizer, texts: list[str], windows: int, seqlen: int = 512) -> dict[str, float]:
+    """``polyquant.evaluate``'s perplexity on the held-back windows of each built-in text (``pydoc``:
+    the default text's evaluation slice)."""
+    import polyquant
+    from polyquant import data
+    return {t: polyquant.evaluate(model, tokenizer, text=None if t == "pydoc" else data.builtin_text(t), holdout=True,
+                                  seqlen=seqlen, max_windows=windows, measure_speed=False, show_progress=False)["ppl"]
+            for t in texts}
+
+
 def ppl_no_grad(model, tokenizer, seqlen: int, windows: int) -> dict[str, Any]:
     """``polyquant.eval``'s perplexity protocol under ``torch.no_grad`` (for models that fail under
     inference mode)."""

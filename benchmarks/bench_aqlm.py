@@ -4,7 +4,8 @@ time, interop with transformers + the ``aqlm`` package, decode speed against the
 Quality stage (one process; the same calibration and windows as ``bench_gptq_default.py``: 128 x 512
 calibration tokens of ``--calib`` (pydoc), seed 0, exact fp32 forwards; perplexity on the first
 ``--windows`` held-back windows of 512 of each ``--texts`` text: pydoc, and enwiki out of domain).
-Rows: fp32, AQLM (``--scheme``, default 2x8 g8), GPTQ W3 g64, GPTQ W2 g64 (sym, group-aware order), HQQ 2-bit g64, RTN W2 g64 sym. Each row appends one JSON line to ``--out`` as it
+Rows: fp32, AQLM (``--scheme``, default 2x8 g8), GPTQ W3 g64, GPTQ W2 g64 (sym, group-aware order), HQQ
+2-bit g64, RTN W2 g64 sym. Each row appends one JSON line to ``--out`` as it
 finishes. The AQLM row saves its checkpoint (``--ckpt``, ``aqlm`` format) and records where the
 quantization time went (k-means init / code search / code books / scales per layer, summed; the rest
 is the calibration forwards and statistics). Interop: transformers (with ``aqlm`` installed) loads the
@@ -76,8 +77,7 @@ def quality(a) -> None:
     from polyquant.methods.hqq import HQQConfig
     torch.set_num_threads(a.threads)
     base, tok = polyquant.load_model("default")
-    mix = {} if a.calib == "mix" else {"mix": (a.calib,)}
-    calib = calibration_data(tok, n_samples=a.n_samples, seqlen=a.seqlen, seed=a.seed, **mix)
+    calib = C.calibration_windows(tok, a.calib, a.n_samples, a.seqlen, a.seed)
     rows = [r for r in a.rows.split(",") if r]
     texts = a.texts.split(",")
     common = {"n_samples": a.n_samples, "seqlen": a.seqlen, "seed": a.seed, "windows": a.windows, "threads": a.threads,
@@ -124,10 +124,7 @@ def quality(a) -> None:
                 quant_s - sum(v for k, v in extra["method_seconds"].items()), 1)
             if a.ckpt:
                 polyquant.save(q, a.ckpt, tokenizer=tok, overwrite=True)
-        from polyquant import data
-        ppl = {t: polyquant.evaluate(q, tok, text=None if t == "pydoc" else data.builtin_text(t), holdout=True,
-                                     seqlen=512, max_windows=a.windows, measure_speed=False, show_progress=False)["ppl"]
-               for t in texts}
+        ppl = C.ppl_by_text(q, tok, texts, a.windows)
         kernels = sorted({getattr(m, "kernel_name", None) for m in q.modules() if hasattr(m, "kernel_name")} - {None})
         _emit({"stage": "quality", "row": row, **common, "ppl": ppl[texts[0]], "ppl_by_text": ppl,
                "quant_seconds": round(quant_s, 1), "quant_cpu_seconds": round(quant_cpu, 1),
@@ -287,9 +284,7 @@ def main() -> None:
     ap.add_argument("--init-iters", type=int, default=12)
     ap.add_argument("--codebook-steps", type=int, default=4)
     ap.add_argument("--n-samples", type=int, default=128)
-    ap.add_argument("--calib", choices=("pydoc", "enwiki", "mix"), default="pydoc",
-                    help="calibration windows (pydoc: enwiki is then out of domain)")
-    ap.add_argument("--texts", default="pydoc,enwiki", help="built-in texts to evaluate on (held-back windows)")
+    C.add_text_args(ap)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)

@@ -37,9 +37,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
 
 import polyquant  # noqa: E402
-from polyquant.calibration import Calibration, calibration_data  # noqa: E402
+from polyquant.calibration import Calibration  # noqa: E402
 from polyquant.methods.gptq import GPTQConfig  # noqa: E402
 from polyquant.methods.spqr import SpQRConfig  # noqa: E402
 from polyquant.nn import QuantLinear  # noqa: E402
@@ -73,23 +74,14 @@ def _size(model) -> dict:
             "outlier_share_per_layer": per_layer or None}
 
 
-def _ppl_by_text(model, tok, texts, windows) -> dict:
-    """Held-back windows of each built-in text (``pydoc``: the default text's evaluation slice)."""
-    from polyquant import data
-    return {t: polyquant.evaluate(model, tok, text=None if t == "pydoc" else data.builtin_text(t), holdout=True,
-                                  seqlen=512, max_windows=windows, measure_speed=False, show_progress=False)["ppl"]
-            for t in texts}
-
-
 def accuracy(a) -> None:
     torch.set_num_threads(a.threads)
     model, tok = polyquant.load_model("default")
-    mix = None if a.calib == "mix" else (a.calib,)
-    calib = calibration_data(tok, n_samples=a.n_samples, seqlen=a.seqlen, seed=a.seed, **({"mix": mix} if mix else {}))
+    calib = C.calibration_windows(tok, a.calib, a.n_samples, a.seqlen, a.seed)
     texts = a.texts.split(",")
     rows = []
     if "fp32" in a.rows:
-        ppl = _ppl_by_text(model, tok, texts, a.windows)
+        ppl = C.ppl_by_text(model, tok, texts, a.windows)
         rows.append({"row": "fp32", "ppl": ppl[texts[0]], "ppl_by_text": ppl, "bits_per_weight": 32.0,
                      "windows": a.windows, "calib": a.calib})
         print(json.dumps(rows[-1]), flush=True)
@@ -106,7 +98,7 @@ def accuracy(a) -> None:
                                show_progress=False)
         wall, cpu = time.perf_counter() - t0, _cpu() - c0
         polyquant.set_kernels(q, "reference" if name.startswith("spqr") else "auto")
-        ppl = _ppl_by_text(q, tok, texts, a.windows)
+        ppl = C.ppl_by_text(q, tok, texts, a.windows)
         row = {"row": name, "config": cfg.describe(), "ppl": ppl[texts[0]], "ppl_by_text": ppl, "calib": a.calib,
                "quant_seconds": round(wall, 1),
                "quant_cpu_seconds": round(cpu, 1), **_size(q), "n_samples": a.n_samples, "seqlen": a.seqlen,
@@ -198,9 +190,7 @@ def main() -> None:
     ap.add_argument("--speed-rows", nargs="+", default=["fp32", "spqr-w3"])
     ap.add_argument("--w2-threshold", type=float, default=0.2)
     ap.add_argument("--n-samples", type=int, default=32)
-    ap.add_argument("--calib", choices=("pydoc", "enwiki", "mix"), default="pydoc",
-                    help="calibration windows (pydoc: enwiki is then out of domain)")
-    ap.add_argument("--texts", default="pydoc,enwiki", help="built-in texts to evaluate on (held-back windows)")
+    C.add_text_args(ap)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--windows", type=int, default=8)

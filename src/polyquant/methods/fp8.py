@@ -97,9 +97,9 @@ class Fp8BlockConfig(MethodConfig):
     """
 
     weight_block_size: list[int] = field(default_factory=lambda: [128, 128])
+    activation_scheme: str = "dynamic"
 
     group_field: ClassVar[str | None] = "weight_block_size"  # --group-size N: N x N blocks
-    activation_scheme: str = "dynamic"
 
     def validate(self) -> None:
         check_block_size("weight_block_size", self.weight_block_size)

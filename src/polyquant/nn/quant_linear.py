@@ -4,8 +4,7 @@ The quantized weight's tensors are buffers (they follow ``.to(device)``); the ke
 prepared buffers are non-persistent and rebuilt by :meth:`QuantLinear.set_kernel`. Both keep their
 dtype through module-wide dtype casts (``model.to(torch.bfloat16)``, ``.half()``): an fp8 code, an
 fp16 scale or an fp32 absmax is part of the format, so only the bias and the computation follow
-the cast. ``repr``
-shows the qtype, the block and the kernel in use.
+the cast. ``repr`` shows the qtype, the block and the kernel in use.
 """
 from __future__ import annotations
 
