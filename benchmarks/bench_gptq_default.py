@@ -54,6 +54,8 @@ def main() -> None:
     ap.add_argument("--n-samples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--weights-bf16", action="store_true",
+                    help="round the float weights to bfloat16 first (as GPTQModel loads the model on a CPU)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--resume-dir", default=None)
@@ -71,6 +73,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO)
     torch.set_num_threads(a.threads)
     model, tok = polyquant.load_model("default")
+    if a.weights_bf16:  # GPTQModel's CPU load: the float weights rounded to bfloat16 before quantization
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.to(torch.bfloat16).to(p.dtype))
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t0, c0 = time.perf_counter(), _cpu()
     cfg = None
@@ -115,10 +121,10 @@ def main() -> None:
         ev = ev0
         row = {"method": a.method, "config": cfg.describe() if cfg is not None else a.method, "calib": a.calib,
                "windows": a.windows, "ppl_by_text": ppl, "bits": a.bits, "group_size": a.group_size, "sym": not a.asym,
-               "act_order": a.act_order, "gar": bool(getattr(cfg, "group_aware", False)), "calib_dtype": a.calib_dtype,
+               "act_order": a.act_order, "gar": bool(getattr(cfg, "group_aware", False)), "calib_dtype": a.calib_dtype, "weights_bf16": a.weights_bf16,
                "calib_autocast": (q.polyquant.extra.get("calibration") or {}).get("autocast") if cfg is not None else None,
                "static_groups": a.static_groups, "mse": a.mse,
-               "damp": getattr(cfg, "damp_percent", None),
+               "damp": getattr(cfg, "damp_percent", None), "group_params": getattr(cfg, "group_params", None),
                "true_sequential": not a.no_true_sequential, "n_samples": a.n_samples, "seqlen": a.seqlen, "seed": a.seed,
                "threads": a.threads, "quant_seconds": round(quant_s, 1),
                "quant_cpu_seconds": round(quant_cpu, 1),

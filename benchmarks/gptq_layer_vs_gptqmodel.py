@@ -97,8 +97,16 @@ def compare(path: str, calib: str, bits: int, out: str | None) -> None:
             res[f"polyquant d{damp}"] = gptq_quantize(W, cfg, {"H": Hc, "n": n}).dequantize(torch.float32)
             if GPTQ is not None and damp <= 0.1:
                 res[f"gptqmodel d{damp}"] = gm(W, Hc, n, damp)
+        cfg = GPTQConfig(bits=bits, group_size=64, damp_percent=0.05)  # the default fp16 scales
+        res["polyquant d0.05 fp16"] = gptq_quantize(W, cfg, {"H": Hc, "n": n}).dequantize(torch.float32)
         print(f"== {name} (calibration {calib}, W{bits} g64 sym, group-aware order)")
+        ref = res.get("gptqmodel d0.05")
         for k, Q in res.items():
+            if ref is not None:  # same grid point as GPTQModel's, weight by weight
+                step = ref.reshape(ref.shape[0], -1, 64).abs().amax(-1, keepdim=True) / 7.5  # one grid step
+                diff = (Q - ref).reshape(step.shape[0], -1, 64).abs()
+                same = float(diff.le(0.25 * step).float().mean())
+                print(f"  {k:18s} equal to gptqmodel d0.05 at {same:.4f} of the weights")
             row = {"layer": name, "calib": calib, "bits": bits, "run": k, "calibration": _rel(W, Q, Hc),
                    "pydoc_heldout": _rel(W, Q, d["H"]["pydoc_eval"][name]),
                    "enwiki_heldout": _rel(W, Q, d["H"]["enwiki_eval"][name])}

@@ -30,10 +30,12 @@ def main() -> None:
     ap.add_argument("--n-samples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0, help="calibration windows' seed (polyquant.calibration_data)")
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--calib", choices=("pydoc", "mix"), default="pydoc",
                     help="calibration windows: the pydoc text's calibration slice, or polyquant's default mix")
     ap.add_argument("--texts", default="pydoc", help="comma-separated built-in texts to evaluate on (pydoc,enwiki)")
+    ap.add_argument("--save", help="keep GPTQModel's checkpoint in this folder (default: a temporary one)")
     ap.add_argument("--out")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -45,7 +47,7 @@ def main() -> None:
     _, tok = polyquant.load_model("default")  # makes sure the fp32 folder is in the cache
     src = str(cache_dir() / "gguf" / _gguf_key(default_model_path()))
     mix = ("pydoc",) if a.calib == "pydoc" else None
-    windows = polyquant.calibration_data(tok, n_samples=a.n_samples, seqlen=a.seqlen, seed=0, mix=mix)
+    windows = polyquant.calibration_data(tok, n_samples=a.n_samples, seqlen=a.seqlen, seed=a.seed, mix=mix)
     calib = [{"input_ids": w.reshape(-1).tolist(), "attention_mask": [1] * w.numel()} for w in windows]
     qc = QuantizeConfig(bits=a.bits, group_size=a.group_size, sym=True, desc_act=a.desc_act)
     r0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -54,7 +56,8 @@ def main() -> None:
     model.quantize(calib, batch_size=1, calibration_sort=None)
     quant_s = time.perf_counter() - t0
     r1 = resource.getrusage(resource.RUSAGE_SELF)
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory() as tmp:
+        d = a.save or tmp
         model.save(d)
         del model
         q, _ = polyquant.load(d)
@@ -66,7 +69,7 @@ def main() -> None:
                                     measure_speed=False, show_progress=False)
             ppl[name] = ev["ppl"]
     row = {"peer": f"gptqmodel {gptqmodel.__version__}", "bits": a.bits, "group_size": a.group_size, "sym": True,
-           "desc_act": a.desc_act, "act_group_aware": getattr(qc, "act_group_aware", None), "n_samples": a.n_samples,
+           "desc_act": a.desc_act, "act_group_aware": getattr(qc, "act_group_aware", None), "n_samples": a.n_samples, "seed": a.seed,
            "seqlen": a.seqlen, "threads": a.threads, "quant_seconds": round(quant_s, 1),
            "quant_cpu_seconds": round(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime, 1),
            "peak_rss_mb": round(r1.ru_maxrss / 1024), "calib": a.calib, "windows": a.windows,

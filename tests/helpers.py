@@ -116,8 +116,9 @@ def build(fn, sig, consts):
 """
 
 
-def compile_ahead(script: str, cap: int) -> None:
-    """Run ``COMPILE_PRELUDE + script`` (which calls ``build`` and prints "ok") in a fresh process
+def compile_ahead(script: str, cap: int, *args: str) -> None:
+    """Run ``COMPILE_PRELUDE + script`` (which calls ``build`` and prints "ok"; ``sys.argv[2:]`` are
+    ``args``) in a fresh process
     with TRITON_INTERPRET unset, so triton compiles for ``cuda`` capability ``cap`` (no GPU needed);
     skips where this triton has no GPUTarget, asserts the script succeeded."""
     import os
@@ -130,6 +131,6 @@ def compile_ahead(script: str, cap: int) -> None:
     except ImportError:
         pytest.skip("this triton has no GPUTarget")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", COMPILE_PRELUDE + script, str(cap)], env=env, capture_output=True,
+    r = subprocess.run([sys.executable, "-c", COMPILE_PRELUDE + script, str(cap), *args], env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]

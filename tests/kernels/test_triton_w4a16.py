@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from helpers import int_qweight  # noqa: E402
+from helpers import compile_ahead, int_qweight  # noqa: E402
 
 from polyquant.kernels import get_kernel, select_kernel  # noqa: E402
 from polyquant.kernels.triton_w4a16 import prepare_w4a16, w4a16_matmul  # noqa: E402
@@ -122,49 +122,38 @@ def test_registered_for_cuda_only():
     assert "integer" in kern.supports(nf4, torch.device("cuda"))
 
 
+_COMPILE_MATMUL = r"""
+from polyquant.kernels import triton_w4a16 as tw
+xdt, variant = sys.argv[2], sys.argv[3]
+zero = variant.startswith("zero")
+dec = "decode" in variant
+k = build(tw._w4a16_kernel, {"x_ptr": f"*{xdt}", "q_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp32",
+                             "perm_ptr": "*i32", "gidx_ptr": "*i32", "y_ptr": f"*{xdt}"},
+          dict(BITS=4, OFFSET=8, HAS_ZERO=zero, HAS_PERM=not zero, HAS_GIDX=zero, GROUP_ALIGNED=not zero,
+               UPCAST=False, BLOCK_M=16 if dec else 64, BLOCK_N=64 if dec else 128, BLOCK_K=128 if dec else 32))
+assert k.asm.get("cubin") and ("mma" in k.asm["ptx"])
+print("ok")
+"""
+
+_COMPILE_DEQUANT = r"""
+from polyquant.kernels import triton_w4a16 as tw
+wdt, zero = sys.argv[2], sys.argv[3] == "1"
+k = build(tw._dequant_kernel, {"q_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp32", "gidx_ptr": "*i32",
+                               "w_ptr": f"*{wdt}"},
+          dict(BITS=4, OFFSET=8, HAS_ZERO=zero, HAS_GIDX=zero, BLOCK_K=32, BLOCK_N=128))
+assert k.asm.get("cubin")
+print("ok")
+"""
+
+
 @pytest.mark.parametrize("cap,xdt,variant", [(90, "bf16", "sym-aligned-decode"), (80, "fp16", "zero-gidx-prefill")])
 def test_compiles_for_nvidia_targets_without_a_gpu(cap, xdt, variant):
     """The interpreter does not type-check like the compiler: compile ahead to a cubin for real
-    targets (Triton's bundled LLVM and ptxas; no GPU or driver needed)."""
-    import triton
-    from triton.compiler import ASTSource
-    try:
-        from triton.backends.compiler import GPUTarget
-    except ImportError:
-        pytest.skip("this triton has no GPUTarget")
-    from triton.runtime.jit import JITFunction
-    from polyquant.kernels import triton_w4a16 as tw
-    tw._import_triton()
-    fn = JITFunction(tw._w4a16_kernel)  # not triton.jit: TRITON_INTERPRET=1 is set here
-    zero = variant.startswith("zero")
-    consts = dict(BITS=4, OFFSET=8, HAS_ZERO=zero, HAS_PERM=not zero, HAS_GIDX=zero, GROUP_ALIGNED=not zero,
-                  UPCAST=False, BLOCK_M=16 if "decode" in variant else 64, BLOCK_N=64 if "decode" in variant else 128,
-                  BLOCK_K=128 if "decode" in variant else 32)
-    sig = {"x_ptr": f"*{xdt}", "q_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp32", "perm_ptr": "*i32",
-           "gidx_ptr": "*i32", "y_ptr": f"*{xdt}"}
-    sig.update({n: "i32" for n in fn.arg_names if n not in sig and n not in consts})
-    sig.update({n: "constexpr" for n in consts})
-    src = ASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in consts.items()})
-    k = triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": 4, "num_stages": 3})
-    assert k.asm.get("cubin") and ("mma" in k.asm["ptx"])
+    targets (Triton's bundled LLVM and ptxas; no GPU or driver needed), in a fresh process where
+    TRITON_INTERPRET is unset (in this one an interpreted kernel may have left triton patched)."""
+    compile_ahead(_COMPILE_MATMUL, cap, xdt, variant)
 
 
 @pytest.mark.parametrize("cap,wdt,zero", [(90, "bf16", False), (80, "fp16", True)])
 def test_dequant_kernel_compiles_for_nvidia_targets(cap, wdt, zero):
-    import triton
-    from triton.compiler import ASTSource
-    try:
-        from triton.backends.compiler import GPUTarget
-    except ImportError:
-        pytest.skip("this triton has no GPUTarget")
-    from triton.runtime.jit import JITFunction
-    from polyquant.kernels import triton_w4a16 as tw
-    tw._import_triton()
-    fn = JITFunction(tw._dequant_kernel)
-    consts = dict(BITS=4, OFFSET=8, HAS_ZERO=zero, HAS_GIDX=zero, BLOCK_K=32, BLOCK_N=128)
-    sig = {"q_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp32", "gidx_ptr": "*i32", "w_ptr": f"*{wdt}"}
-    sig.update({n: "i32" for n in fn.arg_names if n not in sig and n not in consts})
-    sig.update({n: "constexpr" for n in consts})
-    src = ASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in consts.items()})
-    k = triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": 4})
-    assert k.asm.get("cubin")
+    compile_ahead(_COMPILE_DEQUANT, cap, wdt, str(int(zero)))

@@ -37,18 +37,23 @@ def _out_err(W, Q, X):
     return float(((W - Q) @ X.T).pow(2).sum())
 
 
-def _naive_gptq(W, H, bits, gs, sym, damp=0.01):
+def _naive_gptq(W, H, bits, gs, sym, damp=0.01, pending_block=None):
     """Straight from the paper: no lazy blocks, every column's error applied to all later columns
-    at once; a group's scale/zero from the current weights when the group starts."""
+    at once; a group's scale/zero from the current weights when the group starts, or with
+    ``pending_block=B`` (IST-DASLab/gptq's and GPTQModel's lazy-batch semantics) from the weights as
+    they stood when the current block of ``B`` columns began."""
     qt = int_qtype(bits, signed=sym)
     W = W.clone().double()
     H = H.double() + damp * torch.diagonal(H).double().mean() * torch.eye(H.shape[0], dtype=torch.float64)
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     inp = W.shape[1]
     Q = torch.zeros_like(W)
+    snap = W
     for c in range(inp):
+        if pending_block and c % pending_block == 0:
+            snap = W.clone()
         if c % gs == 0:
-            grp = W[:, c:c + gs]
+            grp = (snap if pending_block else W)[:, c:c + gs]
             if sym:
                 s = grp.abs().amax(1) / (2 ** (bits - 1) - 0.5)
                 z = None
@@ -69,7 +74,8 @@ def _naive_gptq(W, H, bits, gs, sym, damp=0.01):
 def test_config_defaults_validation_and_round_trip():
     c = GPTQConfig()
     assert (c.bits, c.group_size, c.sym, c.act_order, c.static_groups, c.damp_percent, c.block_size,
-            c.true_sequential, c.mse, c.act_group_aware) == (4, 128, True, False, False, 0.1, 128, True, False, None)
+            c.true_sequential, c.mse, c.act_group_aware, c.group_params) == (4, 128, True, False, False, 0.05, 128, True,
+                                                                             False, None, "pending")
     assert c.group_aware and not GPTQConfig(act_order=True).group_aware
     assert not GPTQConfig(static_groups=True).group_aware and not GPTQConfig(act_group_aware=False).group_aware
     assert config_from_dict(GPTQConfig(bits=3, act_order=True).to_dict()) == GPTQConfig(bits=3, act_order=True)
@@ -78,7 +84,7 @@ def test_config_defaults_validation_and_round_trip():
     for kw, field in [({"bits": 5}, "bits"), ({"bits": True}, "bits"), ({"group_size": 0}, "group_size"),
                       ({"damp_percent": 0}, "damp_percent"), ({"damp_percent": "x"}, "damp_percent"),
                       ({"block_size": 0}, "block_size"), ({"act_order": 1}, "act_order"),
-                      ({"mse_max_shrink": 1.0}, "mse_max_shrink")]:
+                      ({"mse_max_shrink": 1.0}, "mse_max_shrink"), ({"group_params": "stale"}, "group_params")]:
         with pytest.raises(ValueError, match=field):
             GPTQConfig(**kw)
 
@@ -90,13 +96,18 @@ def test_matches_a_naive_implementation(sym, gs):
     W, X, stats = _problem()
     naive = _naive_gptq(W, stats["H"], 3, gs, sym)
     for bs in (7, 128):
-        q = gptq_quantize(W, GPTQConfig(bits=3, group_size=gs, sym=sym, block_size=bs, scale_dtype="float32",
-                                        act_group_aware=False, damp_percent=0.01), stats).dequantize()
-        mismatch = (q - naive).abs() > 1e-4 * naive.abs().amax()
-        # float64 vs float32: a rounding tie decided the other way changes the rest of its row (the
-        # error feedback), never other rows; a wrong implementation differs in every row
-        assert int(mismatch.any(1).sum()) <= 1, int(mismatch.any(1).sum())
-        assert abs(_out_err(W, q, X) / _out_err(W, naive, X) - 1) < 0.01
+        for params in ("updated", "pending"):
+            ref = naive if params == "updated" else _naive_gptq(W, stats["H"], 3, gs, sym, pending_block=bs)
+            q = gptq_quantize(W, GPTQConfig(bits=3, group_size=gs, sym=sym, block_size=bs, scale_dtype="float32",
+                                            act_group_aware=False, damp_percent=0.01, group_params=params),
+                              stats).dequantize()
+            mismatch = (q - ref).abs() > 1e-4 * ref.abs().amax()
+            # float64 vs float32: a rounding tie decided the other way changes the rest of its row (the
+            # error feedback), never other rows; a wrong implementation differs in every row
+            assert int(mismatch.any(1).sum()) <= 1, (params, bs, int(mismatch.any(1).sum()))
+            assert abs(_out_err(W, q, X) / _out_err(W, ref, X) - 1) < 0.01
+    # the two differ where a group starts inside a lazy block (gs 32 / 40 inside blocks of 128)
+    assert (_naive_gptq(W, stats["H"], 3, gs, sym, pending_block=128) - naive).abs().amax() > 1e-3
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -137,11 +148,12 @@ def _held_out_problem(n_cal, out=48, inp=96, n_test=4096, seed=0, uneven=True):
 @pytest.mark.parametrize("uneven", [False, True])
 @pytest.mark.parametrize("bits", [3, 4])
 def test_default_dampening_generalizes_from_scarce_calibration(bits, uneven):
-    """The default damp_percent (0.1) is chosen for inputs the Hessian was not computed on. With
-    calibration inputs barely more than the columns (128 for 96), GPTQ at 0.01 fits them and is
-    worse than RTN on fresh inputs (measured, mean of 3 seeds: held-out error 0.82-0.97x RTN at
-    128 samples, 1.34-1.56x at 64); at 0.1 it is 0.80-0.81x at 128 and 0.96-1.08x at 64."""
-    assert GPTQConfig().damp_percent == 0.1
+    """The default damp_percent (0.05, GPTQModel's) is chosen for inputs the Hessian was not computed
+    on. With calibration inputs barely more than the columns (128 for 96), GPTQ at 0.01 fits them
+    (measured, mean of 3 seeds, held-out error / RTN's: 0.92-0.96 at 0.01, 0.82-0.85 at 0.05 with
+    even columns; 0.78-0.81 at both with uneven ones, where the pending group scales already
+    regularize)."""
+    assert GPTQConfig().damp_percent == 0.05
     ratios = {0.01: [], None: []}
     for seed in range(3):
         W, Xt, stats = _held_out_problem(128, seed=seed, uneven=uneven)
@@ -150,7 +162,27 @@ def test_default_dampening_generalizes_from_scarce_calibration(bits, uneven):
             cfg = GPTQConfig(bits=bits, group_size=32, **({} if damp is None else {"damp_percent": damp}))
             ratios[damp].append(_out_err(W, gptq_quantize(W, cfg, stats).dequantize(), Xt) / rtn)
     default, low = sum(ratios[None]) / 3, sum(ratios[0.01]) / 3
-    assert default < 0.85 and default < low - 0.005, (default, low)
+    assert default < 0.87, (default, low)
+    if not uneven:
+        assert default < low - 0.05, (default, low)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("damp", [0.01, 0.05])
+def test_pending_group_params_generalize_better_than_updated(bits, damp):
+    """Groups that start inside a lazy block take their scale from the pending weights (the
+    reference code's and GPTQModel's choice, the default) rather than the fully updated ones: on
+    held-out inputs (128 calibration samples for 96 columns, uneven columns, 3 seeds) the error is
+    lower (measured 0.78-0.81x RTN pending, 0.81-0.85x updated); end to end on the default model it
+    was 16.10 / 36.34 against 16.28 / 39.96 (pydoc / enwiki perplexity)."""
+    assert GPTQConfig().group_params == "pending"
+    r = {"pending": 0.0, "updated": 0.0}
+    for seed in range(3):
+        W, Xt, stats = _held_out_problem(128, seed=seed, uneven=True)
+        for gp in r:
+            cfg = GPTQConfig(bits=bits, group_size=32, damp_percent=damp, group_params=gp)
+            r[gp] += _out_err(W, gptq_quantize(W, cfg, stats).dequantize(), Xt)
+    assert r["pending"] < 0.995 * r["updated"], r
 
 
 def test_symmetric_scale_is_gptq_convention():
