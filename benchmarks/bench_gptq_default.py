@@ -66,6 +66,8 @@ def main() -> None:
                     help="calibration forwards: auto (bf16 on CUDA, float32 on CPU), float32, bfloat16")
     ap.add_argument("--scale-dtype", choices=("float16", "bfloat16", "float32"),
                     help="GPTQ scale_dtype (default: the config's, float16)")
+    ap.add_argument("--scale-rounding", choices=("pack", "loop"),
+                    help="GPTQ scale_rounding (default: the config's, pack)")
     ap.add_argument("--damp", type=float, default=None, help="GPTQ damp_percent (default: the config's)")
     ap.add_argument("--kernels", default="auto", help="comma-separated kernels to evaluate with")
     ap.add_argument("--save", default=None, help="save the quantized model here (gptq format)")
@@ -94,6 +96,8 @@ def main() -> None:
             extra = {} if a.damp is None else {"damp_percent": a.damp}
             if a.scale_dtype:
                 extra["scale_dtype"] = a.scale_dtype
+            if a.scale_rounding:
+                extra["scale_rounding"] = a.scale_rounding
             cfg = GPTQConfig(bits=a.bits, group_size=a.group_size, sym=not a.asym, act_order=a.act_order, mse=a.mse,
                              true_sequential=not a.no_true_sequential, static_groups=a.static_groups,
                              act_group_aware=True if a.gar else (False if a.no_gar else None), **extra)
@@ -129,7 +133,7 @@ def main() -> None:
                "calib_autocast": (q.polyquant.extra.get("calibration") or {}).get("autocast") if cfg is not None else None,
                "static_groups": a.static_groups, "mse": a.mse,
                "damp": getattr(cfg, "damp_percent", None), "group_params": getattr(cfg, "group_params", None),
-               "scale_dtype": getattr(cfg, "scale_dtype", None),
+               "scale_dtype": getattr(cfg, "scale_dtype", None), "scale_rounding": getattr(cfg, "scale_rounding", None),
                "true_sequential": not a.no_true_sequential, "n_samples": a.n_samples, "seqlen": a.seqlen, "seed": a.seed,
                "threads": a.threads, "quant_seconds": round(quant_s, 1),
                "quant_cpu_seconds": round(quant_cpu, 1),

@@ -74,8 +74,8 @@ def _naive_gptq(W, H, bits, gs, sym, damp=0.01, pending_block=None):
 def test_config_defaults_validation_and_round_trip():
     c = GPTQConfig()
     assert (c.bits, c.group_size, c.sym, c.act_order, c.static_groups, c.damp_percent, c.block_size,
-            c.true_sequential, c.mse, c.act_group_aware, c.group_params) == (4, 128, True, False, False, 0.05, 128, True,
-                                                                             False, None, "pending")
+            c.true_sequential, c.mse, c.act_group_aware, c.group_params, c.scale_dtype,
+            c.scale_rounding) == (4, 128, True, False, False, 0.05, 128, True, False, None, "pending", "float16", "pack")
     assert c.group_aware and not GPTQConfig(act_order=True).group_aware
     assert not GPTQConfig(static_groups=True).group_aware and not GPTQConfig(act_group_aware=False).group_aware
     assert config_from_dict(GPTQConfig(bits=3, act_order=True).to_dict()) == GPTQConfig(bits=3, act_order=True)
@@ -84,7 +84,8 @@ def test_config_defaults_validation_and_round_trip():
     for kw, field in [({"bits": 5}, "bits"), ({"bits": True}, "bits"), ({"group_size": 0}, "group_size"),
                       ({"damp_percent": 0}, "damp_percent"), ({"damp_percent": "x"}, "damp_percent"),
                       ({"block_size": 0}, "block_size"), ({"act_order": 1}, "act_order"),
-                      ({"mse_max_shrink": 1.0}, "mse_max_shrink"), ({"group_params": "stale"}, "group_params")]:
+                      ({"mse_max_shrink": 1.0}, "mse_max_shrink"), ({"group_params": "stale"}, "group_params"),
+                      ({"scale_rounding": "late"}, "scale_rounding")]:
         with pytest.raises(ValueError, match=field):
             GPTQConfig(**kw)
 
@@ -195,13 +196,22 @@ def test_symmetric_scale_is_gptq_convention():
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_scales_are_chosen_on_the_stored_dtype_grid(dtype):
-    # codes are computed against the scale a checkpoint stores, so saving loses nothing
+@pytest.mark.parametrize("rounding", ["pack", "loop"])
+def test_scales_are_chosen_on_the_stored_dtype_grid(dtype, rounding):
+    # the returned weight holds the scales a checkpoint stores, so saving loses nothing
     W, X, stats = _problem()
-    for kw in ({}, {"act_order": True, "sym": False}, {"group_size": -1, "mse": True}):
-        q = gptq_quantize(W, GPTQConfig(bits=4, **{"group_size": 32, **kw}, scale_dtype=dtype), stats)
+    for kw in ({}, {"act_order": True, "sym": False}, {"group_size": -1, "mse": True}, {"static_groups": True}):
+        cfg = GPTQConfig(bits=4, **{"group_size": 32, **kw}, scale_dtype=dtype, scale_rounding=rounding)
+        q = gptq_quantize(W, cfg, stats)
         dt = getattr(torch, dtype)
         assert q.scale.dtype == torch.float32 and torch.equal(q.scale.to(dt).float(), q.scale)
+        exact = gptq_quantize(W, cfg.replace(scale_dtype="float32"), stats)
+        if rounding == "pack":
+            # GPTQModel's rule: the loop runs on the float32 scales, which are rounded once at the end
+            assert torch.equal(q.codes, exact.codes) and torch.equal(q.scale, exact.scale.to(dt).float())
+            assert q.zero is None or torch.equal(q.zero, exact.zero)
+        elif not kw:  # rounded as chosen: the error feedback sees the stored scale, so the codes drift apart
+            assert not torch.equal(q.codes, exact.codes)
     assert GPTQConfig().scale_dtype == "float16"
     with pytest.raises(ValueError, match="scale_dtype"):
         GPTQConfig(scale_dtype="int8")
