@@ -1,7 +1,7 @@
 """GPTQ on the default model (SmolLM2-135M): quantization wall time, peak RSS, perplexity in and
 out of the calibration domain.
 
-    python benchmarks/bench_gptq_default.py --method gptq --bits 4 --group-size 64 --n-samples 128
+    python benchmarks/bench_gptq_default.py --method gptq --bits 4 --group-size 64
     python benchmarks/bench_gptq_default.py --method rtn --bits 4 --group-size 64
     python benchmarks/bench_gptq_default.py --method gptq --calib pydoc --texts pydoc,enwiki --windows 40
     python benchmarks/bench_gptq_default.py --method awq --calib mix --texts pydoc,enwiki
@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--act-order", action="store_true")
     ap.add_argument("--mse", action="store_true")
     ap.add_argument("--no-true-sequential", action="store_true")
-    ap.add_argument("--n-samples", type=int, default=128)
+    ap.add_argument("--n-samples", type=int, default=32, help="calibration windows (the #21 protocol: 32 x 512)")
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--weights-bf16", action="store_true",

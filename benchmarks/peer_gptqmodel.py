@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--desc-act", action="store_true")
-    ap.add_argument("--n-samples", type=int, default=128)
+    ap.add_argument("--n-samples", type=int, default=32, help="calibration windows (the #21 protocol: 32 x 512)")
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0, help="calibration windows' seed (polyquant.calibration_data)")

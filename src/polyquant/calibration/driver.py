@@ -12,7 +12,9 @@
    with the earlier groups already quantized; a statistics pass stops as soon as the group's
    Linears have seen their input. During calibration a quantized Linear computes with its exact
    dequantized weight; the block's outputs, recomputed that way, are the next block's inputs.
-   Then the Linears become ``QuantLinear``.
+   Across these passes the block's children and quantized stand-ins whose inputs and weights did
+   not change give their earlier outputs instead of recomputing them (``memo.py``; bit-identical,
+   on the default model with the blocked Hessian 116 -> 79 s at one thread). Then the Linears become ``QuantLinear``.
 3. Linears outside the blocks (e.g. ``lm_head`` when asked) are calibrated last, from one forward
    whose blocks replay the recorded final hidden states.
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -42,6 +45,7 @@ from polyquant.calibration.arch import block_groups
 from polyquant.calibration.capture import _capture, _model_forward, _move, _patched_forwards, _run_block, _split, _Stop
 from polyquant.calibration.checkpoint import ResumeState, run_key
 from polyquant.calibration.data import as_samples
+from polyquant.calibration.memo import BlockMemo
 from polyquant.calibration.stats import collector_factory
 from polyquant.nn.quantize import make_quant_linear, replace_module
 from polyquant.nn.quant_linear import QuantLinear
@@ -140,9 +144,10 @@ class _FakeQuant(nn.Module):
 # -- capture -------------------------------------------------------------------------------
 # -- per block -----------------------------------------------------------------------------
 def _collect(blk: nn.Module, lins: dict[str, nn.Module], factory, inps: list[torch.Tensor], recs: list,
-             autocast: torch.dtype | None = None) -> dict:
+             autocast: torch.dtype | None = None, memo: BlockMemo | None = None) -> dict:
     """Run the block on every input with hooks on ``lins``; returns ``{name: collector}``.
-    A forward stops once all of ``lins`` have seen their input."""
+    A forward stops once all of ``lins`` have seen their input. With ``memo`` the block's children
+    that did not change since an earlier pass give their earlier outputs (``memo.py``)."""
     collectors: dict[str, Any] = {}
     want = set(lins)
     state: dict[str, Any] = {}
@@ -166,9 +171,13 @@ def _collect(blk: nn.Module, lins: dict[str, nn.Module], factory, inps: list[tor
         return hook
 
     handles = [lin.register_forward_pre_hook(make_hook(name), with_kwargs=True) for name, lin in lins.items()]
+    if memo is not None:
+        memo.hooked = {id(m) for m in lins.values()}
     try:
-        for h, rec in zip(inps, recs):
+        for j, (h, rec) in enumerate(zip(inps, recs)):
             state.update(alive={}, fed=set(), seen=set())
+            if memo is not None:
+                memo.sample = j
             try:
                 _run_block(blk, h, rec, autocast)
             except _Stop:
@@ -177,6 +186,8 @@ def _collect(blk: nn.Module, lins: dict[str, nn.Module], factory, inps: list[tor
         for hd in handles:
             hd.remove()
         state.clear()
+        if memo is not None:
+            memo.hooked, memo.sample = set(), None
     return collectors
 
 
@@ -303,7 +314,8 @@ def _process_block(model, blk, i, lins, spec, config, factory, true_seq, inps, r
     qws: dict[str, QuantizedWeight] = {}
     errs: dict[str, float] = {}
     block_fn = spec.quantize_block if lins else None
-    snapshot = floats = None
+    snapshot = floats = reuse = None
+    stack = ExitStack()
     if callable(block_fn):  # the method may change float modules of the block: keep a copy
         snapshot = {k: v.detach().clone() for k, v in blk.state_dict().items()}
     try:
@@ -334,10 +346,11 @@ def _process_block(model, blk, i, lins, spec, config, factory, true_seq, inps, r
             for name, qw in qws.items():
                 _swap_in_fake(blk, name, qw, lins[name])
         else:
+            reuse = stack.enter_context(BlockMemo(blk)) if lins and true_seq else None
             names = [n for n, _ in blk.named_modules() if n in lins]  # module order
             for group in block_groups(model, names, true_seq):
                 group_lins = {n: blk.get_submodule(n) for n in group.names}
-                collectors = _collect(blk, group_lins, factory, inps, recs, autocast)
+                collectors = _collect(blk, group_lins, factory, inps, recs, autocast, reuse)
                 for name in group.names:
                     if name not in collectors:
                         raise ValueError(f"block {i}: {name} received no calibration input")
@@ -347,10 +360,18 @@ def _process_block(model, blk, i, lins, spec, config, factory, true_seq, inps, r
                     errs[name] = _relative_error(lin.weight.data, qw, stats)
                     qws[name] = qw
                     _swap_in_fake(blk, name, qw, lin)
+                    if reuse is not None:
+                        reuse.wrap(name, blk.get_submodule(name))
                 del collectors
+        if reuse is not None:
+            reuse.keep = False
         for j in range(len(inps)):
+            if reuse is not None:
+                reuse.sample = j
             inps[j] = _run_block(blk, inps[j], recs[j], autocast)
+        stack.close()
     except BaseException:
+        stack.close()
         for name, lin in originals.items():  # leave the block as it was
             replace_module(blk, name, lin)
         if snapshot is not None:

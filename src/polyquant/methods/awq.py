@@ -145,7 +145,7 @@ class AWQCollector(HessianCollector):
     def result(self) -> dict:
         if self._result is None:
             x_mean = (self.abs_sum / max(self.n, 1)).float()
-            self._result = {"H": self.H, "x_mean": x_mean, "n": self.n}
+            self._result = {**super().result(), "x_mean": x_mean}  # super() fills H's lower blocks
         return self._result
 
 

@@ -39,9 +39,10 @@ remaining gap to GPTQModel out of domain comes mostly from its bf16 weights and 
 polyquant keeps exact fp32 by default (``Calibration.autocast``).
 Scales are rounded to the stored float16 when the weight is finished (``scale_rounding="pack"``,
 GPTQModel's rule: it rounds when packing), not as each is chosen (``"loop"``, the former default):
-same setting, seeds 0 / 1, pydoc / enwiki 16.26 / 35.17 and 16.40 / 35.10 pack, 16.10 / 36.34 and
-16.29 / 36.13 loop, 16.23 / 34.79 and 16.20 / 35.24 unrounded float32 scales (GPTQModel 16.15 / 34.61
-and 16.23 / 34.27).
+same setting, seeds 0 / 1 / 2, pydoc / enwiki 16.27 / 35.11, 16.19 / 34.27, 16.41 / 34.99 pack
+(means 16.29 / 34.79), 16.10 / 36.34, 16.29 / 36.13, 16.58 / 36.66 loop (16.32 / 36.38), seed 0
+16.23 / 34.79 with unrounded float32 scales; GPTQModel 16.15 / 34.61, 16.23 / 34.27, 16.44 / 35.13
+(16.27 / 34.67).
 
 Thread count: the factorisation, the inverse and the column loop run on one thread, so a given
 weight and Hessian give the same codes at any torch thread count (tested), and a tiny model gives

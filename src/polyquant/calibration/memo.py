@@ -1,0 +1,160 @@
+"""Reuse of a block's sub-module outputs across the true-sequential passes of one block.
+
+True-sequential calibration runs a block's inputs through it once per group of Linears and once
+more for its outputs: on a Llama block the attention runs four times per sample (for o_proj's,
+gate/up's and down's statistics and for the outputs) although from the gate/up pass on its
+weights and inputs no longer change. :class:`BlockMemo` wraps the block's direct children that
+hold Linears (``self_attn``, ``mlp``, ...) and each quantized Linear's stand-in as it is swapped in
+(so q/k/v and gate/up, quantized in one pass, are not recomputed in the next): a call whose inputs equal the last ones for that sample
+(compared exactly, ``torch.equal``), under the same autocast, with the child's modules, parameters
+and buffers unchanged (module identity plus each tensor's in-place version counter), returns the
+output it gave then, provided neither that output nor the kept inputs were changed in place since
+(their version counters again); anything else runs the child. Nothing is copied. The result is the one recomputation
+would give, bit for bit: a deterministic forward of equal inputs and weights.
+
+Changes made through ``tensor.data`` bypass the version counters and are not seen: the memo
+serves the driver's own group loop, where the only change to a block is the swap of a quantized
+Linear's stand-in (methods that edit float modules, ``spec.quantize_block``, run without it).
+
+A child is never skipped while it contains a Linear whose statistics hook is active, nor when an
+argument is an object the memo cannot compare (a KV cache, say: it may be mutated by the call).
+Entries are kept within ``budget_bytes`` (inputs and outputs); beyond it the children simply run.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+#: bytes of cached inputs and outputs one block may hold (beyond this the children simply run)
+DEFAULT_BUDGET = 2 << 30
+
+_PLAIN = (type(None), bool, int, float, str, torch.dtype, torch.device)
+
+
+def _comparable(leaves: list) -> bool:
+    return all(isinstance(x, (torch.Tensor, *_PLAIN)) for x in leaves)
+
+
+def _same(a: list, b: list) -> bool:
+    for x, y in zip(a, b):
+        if isinstance(x, torch.Tensor):
+            if not isinstance(y, torch.Tensor):
+                return False
+            if x is y:
+                continue
+            if x.shape != y.shape or x.dtype != y.dtype or x.device != y.device or not torch.equal(x, y):
+                return False
+        elif type(x) is not type(y) or x != y:
+            return False
+    return True
+
+
+def _nbytes(leaves: list) -> int:
+    return sum(x.numel() * x.element_size() for x in leaves if isinstance(x, torch.Tensor))
+
+
+class BlockMemo:
+    """Install on a block with ``with BlockMemo(blk) as memo:``; set ``memo.sample`` to the index
+    of the calibration sample before each block forward, ``memo.hooked`` to the Linears whose
+    statistics hooks are active for the pass and ``memo.keep = False`` for the last pass (nothing
+    kept then could be used). Removes its wrappers on exit. Keeping a child's call drops the kept
+    calls of the modules inside it for that sample: they are reached only through it."""
+
+    def __init__(self, blk: nn.Module, budget_bytes: int = DEFAULT_BUDGET) -> None:
+        self.blk = blk
+        self.budget = int(budget_bytes)
+        self.used = 0
+        self.sample: int | None = None
+        self.hooked: set[int] = set()
+        self.keep = True  # False for the block's last pass: look up, keep nothing new
+        self.hits = self.misses = 0
+        self._cache: dict[tuple[str, int], tuple] = {}
+        self._wrapped: list[tuple[nn.Module, bool, Any]] = []
+
+    # -- install / remove --------------------------------------------------------------------------
+    def __enter__(self) -> "BlockMemo":
+        for name, child in self.blk.named_children():
+            if isinstance(child, nn.Linear) or not any(
+                    getattr(m, "weight", None) is not None and getattr(m.weight, "dim", lambda: 0)() == 2
+                    for m in child.modules()):
+                continue  # a bare Linear is itself swapped when quantized; norms are cheap
+            self.wrap(name, child)
+        return self
+
+    def wrap(self, name: str, module: nn.Module) -> None:
+        """Memoize ``module`` (``name`` relative to the block) too: the driver calls it for each
+        quantized Linear's stand-in as it is swapped in, so that later passes reuse its output."""
+        had = "forward" in module.__dict__
+        old = module.__dict__.get("forward")
+        module.forward = self._wrap(name, module, module.forward)
+        self._wrapped.append((module, had, old))
+
+    def __exit__(self, *exc) -> None:
+        for child, had, old in self._wrapped:
+            if had:
+                child.forward = old
+            else:
+                del child.forward
+        self._wrapped.clear()
+        self._cache.clear()
+        self.used = 0
+
+    # -- the wrapper -------------------------------------------------------------------------------
+    @staticmethod
+    def _state(child: nn.Module, device_type: str) -> tuple:
+        mods = tuple(id(m) for m in child.modules())
+        tensors = tuple((id(t), t._version) for t in (*child.parameters(), *child.buffers()))
+        amp = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+               if torch.is_autocast_enabled(device_type) else None)
+        return mods, tensors, amp, torch.is_grad_enabled()
+
+    def _wrap(self, name: str, child: nn.Module, forward):
+        def memo_forward(*args, **kwargs):
+            j = self.sample
+            if j is None or any(id(m) in self.hooked for m in child.modules()):
+                return forward(*args, **kwargs)
+            leaves, spec = tree_flatten((args, kwargs))
+            if not _comparable(leaves):
+                return forward(*args, **kwargs)
+            dev = next((x.device.type for x in leaves if isinstance(x, torch.Tensor)), "cpu")
+            state = self._state(child, dev)
+            hit = self._cache.get((name, j))
+            if (hit is not None and hit.state == state and hit.spec == spec and hit.intact()
+                    and _same(hit.inputs, leaves)):
+                self.hits += 1
+                return hit.out
+            self.misses += 1
+            out = forward(*args, **kwargs)
+            out_leaves, _ = tree_flatten(out)
+            if hit is not None:
+                self.used -= hit.size
+                del self._cache[(name, j)]
+            if self.keep and _comparable(out_leaves) and self._state(child, dev) == state:
+                for key in [k for k in self._cache if k[1] == j and k[0].startswith(name + ".")]:
+                    self.used -= self._cache.pop(key).size  # inside this call: reached only through it now
+                size = _nbytes(leaves) + _nbytes(out_leaves)
+                if self.used + size <= self.budget:
+                    self._cache[(name, j)] = _Entry(state, spec, leaves, out, out_leaves, size, child)
+                    self.used += size
+            return out
+        return memo_forward
+
+
+class _Entry:
+    """One kept call: the inputs and the output by reference, with their in-place version counters
+    (a tensor changed in place since, by the caller or anyone, makes the entry stale), and the
+    child's modules and tensors (kept alive, so that their ids in ``state`` stay unique)."""
+
+    __slots__ = ("state", "spec", "inputs", "out", "size", "_versions", "_tensors", "_alive")
+
+    def __init__(self, state, spec, inputs, out, out_leaves, size, child):
+        self.state, self.spec, self.inputs, self.out, self.size = state, spec, inputs, out, size
+        self._tensors = [x for x in (*inputs, *out_leaves) if isinstance(x, torch.Tensor)]
+        self._versions = [t._version for t in self._tensors]
+        self._alive = (list(child.modules()), list(child.parameters()), list(child.buffers()))
+
+    def intact(self) -> bool:
+        return all(t._version == v for t, v in zip(self._tensors, self._versions))
