@@ -112,10 +112,24 @@ def test_driver_checkpoints_are_bit_identical_with_and_without_the_memo(make, mo
             hits.append(self.hits)
             return super().__exit__(*exc)
 
+    runs = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting_sdpa(*args, **kwargs):
+        runs.append(1)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
     monkeypatch.setattr(driver, "BlockMemo", Recording)
-    on = polyquant.quantize(make(layers=2), cfg, calibration=calib, show_progress=False, kernel="reference")
-    # per block: the attention's output reused twice and q/k/v, gate/up's once, per sample
-    assert hits and all(h >= 4 * (2 + 3 + 2) for h in hits), hits
+    model = make(layers=2)
+    assert model.config._attn_implementation == "sdpa"
+    on = polyquant.quantize(model, cfg, calibration=calib, show_progress=False, kernel="reference")
+    # per block: the attention module's output reused twice, its attention core once (in the
+    # gate/up pass, where o_proj's stand-in makes the module run), q/k/v and gate/up once, per sample
+    assert hits and all(h >= 4 * (2 + 1 + 3 + 2) for h in hits), hits
+    assert torch.nn.functional.scaled_dot_product_attention is counting_sdpa  # restored on exit
+    with_memo = len(runs)
+    runs.clear()
 
     class Off:
         def __init__(self, blk):
@@ -129,6 +143,9 @@ def test_driver_checkpoints_are_bit_identical_with_and_without_the_memo(make, mo
 
     monkeypatch.setattr(driver, "BlockMemo", Off)
     off = polyquant.quantize(make(layers=2), cfg, calibration=calib, show_progress=False, kernel="reference")
+    # the attention core ran once per sample and block (the o_proj pass), not four times (the
+    # passes for o_proj, gate/up, down and the outputs); the capture's own forward aside
+    assert len(runs) - with_memo == 4 * 2 * 3 and with_memo <= 4 * 2 + 1, (len(runs), with_memo)
     a = {n: m.quantized_weight for n, m in on.named_modules() if isinstance(m, QuantLinear)}
     b = {n: m.quantized_weight for n, m in off.named_modules() if isinstance(m, QuantLinear)}
     assert set(a) == set(b) and len(a) == 14
@@ -152,3 +169,117 @@ def test_last_pass_keeps_nothing_and_a_kept_child_drops_what_is_inside_it():
         memo.sample = 1
         blk.sub(x)
         assert set(memo._cache) == {("sub", 0)} and memo.used == memo._cache[("sub", 0)].size
+
+
+class _Attn(nn.Module):
+    """Two attention-core calls per forward (ranks 0 and 1 in this module's scope)."""
+
+    def __init__(self, dropout=0.0):
+        super().__init__()
+        self.q = nn.Linear(8, 8)
+        self.dropout = dropout
+
+    def forward(self, x):
+        q = self.q(x).view(1, 2, -1, 4)
+        k = v = x.view(1, 2, -1, 4)
+        F = torch.nn.functional
+        a = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout)
+        b = F.scaled_dot_product_attention(k, q, v, dropout_p=self.dropout)
+        return (a + 2 * b).reshape(x.shape)
+
+
+class _AttnBlock(nn.Module):
+    def __init__(self, dropout=0.0):
+        super().__init__()
+        self.attn = _Attn(dropout)
+        self.out = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.out(self.attn(x))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_the_attention_core_is_reused_only_for_equal_inputs_and_without_dropout(dropout, monkeypatch):
+    runs = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        runs.append(1)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    torch.manual_seed(0)
+    blk, x, y = _AttnBlock(dropout), torch.randn(6, 8), torch.randn(6, 8)
+    with torch.no_grad(), BlockMemo(blk) as memo:
+        memo.hooked = {id(blk.attn.q)}           # the module runs (a hook inside); its core may be kept
+        memo.sample = 0
+        first = blk(x)
+        memo.sample = 1
+        blk(y)
+        assert len(runs) == 4
+        memo.sample = 0
+        again = blk(x)
+        if dropout:                              # not a pure function: never reused
+            assert len(runs) == 6
+        else:
+            assert len(runs) == 4 and torch.equal(first, again)   # both ranks reused
+            with torch.no_grad():
+                blk.attn.q.weight.add_(1.0)      # q changes: rank 0 recomputed; rank 1 too (q is its key)
+            memo.sample = 0
+            changed = blk(x)
+            assert len(runs) == 6
+            memo_off = torch.nn.functional.scaled_dot_product_attention
+    assert torch.nn.functional.scaled_dot_product_attention is counting  # restored
+    if not dropout:
+        assert memo_off is not counting
+        with torch.no_grad():
+            assert torch.equal(changed, blk(x))  # what recomputation gives
+
+
+class _Recorder:
+    """A collector that is not shared: it keeps every input it is given."""
+
+    def __init__(self):
+        self.xs = []
+
+    def add(self, x):
+        self.xs.append(x.clone())
+
+
+class _Siblings(nn.Module):
+    def __init__(self, twice=False):
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(8, 4)
+        self.twice = twice
+        self.calls = {"q": 0, "k": 0, "v": 0}
+        for n in self.calls:
+            getattr(self, n).register_forward_hook(lambda m, a, o, n=n: self.calls.__setitem__(n, self.calls[n] + 1))
+
+    def forward(self, h):
+        x = self.norm(h)
+        q = self.q(x)
+        if self.twice:
+            q = self.q(q)                        # q called again on another input: no siblings
+        return q + torch.cat([self.k(x), self.v(x)], -1)
+
+
+@pytest.mark.parametrize("twice", [False, True])
+def test_linears_sharing_an_input_are_fed_together_and_only_the_first_sample_runs_them(twice):
+    torch.manual_seed(0)
+    blk = _Siblings(twice)
+    inps = [torch.randn(5, 8) for _ in range(4)]
+    lins = {n: getattr(blk, n) for n in ("q", "k", "v")}
+    with torch.no_grad():
+        got = driver._collect(blk, lins, lambda mod: _Recorder(), inps, [("arg", (), {})] * 4)
+        xs = [blk.norm(h) for h in inps]
+        qx = [blk.q(x) for x in xs]
+    for n in ("k", "v"):
+        assert len(got[n].xs) == 4 and all(torch.equal(a, b) for a, b in zip(got[n].xs, xs)), n
+    if twice:   # every call of q seen, on every sample; k, v still fed once per sample
+        assert len(got["q"].xs) == 8
+        assert all(torch.equal(got["q"].xs[2 * j], xs[j]) and torch.equal(got["q"].xs[2 * j + 1], qx[j])
+                   for j in range(4))
+    else:       # q, k, v: one input; from the second sample on the forward stops at q's input
+        assert len(got["q"].xs) == 4 and all(torch.equal(a, b) for a, b in zip(got["q"].xs, xs))
+        assert blk.calls == {"q": 1 + 4, "k": 1, "v": 0}, blk.calls   # (+ 4: the test's own qx)

@@ -12,9 +12,11 @@
    with the earlier groups already quantized; a statistics pass stops as soon as the group's
    Linears have seen their input. During calibration a quantized Linear computes with its exact
    dequantized weight; the block's outputs, recomputed that way, are the next block's inputs.
-   Across these passes the block's children and quantized stand-ins whose inputs and weights did
-   not change give their earlier outputs instead of recomputing them (``memo.py``; bit-identical,
-   with the blocked Hessian the default model calibrates in 79 s at one thread, GPTQModel in 72 s). Then the Linears become ``QuantLinear``.
+   Linears that got the same input tensor on a pass's first sample (q/k/v, gate/up) are fed
+   together from the second sample on, so the pass stops at the first of them. Across these
+   passes the block's children, quantized stand-ins and attention cores whose inputs and weights
+   did not change give their earlier outputs instead of recomputing them (``memo.py``;
+   bit-identical). Then the Linears become ``QuantLinear``.
 3. Linears outside the blocks (e.g. ``lm_head`` when asked) are calibrated last, from one forward
    whose blocks replay the recorded final hidden states.
 
@@ -146,26 +148,40 @@ class _FakeQuant(nn.Module):
 def _collect(blk: nn.Module, lins: dict[str, nn.Module], factory, inps: list[torch.Tensor], recs: list,
              autocast: torch.dtype | None = None, memo: BlockMemo | None = None) -> dict:
     """Run the block on every input with hooks on ``lins``; returns ``{name: collector}``.
-    A forward stops once all of ``lins`` have seen their input. With ``memo`` the block's children
-    that did not change since an earlier pass give their earlier outputs (``memo.py``)."""
+    A forward stops once all of ``lins`` have seen their input. Linears that got the very same
+    input tensor on the first sample (q/k/v of one norm's output, gate/up) are siblings: from the
+    second sample on, the first of them to see its input feeds the others too, so the forward stops
+    there (q's and k's, gate's products are not computed for nothing). With ``memo`` the block's
+    children that did not change since an earlier pass give their earlier outputs (``memo.py``)."""
     collectors: dict[str, Any] = {}
     want = set(lins)
     state: dict[str, Any] = {}
+    first: dict[str, int] = {}     # sample 0: the input each Linear got (by id)
+    siblings: dict[str, list] = {}  # from sample 1 on: the Linears that got the same input object
+
+    def feed(name, mod, x):
+        alive, fed = state["alive"], state["fed"]
+        c = collectors.get(name)
+        if c is None:
+            other = alive.get(id(x))
+            c = other[1] if other is not None and getattr(other[1], "shareable", False) else factory(mod)
+            collectors[name] = c
+        alive.setdefault(id(x), (x, c))  # keeps x alive, so its id stays unique this forward
+        if (id(c), id(x)) not in fed:
+            c.add(x)
+            fed.add((id(c), id(x)))
+        state["seen"].add(name)
 
     def make_hook(name):
         def hook(mod, args, kwargs):
             x = args[0] if args else kwargs["input"]
-            alive, fed, seen = state["alive"], state["fed"], state["seen"]
-            c = collectors.get(name)
-            if c is None:
-                other = alive.get(id(x))
-                c = other[1] if other is not None and getattr(other[1], "shareable", False) else factory(mod)
-                collectors[name] = c
-            alive.setdefault(id(x), (x, c))  # keeps x alive, so its id stays unique this forward
-            if (id(c), id(x)) not in fed:
-                c.add(x)
-                fed.add((id(c), id(x)))
-            seen.add(name)
+            seen = state["seen"]
+            feed(name, mod, x)
+            if state["j"] == 0:  # a Linear called twice in one forward has no siblings
+                first[name] = None if name in first else id(x)
+            for other in siblings.get(name, ()):
+                if other not in seen:  # q's input is k's and v's: their forwards need not run
+                    feed(other, lins[other], x)
             if seen == want:
                 raise _Stop
         return hook
@@ -175,13 +191,16 @@ def _collect(blk: nn.Module, lins: dict[str, nn.Module], factory, inps: list[tor
         memo.hooked = {id(m) for m in lins.values()}
     try:
         for j, (h, rec) in enumerate(zip(inps, recs)):
-            state.update(alive={}, fed=set(), seen=set())
+            state.update(alive={}, fed=set(), seen=set(), j=j)
             if memo is not None:
                 memo.sample = j
             try:
                 _run_block(blk, h, rec, autocast)
             except _Stop:
                 pass
+            if j == 0:
+                siblings.update({a: [b for b in lins if b != a and first.get(b) == ia]
+                                 for a, ia in first.items() if ia is not None})
     finally:
         for hd in handles:
             hd.remove()

@@ -19,6 +19,13 @@ Linear's stand-in (methods that edit float modules, ``spec.quantize_block``, run
 A child is never skipped while it contains a Linear whose statistics hook is active, nor when an
 argument is an object the memo cannot compare (a KV cache, say: it may be mutated by the call).
 Entries are kept within ``budget_bytes`` (inputs and outputs); beyond it the children simply run.
+
+Pure functions get the same treatment (:data:`PURE_FUNCTIONS`: ``scaled_dot_product_attention``
+without dropout): once o_proj's stand-in replaces it, the attention module runs again in the
+gate/up pass for o_proj's new output, but the attention core over unchanged q, k and v is the one
+the o_proj pass computed. A call is keyed by the wrapped module it runs inside and its rank among
+that module's calls of the function in the forward, so keeping the module drops it as it drops
+the module's children.
 """
 from __future__ import annotations
 
@@ -32,6 +39,16 @@ from torch.utils._pytree import tree_flatten
 DEFAULT_BUDGET = 2 << 30
 
 _PLAIN = (type(None), bool, int, float, str, torch.dtype, torch.device)
+
+
+def _sdpa_pure(args: tuple, kwargs: dict) -> bool:
+    p = kwargs.get("dropout_p", args[4] if len(args) > 4 else 0.0)
+    return p == 0.0
+
+
+#: ``(namespace, attribute, is_pure(args, kwargs))``: functions replaced by a memoized wrapper while
+#: a memo is installed (looked up at call time by their callers, as transformers' sdpa path does)
+PURE_FUNCTIONS: tuple = ((torch.nn.functional, "scaled_dot_product_attention", _sdpa_pure),)
 
 
 def _comparable(leaves: list) -> bool:
@@ -63,16 +80,32 @@ class BlockMemo:
     kept then could be used). Removes its wrappers on exit. Keeping a child's call drops the kept
     calls of the modules inside it for that sample: they are reached only through it."""
 
-    def __init__(self, blk: nn.Module, budget_bytes: int = DEFAULT_BUDGET) -> None:
+    def __init__(self, blk: nn.Module, budget_bytes: int = DEFAULT_BUDGET,
+                 functions: tuple = PURE_FUNCTIONS) -> None:
         self.blk = blk
         self.budget = int(budget_bytes)
         self.used = 0
-        self.sample: int | None = None
+        self._sample: int | None = None
+        self._functions = functions
+        self._patched: list[tuple[Any, str, Any]] = []
+        self._scope: list[str] = [""]  # the wrapped modules running now (innermost last)
+        self._ranks: dict[tuple[str, str], int] = {}  # (scope, function) -> calls so far this forward
         self.hooked: set[int] = set()
         self.keep = True  # False for the block's last pass: look up, keep nothing new
         self.hits = self.misses = 0
         self._cache: dict[tuple[str, int], tuple] = {}
         self._wrapped: list[tuple[nn.Module, bool, Any]] = []
+
+    @property
+    def sample(self) -> int | None:
+        """The calibration sample the next block forward runs (None: no reuse)."""
+        return self._sample
+
+    @sample.setter
+    def sample(self, j: int | None) -> None:
+        self._sample = j
+        self._ranks.clear()
+        del self._scope[1:]
 
     # -- install / remove --------------------------------------------------------------------------
     def __enter__(self) -> "BlockMemo":
@@ -82,6 +115,10 @@ class BlockMemo:
                     for m in child.modules()):
                 continue  # a bare Linear is itself swapped when quantized; norms are cheap
             self.wrap(name, child)
+        for ns, attr, pure in self._functions:
+            fn = getattr(ns, attr)
+            self._patched.append((ns, attr, fn))
+            setattr(ns, attr, self._wrap_function(attr, fn, pure))
         return self
 
     def wrap(self, name: str, module: nn.Module) -> None:
@@ -93,6 +130,9 @@ class BlockMemo:
         self._wrapped.append((module, had, old))
 
     def __exit__(self, *exc) -> None:
+        for ns, attr, fn in reversed(self._patched):
+            setattr(ns, attr, fn)
+        self._patched.clear()
         for child, had, old in self._wrapped:
             if had:
                 child.forward = old
@@ -107,18 +147,21 @@ class BlockMemo:
     def _state(child: nn.Module, device_type: str) -> tuple:
         mods = tuple(id(m) for m in child.modules())
         tensors = tuple((id(t), t._version) for t in (*child.parameters(), *child.buffers()))
-        amp = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
-               if torch.is_autocast_enabled(device_type) else None)
-        return mods, tensors, amp, torch.is_grad_enabled()
+        return mods, tensors, BlockMemo._amp(device_type)
+
+    @staticmethod
+    def _amp(device_type: str) -> tuple:
+        on = torch.is_autocast_enabled(device_type)
+        return on, torch.get_autocast_dtype(device_type) if on else None, torch.is_grad_enabled()
 
     def _wrap(self, name: str, child: nn.Module, forward):
         def memo_forward(*args, **kwargs):
             j = self.sample
             if j is None or any(id(m) in self.hooked for m in child.modules()):
-                return forward(*args, **kwargs)
+                return self._run(name, forward, args, kwargs)
             leaves, spec = tree_flatten((args, kwargs))
             if not _comparable(leaves):
-                return forward(*args, **kwargs)
+                return self._run(name, forward, args, kwargs)
             dev = next((x.device.type for x in leaves if isinstance(x, torch.Tensor)), "cpu")
             state = self._state(child, dev)
             hit = self._cache.get((name, j))
@@ -127,7 +170,7 @@ class BlockMemo:
                 self.hits += 1
                 return hit.out
             self.misses += 1
-            out = forward(*args, **kwargs)
+            out = self._run(name, forward, args, kwargs)
             out_leaves, _ = tree_flatten(out)
             if hit is not None:
                 self.used -= hit.size
@@ -135,12 +178,56 @@ class BlockMemo:
             if self.keep and _comparable(out_leaves) and self._state(child, dev) == state:
                 for key in [k for k in self._cache if k[1] == j and k[0].startswith(name + ".")]:
                     self.used -= self._cache.pop(key).size  # inside this call: reached only through it now
-                size = _nbytes(leaves) + _nbytes(out_leaves)
-                if self.used + size <= self.budget:
-                    self._cache[(name, j)] = _Entry(state, spec, leaves, out, out_leaves, size, child)
-                    self.used += size
+                self._keep((name, j), _Entry(state, spec, leaves, out, out_leaves,
+                                                 _nbytes(leaves) + _nbytes(out_leaves), child))
             return out
         return memo_forward
+
+    def _run(self, name: str, forward, args, kwargs):
+        """Run a wrapped module as the scope of the pure-function calls inside it."""
+        self._scope.append(name)
+        for key in [k for k in self._ranks if k[0] == name]:
+            del self._ranks[key]
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            self._scope.pop()
+
+    def _keep(self, key: tuple[str, int], entry: "_Entry") -> None:
+        if self.used + entry.size <= self.budget:
+            self._cache[key] = entry
+            self.used += entry.size
+
+    def _wrap_function(self, attr: str, fn, pure):
+        def memo_call(*args, **kwargs):
+            j = self._sample
+            if j is None or not pure(args, kwargs):
+                return fn(*args, **kwargs)
+            leaves, spec = tree_flatten((args, kwargs))
+            if not _comparable(leaves):
+                return fn(*args, **kwargs)
+            scope = self._scope[-1]
+            rank = self._ranks.get((scope, attr), 0)
+            self._ranks[(scope, attr)] = rank + 1
+            name = f"{scope}.{attr}#{rank}" if scope else f"{attr}#{rank}"
+            dev = next((x.device.type for x in leaves if isinstance(x, torch.Tensor)), "cpu")
+            state = self._amp(dev)
+            hit = self._cache.get((name, j))
+            if (hit is not None and hit.state == state and hit.spec == spec and hit.intact()
+                    and _same(hit.inputs, leaves)):
+                self.hits += 1
+                return hit.out
+            self.misses += 1
+            out = fn(*args, **kwargs)
+            out_leaves, _ = tree_flatten(out)
+            if hit is not None:
+                self.used -= hit.size
+                del self._cache[(name, j)]
+            if self.keep and _comparable(out_leaves):
+                self._keep((name, j), _Entry(state, spec, leaves, out, out_leaves,
+                                                 _nbytes(leaves) + _nbytes(out_leaves), None))
+            return out
+        return memo_call
 
 
 class _Entry:
@@ -154,7 +241,8 @@ class _Entry:
         self.state, self.spec, self.inputs, self.out, self.size = state, spec, inputs, out, size
         self._tensors = [x for x in (*inputs, *out_leaves) if isinstance(x, torch.Tensor)]
         self._versions = [t._version for t in self._tensors]
-        self._alive = (list(child.modules()), list(child.parameters()), list(child.buffers()))
+        self._alive = (() if child is None else
+                       (list(child.modules()), list(child.parameters()), list(child.buffers())))
 
     def intact(self) -> bool:
         return all(t._version == v for t, v in zip(self._tensors, self._versions))
