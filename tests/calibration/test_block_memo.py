@@ -37,6 +37,20 @@ class _Block(nn.Module):
         return self.out(self.sub(self.norm(x), **kw))
 
 
+@pytest.fixture
+def sdpa_runs(monkeypatch):
+    """``(runs, wrapper)``: ``scaled_dot_product_attention`` replaced by a wrapper that counts."""
+    runs = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        runs.append(1)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    return runs, counting
+
+
 def _fresh():
     torch.manual_seed(0)
     return _Block()
@@ -102,7 +116,7 @@ def test_tensors_changed_in_place_are_never_reused_and_the_budget_is_honoured():
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_qwen2])
-def test_driver_checkpoints_are_bit_identical_with_and_without_the_memo(make, monkeypatch):
+def test_driver_checkpoints_are_bit_identical_with_and_without_the_memo(make, monkeypatch, sdpa_runs):
     calib = [torch.randint(0, 250, (1, 24), generator=torch.Generator().manual_seed(7 + k)) for k in range(4)]
     cfg = GPTQConfig(bits=4, group_size=32)
     hits = []
@@ -112,14 +126,7 @@ def test_driver_checkpoints_are_bit_identical_with_and_without_the_memo(make, mo
             hits.append(self.hits)
             return super().__exit__(*exc)
 
-    runs = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-
-    def counting_sdpa(*args, **kwargs):
-        runs.append(1)
-        return sdpa(*args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
+    runs, counting_sdpa = sdpa_runs
     monkeypatch.setattr(driver, "BlockMemo", Recording)
     model = make(layers=2)
     assert model.config._attn_implementation == "sdpa"
@@ -199,15 +206,8 @@ class _AttnBlock(nn.Module):
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.5])
-def test_the_attention_core_is_reused_only_for_equal_inputs_and_without_dropout(dropout, monkeypatch):
-    runs = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-
-    def counting(*args, **kwargs):
-        runs.append(1)
-        return sdpa(*args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+def test_the_attention_core_is_reused_only_for_equal_inputs_and_without_dropout(dropout, sdpa_runs):
+    runs, counting = sdpa_runs
     torch.manual_seed(0)
     blk, x, y = _AttnBlock(dropout), torch.randn(6, 8), torch.randn(6, 8)
     with torch.no_grad(), BlockMemo(blk) as memo:

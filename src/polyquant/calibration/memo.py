@@ -69,6 +69,10 @@ def _same(a: list, b: list) -> bool:
     return True
 
 
+def _device_type(leaves: list) -> str:
+    return next((x.device.type for x in leaves if isinstance(x, torch.Tensor)), "cpu")
+
+
 def _nbytes(leaves: list) -> int:
     return sum(x.numel() * x.element_size() for x in leaves if isinstance(x, torch.Tensor))
 
@@ -162,26 +166,39 @@ class BlockMemo:
             leaves, spec = tree_flatten((args, kwargs))
             if not _comparable(leaves):
                 return self._run(name, forward, args, kwargs)
-            dev = next((x.device.type for x in leaves if isinstance(x, torch.Tensor)), "cpu")
+            dev = _device_type(leaves)
+
+            def compute():
+                out = self._run(name, forward, args, kwargs)
+                return out, self._state(child, dev) == state  # a call that changed the child: not kept
+
             state = self._state(child, dev)
-            hit = self._cache.get((name, j))
-            if (hit is not None and hit.state == state and hit.spec == spec and hit.intact()
-                    and _same(hit.inputs, leaves)):
-                self.hits += 1
-                return hit.out
-            self.misses += 1
-            out = self._run(name, forward, args, kwargs)
-            out_leaves, _ = tree_flatten(out)
-            if hit is not None:
-                self.used -= hit.size
-                del self._cache[(name, j)]
-            if self.keep and _comparable(out_leaves) and self._state(child, dev) == state:
-                for key in [k for k in self._cache if k[1] == j and k[0].startswith(name + ".")]:
-                    self.used -= self._cache.pop(key).size  # inside this call: reached only through it now
-                self._keep((name, j), _Entry(state, spec, leaves, out, out_leaves,
-                                                 _nbytes(leaves) + _nbytes(out_leaves), child))
-            return out
+            return self._call((name, j), state, spec, leaves, compute, child)
         return memo_forward
+
+    def _call(self, key: tuple[str, int], state: tuple, spec, leaves: list, compute, child):
+        """The kept output for ``key`` if it is still what recomputation would give, else
+        ``compute()`` (-> ``(out, keepable)``), kept for the next pass when it can be."""
+        hit = self._cache.get(key)
+        if (hit is not None and hit.state == state and hit.spec == spec and hit.intact()
+                and _same(hit.inputs, leaves)):
+            self.hits += 1
+            return hit.out
+        self.misses += 1
+        out, keepable = compute()
+        out_leaves, _ = tree_flatten(out)
+        if hit is not None:
+            self.used -= hit.size
+            del self._cache[key]
+        if self.keep and keepable and _comparable(out_leaves):
+            if child is not None:  # the calls inside this one are reached only through it now
+                for k in [k for k in self._cache if k[1] == key[1] and k[0].startswith(key[0] + ".")]:
+                    self.used -= self._cache.pop(k).size
+            size = _nbytes(leaves) + _nbytes(out_leaves)
+            if self.used + size <= self.budget:
+                self._cache[key] = _Entry(state, spec, leaves, out, out_leaves, size, child)
+                self.used += size
+        return out
 
     def _run(self, name: str, forward, args, kwargs):
         """Run a wrapped module as the scope of the pure-function calls inside it."""
@@ -192,11 +209,6 @@ class BlockMemo:
             return forward(*args, **kwargs)
         finally:
             self._scope.pop()
-
-    def _keep(self, key: tuple[str, int], entry: "_Entry") -> None:
-        if self.used + entry.size <= self.budget:
-            self._cache[key] = entry
-            self.used += entry.size
 
     def _wrap_function(self, attr: str, fn, pure):
         def memo_call(*args, **kwargs):
@@ -210,23 +222,8 @@ class BlockMemo:
             rank = self._ranks.get((scope, attr), 0)
             self._ranks[(scope, attr)] = rank + 1
             name = f"{scope}.{attr}#{rank}" if scope else f"{attr}#{rank}"
-            dev = next((x.device.type for x in leaves if isinstance(x, torch.Tensor)), "cpu")
-            state = self._amp(dev)
-            hit = self._cache.get((name, j))
-            if (hit is not None and hit.state == state and hit.spec == spec and hit.intact()
-                    and _same(hit.inputs, leaves)):
-                self.hits += 1
-                return hit.out
-            self.misses += 1
-            out = fn(*args, **kwargs)
-            out_leaves, _ = tree_flatten(out)
-            if hit is not None:
-                self.used -= hit.size
-                del self._cache[(name, j)]
-            if self.keep and _comparable(out_leaves):
-                self._keep((name, j), _Entry(state, spec, leaves, out, out_leaves,
-                                                 _nbytes(leaves) + _nbytes(out_leaves), None))
-            return out
+            return self._call((name, j), self._amp(_device_type(leaves)), spec, leaves,
+                              lambda: (fn(*args, **kwargs), True), None)
         return memo_call
 
 
