@@ -36,6 +36,8 @@ def main() -> None:
                     help="calibration windows: the pydoc text's calibration slice, or polyquant's default mix")
     ap.add_argument("--texts", default="pydoc", help="comma-separated built-in texts to evaluate on (pydoc,enwiki)")
     ap.add_argument("--save", help="keep GPTQModel's checkpoint in this folder (default: a temporary one)")
+    ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                    help="the dtype GPTQModel loads the model in (auto: its CPU default, bf16)")
     ap.add_argument("--out")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -52,7 +54,7 @@ def main() -> None:
     qc = QuantizeConfig(bits=a.bits, group_size=a.group_size, sym=True, desc_act=a.desc_act)
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
-    model = GPTQModel.load(src, qc, device="cpu")
+    model = GPTQModel.load(src, qc, device="cpu", **({} if a.dtype == "auto" else {"dtype": getattr(torch, a.dtype)}))
     model.quantize(calib, batch_size=1, calibration_sort=None)
     quant_s = time.perf_counter() - t0
     r1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -70,6 +72,7 @@ def main() -> None:
             ppl[name] = ev["ppl"]
     row = {"peer": f"gptqmodel {gptqmodel.__version__}", "bits": a.bits, "group_size": a.group_size, "sym": True,
            "desc_act": a.desc_act, "act_group_aware": getattr(qc, "act_group_aware", None), "n_samples": a.n_samples, "seed": a.seed,
+           "load_dtype": a.dtype,
            "seqlen": a.seqlen, "threads": a.threads, "quant_seconds": round(quant_s, 1),
            "quant_cpu_seconds": round(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime, 1),
            "peak_rss_mb": round(r1.ru_maxrss / 1024), "calib": a.calib, "windows": a.windows,
