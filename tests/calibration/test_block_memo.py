@@ -283,3 +283,20 @@ def test_linears_sharing_an_input_are_fed_together_and_only_the_first_sample_run
     else:       # q, k, v: one input; from the second sample on the forward stops at q's input
         assert len(got["q"].xs) == 4 and all(torch.equal(a, b) for a, b in zip(got["q"].xs, xs))
         assert blk.calls == {"q": 1 + 4, "k": 1, "v": 0}, blk.calls   # (+ 4: the test's own qx)
+
+
+def test_another_threads_attention_calls_go_straight_through(sdpa_runs):
+    import threading
+    runs, _ = sdpa_runs
+    torch.manual_seed(0)
+    blk, x = _AttnBlock(), torch.randn(6, 8)
+    with torch.no_grad(), BlockMemo(blk) as memo:
+        memo.sample = 0
+        blk(x)
+        assert len(runs) == 2
+        t = threading.Thread(target=lambda: blk.attn(x))   # same inputs, another thread: computed
+        t.start()
+        t.join()
+        assert len(runs) == 4
+        blk(x)                                          # this thread: reused
+        assert len(runs) == 4

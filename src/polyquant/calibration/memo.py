@@ -25,10 +25,13 @@ without dropout): once o_proj's stand-in replaces it, the attention module runs 
 gate/up pass for o_proj's new output, but the attention core over unchanged q, k and v is the one
 the o_proj pass computed. A call is keyed by the wrapped module it runs inside and its rank among
 that module's calls of the function in the forward, so keeping the module drops it as it drops
-the module's children.
+the module's children. The function is replaced process-wide while the memo is installed, but
+only the installing thread's calls (of it and of the wrapped modules) are looked up; other
+threads' calls go straight through.
 """
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -90,6 +93,7 @@ class BlockMemo:
         self.budget = int(budget_bytes)
         self.used = 0
         self._sample: int | None = None
+        self._thread: int | None = None
         self._functions = functions
         self._patched: list[tuple[Any, str, Any]] = []
         self._scope: list[str] = [""]  # the wrapped modules running now (innermost last)
@@ -113,6 +117,7 @@ class BlockMemo:
 
     # -- install / remove --------------------------------------------------------------------------
     def __enter__(self) -> "BlockMemo":
+        self._thread = threading.get_ident()  # the wrappers serve only this thread's calls
         for name, child in self.blk.named_children():
             if isinstance(child, nn.Linear) or not any(
                     getattr(m, "weight", None) is not None and getattr(m.weight, "dim", lambda: 0)() == 2
@@ -161,6 +166,8 @@ class BlockMemo:
     def _wrap(self, name: str, child: nn.Module, forward):
         def memo_forward(*args, **kwargs):
             j = self.sample
+            if threading.get_ident() != self._thread:
+                return forward(*args, **kwargs)
             if j is None or any(id(m) in self.hooked for m in child.modules()):
                 return self._run(name, forward, args, kwargs)
             leaves, spec = tree_flatten((args, kwargs))
@@ -213,7 +220,7 @@ class BlockMemo:
     def _wrap_function(self, attr: str, fn, pure):
         def memo_call(*args, **kwargs):
             j = self._sample
-            if j is None or not pure(args, kwargs):
+            if j is None or threading.get_ident() != self._thread or not pure(args, kwargs):
                 return fn(*args, **kwargs)
             leaves, spec = tree_flatten((args, kwargs))
             if not _comparable(leaves):
