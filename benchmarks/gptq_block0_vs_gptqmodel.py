@@ -31,6 +31,10 @@ class _Stop(Exception):
     pass
 
 
+def _stop(*_):
+    raise _Stop  # block 1 reached: nothing after block 0 is needed
+
+
 def _qweights(path: str) -> dict:
     model = polyquant.load(path)[0]
     return {n: m.quantized_weight for n, m in model.named_modules() if isinstance(m, QuantLinear)}
@@ -45,7 +49,7 @@ def _hessian(model, windows, target: str, upstream: list[str], gq: dict) -> dict
     lin = blk.get_submodule(target)
     col = HessianCollector(lin.in_features)
     hooks = [lin.register_forward_pre_hook(lambda m, a: col.add(a[0])),
-             model.model.layers[1].register_forward_pre_hook(lambda *a: (_ for _ in ()).throw(_Stop()))]
+             model.model.layers[1].register_forward_pre_hook(_stop)]
     try:
         with torch.no_grad():
             for w in windows:
