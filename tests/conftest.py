@@ -19,3 +19,13 @@ def _seeded():
     torch.manual_seed(0)
     yield
 
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and the test machine is shared. A module opts in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``; the previous thread count comes back after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

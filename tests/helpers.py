@@ -55,6 +55,30 @@ def tiny_tokenizer_dir(path) -> str:
     return str(path)
 
 
+def tiny_model_dir(tmp_path_factory, seed: int, name: str = "tiny"):
+    """A tiny Llama (``tiny_llama(seed)``) with the word-level tokenizer, saved as safetensors in a fresh
+    ``<name>/tiny-llama`` folder: the model directory the CLI and compare tests pass around."""
+    d = tmp_path_factory.mktemp(name) / "tiny-llama"
+    tiny_llama(seed=seed).save_pretrained(str(d), safe_serialization=True)
+    tiny_tokenizer_dir(d)
+    return d
+
+
+def words(n: int, seed: int) -> str:
+    """``n`` random words the tiny tokenizer knows (``w0`` .. ``w249``), reproducibly from ``seed``."""
+    import random
+    rng = random.Random(seed)
+    return " ".join(f"w{rng.randrange(250)}" for _ in range(n))
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """Run ``polyquant <args>`` in-process: (exit code, stdout, stderr)."""
+    from polyquant.cli import main
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def auto_int4_kernel() -> str:
     """The kernel ``auto`` picks on this CPU for a 1- to 4-bit integer layout both fast kernels take:
     ``cpu-lut4`` (compiled, float32) where it builds and the CPU has AVX-512, else ``cpu-int4``."""

@@ -4,17 +4,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import tiny_llama, tiny_tokenizer_dir
+from helpers import run_cli, tiny_model_dir, words
 
 import polyquant
-from polyquant.cli import UsageError, build_config, convert_value, main
+from polyquant.cli import UsageError, build_config, convert_value
 from polyquant.cli.paths import recorded_source
 from polyquant.methods import RTNConfig
 
@@ -23,24 +22,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    tiny_llama(seed=1).save_pretrained(str(d), safe_serialization=True)
-    tiny_tokenizer_dir(d)
-    return d
+    return tiny_model_dir(tmp_path_factory, seed=1, name="tiny")
 
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory) -> Path:
-    rng = random.Random(0)
     p = tmp_path_factory.mktemp("text") / "words.txt"
-    p.write_text(" ".join(f"w{rng.randrange(250)}" for _ in range(2000)))
+    p.write_text(words(2000, seed=0))
     return p
 
 
 def run(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(capsys, *args)
 
 
 def error_line(err: str) -> str:

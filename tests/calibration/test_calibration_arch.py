@@ -15,12 +15,7 @@ from polyquant.nn import QuantLinear, find_blocks
 from helpers import tiny_bert, tiny_llama, tiny_qwen2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _small(cfg_cls, model_cls, **kw):

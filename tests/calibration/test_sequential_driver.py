@@ -19,12 +19,7 @@ from polyquant.nn import QuantLinear, find_blocks
 from helpers import tiny_bert, tiny_llama, tiny_qwen2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # tiny ops: one thread is much faster on a busy machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _calib(n=4, seqlen=24, vocab=250):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import tiny_llama, tiny_tokenizer_dir
+from helpers import run_cli, tiny_model_dir
 
 import polyquant
 from polyquant.cli import main
@@ -23,16 +23,11 @@ SRC = Path(polyquant.__file__).resolve().parent
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    tiny_llama(seed=1).save_pretrained(str(d), safe_serialization=True)
-    tiny_tokenizer_dir(d)
-    return d
+    return tiny_model_dir(tmp_path_factory, seed=1, name="tiny")
 
 
-def run(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
+def run(capsys, *args) -> tuple[int, str, str]:
+    return run_cli(capsys, *args)
 
 
 @pytest.mark.parametrize("target", ["/proc/polyquant-x", "/sys/polyquant-x", "/proc/a/b"])

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import tiny_llama, tiny_tokenizer_dir
+from helpers import tiny_llama, tiny_tokenizer_dir, run_cli
 
 import polyquant
-from polyquant.cli import main
 from polyquant.formats.preflight import PlanError, check_plan, linear_shapes, plan_config
 from polyquant.methods import METHODS, RTNConfig
 
@@ -32,10 +31,8 @@ def tiny576_dir(tmp_path_factory) -> Path:
     return d
 
 
-def run(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
+def run(capsys, *args) -> tuple[int, str, str]:
+    return run_cli(capsys, *args)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -1,11 +1,7 @@
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and the test machine is shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _eval_one_thread(one_thread):
+    """Every eval test runs on one thread (the shared ``one_thread`` fixture of tests/conftest.py)."""
     yield
-    torch.set_num_threads(before)

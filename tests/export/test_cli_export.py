@@ -6,8 +6,7 @@ import json
 import pytest
 
 import polyquant
-from helpers import tiny_llama
-from polyquant.cli import main
+from helpers import tiny_llama, run_cli
 
 VOCAB = 320
 
@@ -20,10 +19,8 @@ def ckpt(tmp_path_factory, bpe):
     return d
 
 
-def run(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
+def run(capsys, *args) -> tuple[int, str, str]:
+    return run_cli(capsys, *args)
 
 
 def test_export_gguf_and_onnx_then_eval_onnx(tmp_path, capsys, ckpt, text_file):

@@ -23,12 +23,7 @@ from polyquant.tensor.quantized_weight import QuantizedWeight
 ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ's GEMM order: nibble i of a word holds column 8c + ORDER[i]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _i32(v: int) -> int:

@@ -22,12 +22,7 @@ from polyquant.methods.rtn import rtn_quantize
 from polyquant.nn.quant_linear import QuantLinear
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _calib(n=6, seqlen=32, vocab=256, seed=0):

@@ -14,12 +14,7 @@ from polyquant.qtypes import int_qtype
 from polyquant.tensor.affine import quantize_codes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _problem(out=48, inp=96, n=1024, seed=0, uneven=True):

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import tiny_llama, tiny_tokenizer_dir
+from helpers import tiny_llama, run_cli, tiny_model_dir
 
-from polyquant.cli import main
 from polyquant.methods import RTNConfig
 from polyquant.methods.gptq import GPTQConfig
 from polyquant.report.advisor import (PRIORS, ModelSize, model_size, parse_ppl_increase, parse_size, prior_for,
@@ -176,10 +175,7 @@ def test_parsers():
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("adv") / "tiny-llama"
-    tiny_llama(seed=3).save_pretrained(str(d), safe_serialization=True)
-    tiny_tokenizer_dir(d)
-    return d
+    return tiny_model_dir(tmp_path_factory, seed=3, name="adv")
 
 
 def test_model_size_from_config_without_weights(tiny_dir, tmp_path):
@@ -197,10 +193,8 @@ def test_model_size_from_config_without_weights(tiny_dir, tmp_path):
 
 # -- the CLI -----------------------------------------------------------------------------------
 
-def run(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
+def run(capsys, *args) -> tuple[int, str, str]:
+    return run_cli(capsys, *args)
 
 
 def test_cli_recommend(capsys, tmp_path, tiny_dir):

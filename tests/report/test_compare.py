@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import AUTO_INT4, tiny_llama, tiny_tokenizer_dir
+from helpers import AUTO_INT4, tiny_model_dir, words
 
 import polyquant
 import polyquant.eval
@@ -34,16 +33,12 @@ from polyquant.report.store import ResultsStore
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    tiny_llama(seed=2).save_pretrained(str(d), safe_serialization=True)
-    tiny_tokenizer_dir(d)
-    return d
+    return tiny_model_dir(tmp_path_factory, seed=2, name="tiny")
 
 
 @pytest.fixture(scope="module")
 def text() -> str:
-    rng = random.Random(1)
-    return " ".join(f"w{rng.randrange(250)}" for _ in range(1000))
+    return words(1000, seed=1)
 
 
 @pytest.fixture

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import pickle
-import random
 import sys
 import types
 from pathlib import Path
 
 import pytest
 
-from helpers import tiny_llama, tiny_tokenizer_dir
+from helpers import tiny_model_dir, words
 
 from polyquant.cli import main
 from polyquant.methods import METHODS, RTNConfig
@@ -32,16 +31,12 @@ VOLATILE_METRICS = {"eval_seconds", "total_seconds", "speed_seconds", "peak_rss_
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    tiny_llama(seed=2).save_pretrained(str(d), safe_serialization=True)
-    tiny_tokenizer_dir(d)
-    return d
+    return tiny_model_dir(tmp_path_factory, seed=2, name="tiny")
 
 
 @pytest.fixture(scope="module")
 def text() -> str:
-    rng = random.Random(1)
-    return " ".join(f"w{rng.randrange(250)}" for _ in range(1000))
+    return words(1000, seed=1)
 
 
 def sweep() -> list[Run]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import tiny_llama, tiny_tokenizer_dir
+from helpers import tiny_model_dir, words
 
 from polyquant.cli import main
 from polyquant.methods import RTNConfig
@@ -28,17 +28,13 @@ KW = dict(seqlen=16, max_windows=1, measure_speed=False, show_progress=False)
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    tiny_llama(seed=2).save_pretrained(str(d), safe_serialization=True)
-    tiny_tokenizer_dir(d)
-    return d
+    return tiny_model_dir(tmp_path_factory, seed=2, name="tiny")
 
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory) -> Path:
-    rng = random.Random(1)
     p = tmp_path_factory.mktemp("text") / "t.txt"
-    p.write_text(" ".join(f"w{rng.randrange(250)}" for _ in range(600)))
+    p.write_text(words(600, seed=1))
     return p
 
 
