@@ -79,6 +79,44 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
     return code, out, err
 
 
+def worst_step_error(dec, model, prompt: torch.Tensor, tokens: torch.Tensor) -> float:
+    """Replay ``tokens`` one step at a time through a decoder (``reset()``, the prompt, then one token a
+    call) and return the worst relative error of a step's logits against the model's own forward
+    over the whole sequence (max abs difference / max abs logit, per step)."""
+    dec.reset()
+    seq = torch.cat([prompt, tokens])
+    dec(prompt)
+    with torch.no_grad():
+        full = model(seq[None]).logits[0]
+    worst = 0.0
+    for i, tok in enumerate(tokens[:-1]):
+        want = full[len(prompt) + i]
+        worst = max(worst, float((dec(tok[None]) - want).abs().max() / want.abs().max()))
+    return worst
+
+
+def qweights(model) -> dict:
+    """Every ``QuantLinear``'s ``QuantizedWeight``, by module name."""
+    from polyquant.nn.quant_linear import QuantLinear
+    return {n: m.quantized_weight for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def reload_same_logits(model, path, x: torch.Tensor, record: bool = True):
+    """Save ``model`` to ``path`` and load it back; without ``record`` the ``polyquant.json`` is removed
+    first (a foreign reader's view: everything comes from ``config.json``). Asserts identical logits on
+    ``x`` and the same set of quantized layers; returns (loaded model, its qweights, the source's)."""
+    from polyquant.formats import load, save
+    out = save(model, path)
+    if not record:
+        (out / "polyquant.json").unlink()
+    back, _ = load(out)
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, model(x).logits)
+    mine, theirs = qweights(back), qweights(model)
+    assert sorted(mine) == sorted(theirs)
+    return back, mine, theirs
+
+
 def auto_int4_kernel() -> str:
     """The kernel ``auto`` picks on this CPU for a 1- to 4-bit integer layout both fast kernels take:
     ``cpu-lut4`` (compiled, float32) where it builds and the CPU has AVX-512, else ``cpu-int4``."""

@@ -11,8 +11,7 @@ import polyquant
 import polyquant.calibration.driver as driver
 from polyquant.calibration.memo import BlockMemo
 from polyquant.methods import GPTQConfig
-from polyquant.nn import QuantLinear
-from helpers import tiny_llama, tiny_qwen2
+from helpers import qweights, tiny_llama, tiny_qwen2
 
 
 class _Counting(nn.Module):
@@ -153,8 +152,7 @@ def test_driver_checkpoints_are_bit_identical_with_and_without_the_memo(make, mo
     # the attention core ran once per sample and block (the o_proj pass), not four times (the
     # passes for o_proj, gate/up, down and the outputs); the capture's own forward aside
     assert len(runs) - with_memo == 4 * 2 * 3 and with_memo <= 4 * 2 + 1, (len(runs), with_memo)
-    a = {n: m.quantized_weight for n, m in on.named_modules() if isinstance(m, QuantLinear)}
-    b = {n: m.quantized_weight for n, m in off.named_modules() if isinstance(m, QuantLinear)}
+    a, b = qweights(on), qweights(off)
     assert set(a) == set(b) and len(a) == 14
     for n in a:
         assert torch.equal(a[n].data, b[n].data), n

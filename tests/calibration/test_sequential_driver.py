@@ -16,7 +16,7 @@ from polyquant.methods import GPTQConfig, RTNConfig
 from polyquant.methods.registry import MethodSpec, register_method, unregister_method
 from polyquant.methods.rtn import rtn_quantize
 from polyquant.nn import QuantLinear, find_blocks
-from helpers import tiny_bert, tiny_llama, tiny_qwen2
+from helpers import qweights, tiny_bert, tiny_llama, tiny_qwen2
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -132,10 +132,6 @@ class _Interrupt(Exception):
     pass
 
 
-def _all_weights(model):
-    return {n: m.quantized_weight for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-
-
 def test_resume_after_interruption_is_bit_exact(tmp_path):
     model = tiny_llama(layers=3)
     calib = _calib()
@@ -156,7 +152,7 @@ def test_resume_after_interruption_is_bit_exact(tmp_path):
     resumed = polyquant.quantize(model, cfg, calibration=Calibration(calib, resume_dir=tmp_path), show_progress=False)
     h.remove()
     assert len(calls) == 1  # only the capture's output-structure probe: block 0 was loaded, not recomputed
-    a, b = _all_weights(full), _all_weights(resumed)
+    a, b = qweights(full), qweights(resumed)
     assert sorted(a) == sorted(b) and len(a) == 21
     for n in a:
         for k, t in a[n].tensors().items():
@@ -205,8 +201,8 @@ def test_explicit_device_and_no_progress_bar_change_nothing():
     calib = _calib(2)
     a = polyquant.quantize(model, GPTQConfig(bits=4, group_size=16), calibration=calib, show_progress=False)
     b = polyquant.quantize(model, GPTQConfig(bits=4, group_size=16), calibration=Calibration(calib, device="cpu"))
-    for n, qw in _all_weights(a).items():
-        assert torch.equal(qw.codes, _all_weights(b)[n].codes)
+    for n, qw in qweights(a).items():
+        assert torch.equal(qw.codes, qweights(b)[n].codes)
 
 
 def test_source_model_is_untouched_and_training_mode_restored():

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import polyquant
-from helpers import tiny_llama, tiny_qwen2
+from helpers import tiny_llama, tiny_qwen2, qweights
 from polyquant.formats import CheckpointError, get_format, load, save
 from polyquant.formats.compressed_tensors import CTActivationQuant
 from polyquant.nn.quant_linear import QuantLinear
@@ -52,10 +52,6 @@ def _cached(model, **kw):
     return _CACHE[key]
 
 
-def _qweights(model):
-    return {n: m.quantized_weight for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-
-
 def _ct_compressor(group: dict):
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationScheme
@@ -71,7 +67,7 @@ def test_round_trip_bit_identical(llama, tmp_path, case):
     q2, tok = load(path)
     assert tok is None
     assert torch.equal(q2(X).logits, y)
-    a, b = _qweights(q), _qweights(q2)
+    a, b = qweights(q), qweights(q2)
     assert sorted(a) == sorted(b) and len(a) == 14
     for n in a:
         assert a[n].qtype == b[n].qtype and a[n].block == b[n].block
@@ -102,7 +98,7 @@ def test_library_decompresses_ours_exactly(llama, tmp_path, case):
     group = qcfg["config_groups"]["group_0"]
     comp, scheme = _ct_compressor(group)
     sd = load_file(path / "model.safetensors")
-    for name, qw in _qweights(q).items():
+    for name, qw in qweights(q).items():
         local = {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".")}
         w = comp.decompress(local, scheme)["weight"]
         assert w.dtype == torch.float32 and w.shape == qw.shape
@@ -204,8 +200,8 @@ def test_act_order_g_idx_round_trip(llama, tmp_path, monkeypatch):
     assert sd["model.layers.0.self_attn.q_proj.weight_g_idx"].dtype == torch.int32
     q2, _ = load(path, kernel="reference")
     assert torch.equal(q2(X).logits, y)
-    for n, qw in _qweights(q).items():
-        assert torch.equal(_qweights(q2)[n].g_idx, qw.g_idx)
+    for n, qw in qweights(q).items():
+        assert torch.equal(qweights(q2)[n].g_idx, qw.g_idx)
 
 
 def test_trivial_g_idx_is_dropped(llama, tmp_path):
@@ -307,7 +303,7 @@ def test_library_written_checkpoint_loads(tmp_path, case):
     assert polyquant.detect_format(tmp_path / case) == "compressed-tensors"
     q, _ = load(tmp_path / case, kernel="reference")
     assert q.polyquant.extra["written_by"].startswith("foreign (compressed-tensors")
-    for n, qw in _qweights(q).items():
+    for n, qw in qweights(q).items():
         assert torch.equal(qw.dequantize(), lib.get_submodule(n).weight.data), n
     with torch.no_grad():
         assert torch.equal(q(X).logits, lib(X).logits)
@@ -317,7 +313,7 @@ def test_library_written_bf16_and_w8a8(tmp_path):
     lib = _library_checkpoint(tmp_path / "bf16", dtype=torch.bfloat16, num_bits=4, symmetric=False,
                               strategy="group", group_size=32)
     q, _ = load(tmp_path / "bf16", dtype=torch.bfloat16, kernel="reference")
-    for n, qw in _qweights(q).items():
+    for n, qw in qweights(q).items():
         assert qw.scale.dtype == torch.bfloat16
         # exact: (q - zp) * s is exact in fp32 and rounds once to bf16, like the library's bf16 product
         assert torch.equal(qw.dequantize(torch.bfloat16), lib.get_submodule(n).weight.data), n
@@ -327,7 +323,7 @@ def test_library_written_bf16_and_w8a8(tmp_path):
     assert qc["format"] == "int-quantized"
     q, _ = load(tmp_path / "w8a8", kernel="reference")
     assert isinstance(q.model.layers[0].mlp.up_proj.act_quant, CTActivationQuant)
-    for n, qw in _qweights(q).items():
+    for n, qw in qweights(q).items():
         assert torch.equal(qw.dequantize(), lib.get_submodule(n).weight.data), n
     with torch.no_grad():
         ours, theirs = q(X).logits, lib(X).logits
@@ -368,7 +364,6 @@ def test_transformers_asymmetric_known_failure(llama, tmp_path):
     pytest.fail("transformers now loads asymmetric compressed-tensors checkpoints: turn this into a real test")
 
 
-
 def _legacy_pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Old compressed-tensors odd-width packing, written out plainly: 32 // bits values per word."""
     per = 32 // bits
@@ -383,14 +378,14 @@ def test_legacy_odd_bit_packing_is_read(llama, tmp_path):
     q = _cached(llama, bits=3, group_size=32, sym=True)
     path = save(q, tmp_path / "old")
     sd = load_file(path / "model.safetensors")
-    for name, qw in _qweights(q).items():
+    for name, qw in qweights(q).items():
         sd[f"{name}.weight_packed"] = _legacy_pack(qw.codes, 3)
     assert sd["model.layers.0.self_attn.q_proj.weight_packed"].shape == (64, 7)  # dense would be 6
     from safetensors.torch import save_file
     save_file(sd, str(path / "model.safetensors"))
     q2, _ = load(path)
-    for name, qw in _qweights(q).items():
-        assert torch.equal(_qweights(q2)[name].codes, qw.codes), name
+    for name, qw in qweights(q).items():
+        assert torch.equal(qweights(q2)[name].codes, qw.codes), name
 
 
 def test_mixed_schemes_use_exact_targets(llama, tmp_path):
@@ -406,8 +401,8 @@ def test_mixed_schemes_use_exact_targets(llama, tmp_path):
     assert groups["group_1"]["targets"] == ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.v_proj"]
     assert groups["group_1"]["weights"]["num_bits"] == 8 and len(groups["group_0"]["targets"]) == 12
     q2, _ = load(path, kernel="reference")
-    assert _qweights(q2)["model.layers.1.self_attn.v_proj"].bits == 8
-    assert _qweights(q2)["model.layers.1.self_attn.q_proj"].bits == 4
+    assert qweights(q2)["model.layers.1.self_attn.v_proj"].bits == 8
+    assert qweights(q2)["model.layers.1.self_attn.q_proj"].bits == 4
     y = q2(X).logits
     hf = AutoModelForCausalLM.from_pretrained(str(path))
     with torch.no_grad():

@@ -10,11 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 import polyquant
-from helpers import tiny_llama
+from helpers import tiny_llama, qweights
 from polyquant.formats import load, save
 from polyquant.formats.compressed_tensors import CTActivationQuant
 from polyquant.methods.fp8 import Fp8Config, fp8_preset
-from polyquant.nn.quant_linear import QuantLinear
 
 ct = pytest.importorskip("compressed_tensors")
 
@@ -49,10 +48,6 @@ def _quantized(llama, name):
     return _CACHE[name]
 
 
-def _qweights(model):
-    return {n: m.quantized_weight for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-
-
 # FP8_DYNAMIC with polyquant.json (Fp8Config's default) is tests/test_conformance.py's fp8 case
 @pytest.mark.parametrize("record,name", [(r, n) for r in (True, False) for n in SCHEMES
                                          if (r, n) != (True, "FP8_DYNAMIC")])
@@ -64,8 +59,8 @@ def test_round_trip_identical_logits(llama, tmp_path, name, record):
     q2, _ = load(path)
     with torch.no_grad():
         assert torch.equal(q2(X).logits, q(X).logits)
-    for n, qw in _qweights(q).items():
-        assert torch.equal(_qweights(q2)[n].dequantize(), qw.dequantize())
+    for n, qw in qweights(q).items():
+        assert torch.equal(qweights(q2)[n].dequantize(), qw.dequantize())
     act = q2.model.layers[0].self_attn.q_proj.act_quant
     if SCHEMES[name][3] is None:
         assert act is None
@@ -113,7 +108,7 @@ def test_library_decompresses_ours_exactly(llama, tmp_path, name):
     for group in qc["config_groups"].values():
         comp = BaseCompressor.get_value_from_registry(group["format"])
         scheme = QuantizationScheme.model_validate(group)
-        names = [n for n in _qweights(q) if group["targets"] == ["Linear"] or n in group["targets"]]
+        names = [n for n in qweights(q) if group["targets"] == ["Linear"] or n in group["targets"]]
         for n in names:
             local = {k[len(n) + 1:]: v for k, v in sd.items() if k.startswith(n + ".")}
             w = comp.decompress(local, scheme)["weight"]
@@ -171,7 +166,7 @@ def test_library_written_checkpoint_loads(tmp_path, preset, input_scale):
     assert qc["format"] == "float-quantized"
     q, _ = load(tmp_path / preset)
     assert q.polyquant.extra["written_by"].startswith("foreign (compressed-tensors")
-    for n, qw in _qweights(q).items():
+    for n, qw in qweights(q).items():
         assert qw.qtype == "float8_e4m3fn" and torch.equal(qw.dequantize(), lib.get_submodule(n).weight.data), n
     act = q.model.layers[0].mlp.up_proj.act_quant
     assert isinstance(act, CTActivationQuant) and (act.scale is not None) == (input_scale is not None)

@@ -11,7 +11,7 @@ from polyquant.methods.rtn import rtn_quantize
 from polyquant.nn.quantize import set_kernels
 from polyquant.tensor.quantized_weight import QuantizedWeight
 from polyquant.tensor.sparse import SparseOutliers
-from tests.helpers import tiny_llama, tiny_qwen2
+from tests.helpers import tiny_llama, tiny_qwen2, worst_step_error
 
 
 def _prompt(n=12, vocab=256, seed=0):
@@ -38,16 +38,7 @@ def test_fast_decode_matches_the_model(make, quant, native):
     plain, _ = greedy_decode(model, p, 64)
     assert torch.equal(fast, plain)
     # every one-token step's logits along the greedy path (the compiled step when native)
-    dec.reset()
-    seq = torch.cat([p, plain])
-    dec(p)
-    with torch.no_grad():
-        full = model(seq[None]).logits[0]
-    worst = 0.0
-    for i, tok in enumerate(plain[:-1]):
-        step = dec(tok[None])
-        want = full[len(p) + i]
-        worst = max(worst, float((step - want).abs().max() / want.abs().max()))
+    worst = worst_step_error(dec, model, p, plain)
     if native or quant is None:  # (cpu-int4 / cpu-int8 round activations to bf16, by rows: not comparable)
         assert worst < 1e-5, worst  # measured 3e-7 .. 6e-7 (float32 rounding)
     # a block of several tokens after the prompt is causal within itself
