@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from polyquant.formats.base import GPU_SERVING_NOTE
 from polyquant.formats.base import CheckpointError, Format, check_linears, layer_bias, register_format, require_tensors
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
@@ -129,7 +130,7 @@ class AQLMFormat(Format):
     readers = ()
     writers = ()
     untested_readers = {"transformers + aqlm": "the aqlm package is not in the test extra (not verified here)",
-                        "vllm": "a GPU serving engine, not installable on this CPU-only test machine"}
+                        "vllm": GPU_SERVING_NOTE}
     untested_writers = {"aqlm (Vahe1994/AQLM convert_to_hf.py)": "a script in the AQLM repository, not an "
                                                                  "installable package"}
     description = "AQLM: additive code books (M x 2^b code words of og x ig), signed int codes, fp16 scales per output group"

@@ -53,6 +53,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from polyquant.formats.base import GPU_SERVING_NOTE, VIA_GPTQMODEL_NOTE
 from polyquant.formats.base import (CheckpointError, Format, check_linears, checkpoint_group_size, float_dtype,
                                      layer_bias, layer_names, layer_weights, output_head_names, register_format)
 from polyquant.tensor.packing import pack, unpack
@@ -343,8 +344,8 @@ class AWQFormat(Format):
     quant_method = "awq"
     readers = ()
     writers = ()
-    untested_readers = {"transformers": "transformers 5 reads it through GPTQModel (+ optimum), which is not in the test extra (not verified on a CPU)", "autoawq": "not in the test extra (deprecated; CUDA kernels)",
-                        "vllm": "a GPU serving engine, not installable on this CPU-only test machine"}
+    untested_readers = {"transformers": VIA_GPTQMODEL_NOTE, "autoawq": "not in the test extra (deprecated; CUDA kernels)",
+                        "vllm": GPU_SERVING_NOTE}
     untested_writers = {"autoawq": "not in the test extra (deprecated; CUDA kernels)",
                         "llm-compressor": "not in the test extra"}
     description = "AWQ int32-packed 4-bit weights with fp16 group scales and integer zeros (gemm/gemv; llm-awq read)"

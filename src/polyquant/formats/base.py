@@ -49,6 +49,12 @@ def refusal(plan, *args) -> str | None:
     return None
 
 
+# Why a home tool is not exercised by the test suite, for the reasons several formats share.
+GPU_SERVING_NOTE = "a GPU serving engine, not installable on this CPU-only test machine"
+VIA_GPTQMODEL_NOTE = ("transformers 5 reads it through GPTQModel (+ optimum), which is not in the test extra "
+                      "(not verified on a CPU)")
+
+
 class Format:
     """Base class of an on-disk format.
 

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from polyquant.formats.base import GPU_SERVING_NOTE
 from polyquant.formats.base import (CheckpointError, Format, check_linears, layer_bias, layer_weights, register_format,
                                      require_tensors)
 from polyquant.methods.bnb import (BLOCKSIZES, NESTED_BLOCKSIZE, bnb_block, code_book, dequantize_blockwise_flat,
@@ -255,7 +256,7 @@ class BitsAndBytesFormat(Format):
     quant_method = "bitsandbytes"
     readers = ("transformers",)  # with bitsandbytes installed (its CPU backend)
     writers = ("transformers",)
-    untested_readers = {"vllm": "a GPU serving engine, not installable on this CPU-only test machine"}
+    untested_readers = {"vllm": GPU_SERVING_NOTE}
     description = "bitsandbytes NF4/FP4 blockwise absmax (double quant) and LLM.int8 row-wise int8"
 
     # -- saving ---------------------------------------------------------------------------------

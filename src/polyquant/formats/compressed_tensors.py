@@ -71,6 +71,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from polyquant.formats.base import GPU_SERVING_NOTE
 from polyquant.formats.base import CheckpointError, Format, layer_bias, register_format
 from polyquant.formats.ct_schema import (_FP8_MAX, _READ_FORMATS, _STRATEGIES, FLOAT_Q, INT_Q, NAIVE, PACK,  # noqa: F401
                                          CTActivationQuant, _args_dict, _Args, _class_match, _Config, _name_match,
@@ -248,7 +249,7 @@ class CompressedTensorsFormat(Format):
     quant_method = "compressed-tensors"
     readers = ("compressed-tensors", "transformers")
     writers = ("compressed-tensors",)
-    untested_readers = {"vllm": "a GPU serving engine, not installable on this CPU-only test machine", "sglang": "a GPU serving engine, not installable on this CPU-only test machine"}
+    untested_readers = {"vllm": GPU_SERVING_NOTE, "sglang": GPU_SERVING_NOTE}
     untested_writers = {"llm-compressor": "not in the test extra (its checkpoints are compressed-tensors' own "
                                           "compressors, verified in the row above)"}
     description = ("int 1-8 bit weights packed in int32 (pack-quantized), int8/fp8 weights "

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from polyquant.formats.base import GPU_SERVING_NOTE
 from polyquant.formats.base import CheckpointError, Format, layer_bias, register_format
 from polyquant.kernels.fp8 import Fp8ActQuant
 from polyquant.tensor.quantized_weight import QuantizedWeight
@@ -136,7 +137,7 @@ class FbgemmFp8Format(Format):
     readers = ()
     writers = ()
     untested_readers = {"transformers": "transformers' fbgemm_fp8 needs a CUDA or XPU device (ImportError on a CPU)",
-                        "vllm": "a GPU serving engine, not installable on this CPU-only test machine"}
+                        "vllm": GPU_SERVING_NOTE}
     untested_writers = {"transformers": "transformers' fbgemm_fp8 needs a CUDA or XPU device (ImportError on a CPU)"}
     description = "float8_e4m3fn weights with fp32 per-channel scales; fp8 per-token activations (FBGEMM)"
 

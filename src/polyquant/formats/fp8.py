@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from polyquant.formats.base import GPU_SERVING_NOTE
 from polyquant.formats.base import CheckpointError, Format, layer_bias, register_format
 from polyquant.formats.fbgemm_fp8 import check_fp8_tensors, check_quantized_set, float_linears
 from polyquant.kernels.fp8 import Fp8ActQuant
@@ -87,7 +88,7 @@ class FineGrainedFp8Format(Format):
     quant_method = "fp8"
     readers = ("transformers",)
     writers = ()
-    untested_readers = {"vllm": "a GPU serving engine, not installable on this CPU-only test machine", "sglang": "a GPU serving engine, not installable on this CPU-only test machine"}
+    untested_readers = {"vllm": GPU_SERVING_NOTE, "sglang": GPU_SERVING_NOTE}
     untested_writers = {"transformers": "transformers quantizes to FineGrainedFP8 only on a GPU or XPU",
                         "deepseek": "DeepSeek's own converter is not a Python package"}
     description = "float8_e4m3fn weights with fp32 128x128 block scales (weight_scale_inv); fp8 1x128 activations"

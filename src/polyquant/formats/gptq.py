@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from polyquant.formats.base import GPU_SERVING_NOTE, VIA_GPTQMODEL_NOTE
 from polyquant.formats.base import (CheckpointError, Format, check_linears, checkpoint_group_size, float_dtype,
                                      layer_bias, layer_names, layer_weights, output_head_names, register_format, require_tensors)
 from polyquant.tensor.packing import pack, unpack
@@ -262,8 +263,8 @@ class GPTQFormat(Format):
     quant_method = "gptq"
     readers = ()
     writers = ()
-    untested_readers = {"transformers": "transformers 5 reads it through GPTQModel (+ optimum), which is not in the test extra (not verified on a CPU)", "gptqmodel": "not in the test extra (not verified on a CPU)",
-                        "vllm": "a GPU serving engine, not installable on this CPU-only test machine"}
+    untested_readers = {"transformers": VIA_GPTQMODEL_NOTE, "gptqmodel": "not in the test extra (not verified on a CPU)",
+                        "vllm": GPU_SERVING_NOTE}
     untested_writers = {"gptqmodel": "not in the test extra (not verified on a CPU)",
                         "llm-compressor": "not in the test extra"}
 
