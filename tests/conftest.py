@@ -20,7 +20,6 @@ def _seeded():
     yield
 
 
-
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models run fastest on one thread, and the test machine is shared. A module opts in with

@@ -104,7 +104,7 @@ def qweights(model) -> dict:
 def reload_same_logits(model, path, x: torch.Tensor, record: bool = True):
     """Save ``model`` to ``path`` and load it back; without ``record`` the ``polyquant.json`` is removed
     first (a foreign reader's view: everything comes from ``config.json``). Asserts identical logits on
-    ``x`` and the same set of quantized layers; returns (loaded model, its qweights, the source's)."""
+    ``x`` and the same set of quantized layers; returns (loaded model, the source's qweights, the loaded's)."""
     from polyquant.formats import load, save
     out = save(model, path)
     if not record:
@@ -112,9 +112,9 @@ def reload_same_logits(model, path, x: torch.Tensor, record: bool = True):
     back, _ = load(out)
     with torch.no_grad():
         assert torch.equal(back(x).logits, model(x).logits)
-    mine, theirs = qweights(back), qweights(model)
-    assert sorted(mine) == sorted(theirs)
-    return back, mine, theirs
+    source, loaded = qweights(model), qweights(back)
+    assert sorted(source) == sorted(loaded)
+    return back, source, loaded
 
 
 def auto_int4_kernel() -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import run_cli, tiny_model_dir, words
+from helpers import run_cli as run, tiny_model_dir, words
 
 import polyquant
 from polyquant.cli import UsageError, build_config, convert_value
@@ -30,10 +30,6 @@ def text_file(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("text") / "words.txt"
     p.write_text(words(2000, seed=0))
     return p
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    return run_cli(capsys, *args)
 
 
 def error_line(err: str) -> str:

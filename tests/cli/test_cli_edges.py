@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import run_cli, tiny_model_dir
+from helpers import run_cli as run, tiny_model_dir
 
 import polyquant
 from polyquant.cli import main
@@ -24,10 +24,6 @@ SRC = Path(polyquant.__file__).resolve().parent
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     return tiny_model_dir(tmp_path_factory, seed=1, name="tiny")
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    return run_cli(capsys, *args)
 
 
 @pytest.mark.parametrize("target", ["/proc/polyquant-x", "/sys/polyquant-x", "/proc/a/b"])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import tiny_llama, tiny_tokenizer_dir, run_cli
+from helpers import tiny_llama, tiny_tokenizer_dir, run_cli as run
 
 import polyquant
 from polyquant.formats.preflight import PlanError, check_plan, linear_shapes, plan_config
@@ -29,10 +29,6 @@ def tiny576_dir(tmp_path_factory) -> Path:
     _tiny576().save_pretrained(str(d), safe_serialization=True)
     tiny_tokenizer_dir(d)
     return d
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    return run_cli(capsys, *args)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -6,7 +6,7 @@ import json
 import pytest
 
 import polyquant
-from helpers import tiny_llama, run_cli
+from helpers import tiny_llama, run_cli as run
 
 VOCAB = 320
 
@@ -17,10 +17,6 @@ def ckpt(tmp_path_factory, bpe):
     q = polyquant.quantize(tiny_llama(vocab=VOCAB), polyquant.RTNConfig(bits=4, group_size=32), show_progress=False)
     polyquant.save(q, d, tokenizer=bpe)
     return d
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    return run_cli(capsys, *args)
 
 
 def test_export_gguf_and_onnx_then_eval_onnx(tmp_path, capsys, ckpt, text_file):

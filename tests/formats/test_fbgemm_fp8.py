@@ -33,7 +33,7 @@ def quantized(llama):
 @pytest.mark.parametrize("record", [True, False])
 def test_round_trip_identical_logits(quantized, tmp_path, record):
     # without the record: a foreign reader's view, the rule comes from the config
-    q2, b, a = reload_same_logits(quantized, tmp_path / "ckpt", X, record=record)
+    q2, a, b = reload_same_logits(quantized, tmp_path / "ckpt", X, record=record)
     assert len(a) == 14
     for n in a:
         assert torch.equal(a[n].data.view(torch.uint8), b[n].data.view(torch.uint8)) and torch.equal(a[n].scale, b[n].scale)

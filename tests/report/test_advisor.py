@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import tiny_llama, run_cli, tiny_model_dir
+from helpers import tiny_llama, run_cli as run, tiny_model_dir
 
 from polyquant.methods import RTNConfig
 from polyquant.methods.gptq import GPTQConfig
@@ -192,10 +192,6 @@ def test_model_size_from_config_without_weights(tiny_dir, tmp_path):
 
 
 # -- the CLI -----------------------------------------------------------------------------------
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    return run_cli(capsys, *args)
-
 
 def test_cli_recommend(capsys, tmp_path, tiny_dir):
     code, out, err = run(capsys, "recommend", tiny_dir, "--memory", "1GB", "--json")

@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from polyquant.formats.base import GPU_SERVING_NOTE
-from polyquant.formats.base import CheckpointError, Format, check_linears, layer_bias, register_format, require_tensors
+from polyquant.formats.base import (GPU_SERVING_NOTE, CheckpointError, Format, check_linears, layer_bias,
+                                    register_format, require_tensors)
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
 __all__ = ["AQLMFormat", "pack_codes", "unpack_codes", "aqlm_layer_tensors", "aqlm_weight_from_tensors", "scheme_of"]

@@ -44,9 +44,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from polyquant.formats.base import GPU_SERVING_NOTE
-from polyquant.formats.base import (CheckpointError, Format, check_linears, layer_bias, layer_weights, register_format,
-                                     require_tensors)
+from polyquant.formats.base import (GPU_SERVING_NOTE, CheckpointError, Format, check_linears, layer_bias,
+                                    layer_weights, register_format, require_tensors)
 from polyquant.methods.bnb import (BLOCKSIZES, NESTED_BLOCKSIZE, bnb_block, code_book, dequantize_blockwise_flat,
                                    int8_weight_from_scb)
 from polyquant.tensor.quantized_weight import QuantizedWeight

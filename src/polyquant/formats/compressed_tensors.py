@@ -71,8 +71,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from polyquant.formats.base import GPU_SERVING_NOTE
-from polyquant.formats.base import CheckpointError, Format, layer_bias, register_format
+from polyquant.formats.base import GPU_SERVING_NOTE, CheckpointError, Format, layer_bias, register_format
 from polyquant.formats.ct_schema import (_FP8_MAX, _READ_FORMATS, _STRATEGIES, FLOAT_Q, INT_Q, NAIVE, PACK,  # noqa: F401
                                          CTActivationQuant, _args_dict, _Args, _class_match, _Config, _name_match,
                                          _parse_args)

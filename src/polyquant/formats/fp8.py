@@ -40,8 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from polyquant.formats.base import GPU_SERVING_NOTE
-from polyquant.formats.base import CheckpointError, Format, layer_bias, register_format
+from polyquant.formats.base import GPU_SERVING_NOTE, CheckpointError, Format, layer_bias, register_format
 from polyquant.formats.fbgemm_fp8 import check_fp8_tensors, check_quantized_set, float_linears
 from polyquant.kernels.fp8 import Fp8ActQuant
 from polyquant.tensor.quantized_weight import QuantizedWeight

@@ -40,9 +40,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from polyquant.formats.base import GPU_SERVING_NOTE, VIA_GPTQMODEL_NOTE
-from polyquant.formats.base import (CheckpointError, Format, check_linears, checkpoint_group_size, float_dtype,
-                                     layer_bias, layer_names, layer_weights, output_head_names, register_format, require_tensors)
+from polyquant.formats.base import (GPU_SERVING_NOTE, VIA_GPTQMODEL_NOTE, CheckpointError, Format, check_linears,
+                                    checkpoint_group_size, float_dtype, layer_bias, layer_names, layer_weights,
+                                    output_head_names, register_format, require_tensors)
 from polyquant.tensor.packing import pack, unpack
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
