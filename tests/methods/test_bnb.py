@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from helpers import sqnr_db
-from polyquant.kernels.bnb_int8 import LLMInt8Activation, int8_matmul
+from polyquant.kernels.bnb_int8 import LLMInt8Activation
+from polyquant.kernels.int8_dynamic import int8_mm
 from polyquant.methods import config_from_dict, get_method
 from polyquant.methods.bnb import (BnbFP4Config, BnbInt8Config, BnbNF4Config, bnb_block, bnb_quantize_4bit,
                                    bnb_quantize_int8, code_book, double_quant_absmax, dynamic_map)
@@ -218,14 +219,14 @@ def test_decomposition_matches_float_definition():
     assert (y - exact).abs().mean() < 0.5 * (yp - exact).abs().mean()
 
 
-def test_int8_matmul_exact_for_long_rows():
+def test_int8_mm_exact_for_long_rows():
     g = torch.Generator().manual_seed(0)
     a = torch.full((3, 1536), 127, dtype=torch.int8)
     a[1] = torch.randint(-127, 128, (1536,), generator=g, dtype=torch.int8)
     b = torch.randint(-127, 128, (64, 1536), generator=g, dtype=torch.int8)
     b[0] = 127
     ref = a.long() @ b.long().t()
-    assert torch.equal(int8_matmul(a, b).long(), ref)
+    assert torch.equal(int8_mm(a, b).long(), ref)
     assert ref[0, 0].item() == 127 * 127 * 1536 > 2 ** 24  # beyond exact fp32 accumulation
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 from contextlib import contextmanager
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn

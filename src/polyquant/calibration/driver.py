@@ -49,7 +49,7 @@ from polyquant.calibration.checkpoint import ResumeState, run_key
 from polyquant.calibration.data import as_samples
 from polyquant.calibration.memo import BlockMemo
 from polyquant.calibration.stats import collector_factory
-from polyquant.nn.quantize import make_quant_linear, replace_module
+from polyquant.nn.quantize import make_quant_linear, module_device, replace_module
 from polyquant.nn.quant_linear import QuantLinear
 from polyquant.nn.select import find_blocks
 from polyquant.progress import progress
@@ -225,14 +225,6 @@ def _relative_error(w: torch.Tensor, qw: QuantizedWeight, stats: dict | None) ->
     return float(num / den.clamp_min(1e-30))
 
 
-def _device_of(m: nn.Module) -> torch.device:
-    for t in m.parameters():
-        return t.device
-    for t in m.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
 def _swap_in_fake(blk: nn.Module, name: str, qw: QuantizedWeight, lin: nn.Module) -> None:
     w = lin.weight
     replace_module(blk, name, _FakeQuant(qw.dequantize(w.dtype).to(w.device), lin.bias))
@@ -322,7 +314,7 @@ def _process_block(model, blk, i, lins, spec, config, factory, true_seq, inps, r
                    autocast=None) -> dict[str, float]:
     """Quantize one block's Linears (or load them from the resume folder); replaces ``inps`` by the
     block's outputs."""
-    orig_dev = _device_of(blk)
+    orig_dev = module_device(blk)
     work_dev = dev if dev is not None else orig_dev
     moved = work_dev != orig_dev
     if moved:

@@ -22,10 +22,10 @@ from torch import nn
 from polyquant import data
 from polyquant.eval.agreement import AgreementStats, kl_top1
 from polyquant.eval.memory import memory_report, peak_rss_bytes, quantized_layer_bytes, runtime_bytes, weight_bytes
-from polyquant.eval.perplexity import is_causal_lm, make_windows, model_device, score_windows
+from polyquant.eval.perplexity import is_causal_lm, make_windows, score_windows
 from polyquant.eval.speed import decode_tok_s, greedy_decode, prefill_tok_s
 from polyquant.nn.quant_linear import QuantLinear
-from polyquant.nn.quantize import get_record, kernel_summary
+from polyquant.nn.quantize import get_record, kernel_summary, module_device
 
 __all__ = ["evaluate", "describe_model", "REQUIRED_KEYS", "AgreementStats", "kl_top1", "make_windows",
            "score_windows", "is_causal_lm", "weight_bytes", "runtime_bytes", "quantized_layer_bytes",
@@ -209,7 +209,7 @@ def evaluate(model: nn.Module, tokenizer=None, *, text: str | os.PathLike | None
                 phases.update(1)
             phases.close()
             res["speed_seconds"] = time.perf_counter() - t0
-        res.update(threads=torch.get_num_threads(), device=str(model_device(model)),
+        res.update(threads=torch.get_num_threads(), device=str(module_device(model)),
                    torch_version=torch.__version__, platform=platform.machine(),
                    peak_rss_bytes=peak_rss_bytes(), total_seconds=time.perf_counter() - t_start)
         return res

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from polyquant.eval.agreement import AgreementStats
+from polyquant.nn.quantize import module_device
 from polyquant.progress import progress
 
-__all__ = ["make_windows", "is_causal_lm", "model_device", "score_windows"]
+__all__ = ["make_windows", "is_causal_lm", "score_windows"]
 
 
 def make_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
@@ -50,20 +51,12 @@ def is_causal_lm(model: nn.Module) -> bool:
     return callable(get_out) and get_out() is not None and bool(getattr(model.config, "is_decoder", True))
 
 
-def model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
 def score_windows(model: nn.Module, windows: torch.Tensor, reference: nn.Module | None = None,
                   show_progress: bool = True) -> dict:
     """Score each window; returns ``ppl``, ``nll`` (mean over windows), per-window ``nlls``,
     ``kl``/``top1`` (None without a reference) and ``eval_seconds``."""
-    dev = model_device(model)
-    ref_dev = model_device(reference) if reference is not None else None
+    dev = module_device(model)
+    ref_dev = module_device(reference) if reference is not None else None
     agree = AgreementStats()
     nlls: list[float] = []
     t0 = time.perf_counter()

@@ -20,7 +20,7 @@ import time
 import torch
 from torch import nn
 
-from polyquant.eval.perplexity import model_device
+from polyquant.nn.quantize import module_device
 
 __all__ = ["prefill_tok_s", "greedy_decode", "decode_tok_s"]
 
@@ -50,7 +50,7 @@ def _timed_runs(fn, device: torch.device, runs: int, budget_s: float) -> list[fl
 
 def prefill_tok_s(model: nn.Module, window: torch.Tensor, runs: int = 3, budget_s: float = 3.0) -> dict:
     """Prefill throughput of one ``[1, L]`` window: ``{"prefill_tok_s", "prefill_tokens", "prefill_runs"}``."""
-    dev = model_device(model)
+    dev = module_device(model)
     x = window.reshape(1, -1).to(dev)
     kw = {"use_cache": False} if _accepts(model, "use_cache") else {}
     with torch.inference_mode():
@@ -83,7 +83,7 @@ def greedy_decode(model: nn.Module, prompt: torch.Tensor, n: int) -> tuple[torch
     """Greedy decoding with a KV cache, batch 1. Returns ``(new_tokens [n], seconds)`` where the
     seconds cover the ``n`` single-token steps after the (untimed) prompt forward. The first new
     token comes from the prompt forward; the n-th step's output token is not returned."""
-    dev = model_device(model)
+    dev = module_device(model)
     ids = prompt.reshape(1, -1).to(dev)
     cache_kw = _cache_kwarg(model)
     extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}

@@ -127,8 +127,6 @@ class AQLMFormat(Format):
 
     name = "aqlm"
     quant_method = "aqlm"
-    readers = ()
-    writers = ()
     untested_readers = {"transformers + aqlm": "the aqlm package is not in the test extra (not verified here)",
                         "vllm": GPU_SERVING_NOTE}
     untested_writers = {"aqlm (Vahe1994/AQLM convert_to_hf.py)": "a script in the AQLM repository, not an "

@@ -342,8 +342,6 @@ class AWQFormat(Format):
 
     name = "awq"
     quant_method = "awq"
-    readers = ()
-    writers = ()
     untested_readers = {"transformers": VIA_GPTQMODEL_NOTE, "autoawq": "not in the test extra (deprecated; CUDA kernels)",
                         "vllm": GPU_SERVING_NOTE}
     untested_writers = {"autoawq": "not in the test extra (deprecated; CUDA kernels)",

@@ -114,7 +114,6 @@ class BitNetFormat(Format):
     name = "bitnet"
     quant_method = "bitnet"
     readers = ("transformers",)
-    writers = ()
     untested_writers = {"transformers": "transformers has no BitNet quantizer (it reads pre-quantized folders)",
                         "microsoft/BitNet": "Microsoft's converters are scripts, not an installable package"}
     description = ("BitNet b1.58: ternary weights 4 per byte (output rows in 4 chunks), one weight_scale per "

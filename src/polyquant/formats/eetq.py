@@ -120,8 +120,6 @@ def _fail(name: str, msg: str) -> CheckpointError:
 class EETQFormat(Format):
     name = "eetq"
     quant_method = "eetq"
-    readers = ()
-    writers = ()
     untested_readers = {"transformers": "needs the eetq library and a CUDA GPU (no eetq distribution installs "
                                         "from PyPI on a CPU machine)"}
     untested_writers = {"eetq": "CUDA only; no eetq distribution installs from PyPI on a CPU machine"}

@@ -133,8 +133,6 @@ def _fail(name: str):
 class FbgemmFp8Format(Format):
     name = "fbgemm_fp8"
     quant_method = "fbgemm_fp8"
-    readers = ()
-    writers = ()
     untested_readers = {"transformers": "transformers' fbgemm_fp8 needs a CUDA or XPU device (ImportError on a CPU)",
                         "vllm": GPU_SERVING_NOTE}
     untested_writers = {"transformers": "transformers' fbgemm_fp8 needs a CUDA or XPU device (ImportError on a CPU)"}

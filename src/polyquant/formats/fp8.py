@@ -86,7 +86,6 @@ class FineGrainedFp8Format(Format):
     name = "fp8"
     quant_method = "fp8"
     readers = ("transformers",)
-    writers = ()
     untested_readers = {"vllm": GPU_SERVING_NOTE, "sglang": GPU_SERVING_NOTE}
     untested_writers = {"transformers": "transformers quantizes to FineGrainedFP8 only on a GPU or XPU",
                         "deepseek": "DeepSeek's own converter is not a Python package"}

@@ -261,8 +261,6 @@ class GPTQFormat(Format):
     """GPTQ checkpoints, ``checkpoint_format`` v1 (``gptq``) or ``gptq_v2``."""
 
     quant_method = "gptq"
-    readers = ()
-    writers = ()
     untested_readers = {"transformers": VIA_GPTQMODEL_NOTE, "gptqmodel": "not in the test extra (not verified on a CPU)",
                         "vllm": GPU_SERVING_NOTE}
     untested_writers = {"gptqmodel": "not in the test extra (not verified on a CPU)",

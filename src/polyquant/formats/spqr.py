@@ -289,8 +289,6 @@ class SpQRFormat(Format):
 
     name = "spqr"
     quant_method = "spqr"
-    readers = ()
-    writers = ()
     untested_readers = {"transformers": "transformers' SpQR reader needs CUDA (spqr_quant kernels)",
                         "spqr_quant": "CUDA kernels; not installable on this CPU-only test machine"}
     untested_writers = {"SpQR (convert_to_hf.py)": "a script in the SpQR repository, not an installable package"}
@@ -354,8 +352,6 @@ class PolyquantSpQRFormat(Format):
 
     name = "polyquant-spqr"
     quant_method = "polyquant-spqr"
-    readers = ()
-    writers = ()
     untested_readers = {"polyquant": "polyquant's own format (no other tool reads it): round trips in tests/formats"}
     description = "SpQR at any width (2-4 bits, any group sizes): packed codes, packed two-level statistics, fp16 CSR outliers"
 

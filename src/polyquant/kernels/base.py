@@ -21,7 +21,8 @@ __all__ = ["Kernel", "register_kernel", "get_kernel", "list_kernels", "select_ke
 
 class Kernel:
     """Base class. Subclasses set ``name``, ``devices``, ``priority`` (higher wins), ``layouts``
-    (one line for the compatibility matrix) and implement the three methods."""
+    (one line for the compatibility matrix) and implement ``check`` (the layout conditions;
+    ``supports`` adds the device), ``prepare`` and ``forward``."""
 
     name: str = ""
     devices: tuple[str, ...] = ()
@@ -61,8 +62,14 @@ class Kernel:
         return None
 
     def supports(self, qw: QuantizedWeight, device: torch.device) -> str | None:
-        """None when this kernel can run ``qw`` on ``device``; otherwise the reason it cannot."""
-        raise NotImplementedError
+        """None when this kernel can run ``qw`` on ``device``; otherwise the reason it cannot: a
+        device outside ``devices``, else what ``check`` says."""
+        return self._device_reason(device) or self.check(qw, device)
+
+    def check(self, qw: QuantizedWeight, device: torch.device) -> str | None:
+        """A subclass's own conditions on the layout (``device`` is one of ``devices``): None when
+        it runs ``qw``, else why not."""
+        return None
 
     def prepare(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
         """Kernel-specific buffers, built once (e.g. a packed tile layout)."""

@@ -15,8 +15,8 @@ Two paths compute it:
 - the **reference** kernel calls :class:`LLMInt8Activation` as the layer's ``act_quant``: it
   fake-quantizes ``X`` (non-outlier columns become ``CA * SCA / 127``, outlier columns stay float)
   and multiplies with the dequantized weight - the same sum, in float;
-- the ``llm-int8`` kernel (this module) runs the int8 product with ``torch._int_mm`` (CPU; CUDA when
-  ``M > 16`` and ``K``, ``N`` are multiples of 8) or, elsewhere, exactly in float64, then adds the
+- the ``llm-int8`` kernel (this module) runs the int8 product exactly with ``int8_dynamic.int8_mm``
+  (``torch._int_mm``, padded to its shape rules on CUDA; float64 elsewhere), then adds the
   float outlier product. It takes only bitsandbytes int8 layouts (int8 codes, per-row scales and the
   ``SCB`` extra) and, without an LLM.int8 rule on the module, runs them weight-only.
 """
@@ -27,21 +27,11 @@ import torch.nn.functional as F
 
 from polyquant.activations.llm_int8 import LLMInt8Activation
 from polyquant.kernels.base import Kernel, register_kernel
+from polyquant.kernels.int8_dynamic import int8_mm
 
-__all__ = ["LLMInt8Activation", "LLMInt8Kernel", "int8_matmul"]
+__all__ = ["LLMInt8Activation", "LLMInt8Kernel"]
 
 _INV_127SQ = 1.0 / (127.0 * 127.0)
-
-
-def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Exact ``a [M, K] int8 @ b[N, K]^T int8`` -> int32: ``torch._int_mm`` where it runs, else
-    float64 (exact for any K below 2**38)."""
-    m, k = a.shape
-    n = b.shape[0]
-    use = a.device.type == "cpu" or (a.device.type == "cuda" and m > 16 and k % 8 == 0 and n % 8 == 0)
-    if use and hasattr(torch, "_int_mm"):
-        return torch._int_mm(a.contiguous(), b.t())
-    return (a.double() @ b.double().t()).round().to(torch.int32)
 
 
 class LLMInt8Kernel(Kernel):
@@ -52,9 +42,7 @@ class LLMInt8Kernel(Kernel):
     graph_safe = False
     graph_unsafe_reason = "its outlier columns are found from the activations on the host (nonzero)"
 
-    def supports(self, qw, device):
-        if r := self._device_reason(device):
-            return r
+    def check(self, qw, device):
         if qw.qtype != "int8":
             return f"needs bitsandbytes int8 weights, got {qw.qtype}"
         if qw.block != (1, qw.shape[1]) or qw.zero is not None or qw.g_idx is not None:
@@ -76,7 +64,7 @@ class LLMInt8Kernel(Kernel):
             w = (cb.float() * s.unsqueeze(-1)).to(x.dtype)
             return F.linear(x, w, module.bias)
         ca, sca, cols = rule.quantize(x2)
-        acc = int8_matmul(ca, cb)
+        acc = int8_mm(ca, cb)
         y = acc.float() * (sca.unsqueeze(-1) * module.kbuf("SCB").unsqueeze(0)) * _INV_127SQ
         if module.bias is not None:
             y = y + module.bias.float()

@@ -39,9 +39,7 @@ class CpuInt8Kernel(Kernel):
     priority = 20
     layouts = "8-bit per-channel weights (sym or asym), bf16 activations"
 
-    def supports(self, qw, device):
-        if r := self._device_reason(device):
-            return r
+    def check(self, qw, device):
         if qw.qt.kind != "int" or qw.bits != 8:
             return f"needs 8-bit integer weights, got {qw.qtype}"
         if qw.block != (1, qw.shape[1]):
@@ -99,9 +97,7 @@ class CpuInt4Kernel(Kernel):
                 return g
         return None
 
-    def supports(self, qw, device):
-        if r := self._device_reason(device):
-            return r
+    def check(self, qw, device):
         if qw.qt.kind != "int" or qw.bits > 4:
             return f"needs 1- to 4-bit integer weights, got {qw.qtype}"
         if qw.block[0] != 1:

@@ -63,9 +63,7 @@ class CpuInt4ActOrderKernel(Kernel):
 
     _int4 = CpuInt4Kernel()
 
-    def supports(self, qw, device):
-        if r := self._device_reason(device):
-            return r
+    def check(self, qw, device):
         if qw.g_idx is None:
             return "needs act-order g_idx (cpu-int4 takes the layer without one)"
         if qw.qt.kind != "int" or qw.bits != 4:

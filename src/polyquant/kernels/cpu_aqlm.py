@@ -117,9 +117,7 @@ class CpuAqlmKernel(Kernel):
                "for <= 256-entry code books, code-word gather otherwise; compiled C (AVX2 / portable); float32")
     layout_kinds = ("vector",)
 
-    def supports(self, qw, device):
-        if r := self._device_reason(device):
-            return r
+    def check(self, qw, device):
         m, k, og, ig = qw.codebooks.shape
         if og != 1:
             return f"out_group_size {og} > 1 is not supported (the reference kernel runs it)"

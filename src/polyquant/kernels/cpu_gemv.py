@@ -179,9 +179,7 @@ class CpuGemvKernel(Kernel):
                "whole rows, in_features % 64 (4-bit) / 32 (8-bit); compiled C (AVX2 + FMA / portable); float32; "
                "explicit request only")
 
-    def supports(self, qw, device):
-        if r := self._device_reason(device):
-            return r
+    def check(self, qw, device):
         if qw.qt.kind != "int" or not (qw.bits <= 4 or qw.bits == 8):
             return f"needs 1- to 4-bit or 8-bit integer weights, got {qw.qtype}"
         if qw.g_idx is not None or qw.extras:

@@ -119,9 +119,7 @@ class CpuLut4Kernel(Kernel):
                "CPUs, or where cpu-int4 declines), one scale per group of a multiple of 32 inputs (or whole rows); "
                "compiled C (AVX-512 / AVX2 / portable); float32")
 
-    def supports(self, qw, device):
-        if r := self._device_reason(device):
-            return r
+    def check(self, qw, device):
         if qw.qt.kind == "codebook":
             if qw.bits != 4 or len(qw.qt.values or ()) != 16:
                 return f"needs a 16-entry code book (nf4, fp4) or 1- to 4-bit integer codes, got {qw.qtype}"

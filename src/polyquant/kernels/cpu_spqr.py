@@ -136,9 +136,7 @@ class CpuSpQRKernel(Kernel):
     sparse_outliers = True
     layout_kinds = ("scalar",)
 
-    def supports(self, qw, device):
-        if r := self._device_reason(device):
-            return r
+    def check(self, qw, device):
         if qw.outliers is None:
             return "runs SpQR layers (with sparse outliers); dense group-16 layouts are left to the integer kernels"
         if qw.qt.kind != "int" or not 2 <= qw.bits <= 4:

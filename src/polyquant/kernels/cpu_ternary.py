@@ -135,9 +135,7 @@ class CpuTernaryKernel(Kernel):
                "activations; compiled C (AVX-512 VNNI / AVX-512BW / AVX2 / portable), int32 accumulation")
     act_rules = ({"kind": BitNetActivation.kind},)
 
-    def supports(self, qw, device):
-        if r := self._device_reason(device):
-            return r
+    def check(self, qw, device):
         if qw.qt.kind != "ternary":
             return f"needs ternary weights, got {qw.qtype}"
         if qw.zero is not None or qw.g_idx is not None or qw.extras:

@@ -36,9 +36,7 @@ class Fp8EmulatedKernel(Kernel):
     layouts = "float8 (e4m3/e5m2) weights, any block; fp8 activations emulated in fp32 (CPU)"
     fast = False
 
-    def supports(self, qw, device):
-        if r := self._device_reason(device):
-            return r
+    def check(self, qw, device):
         if qw.qt.kind != "float":
             return f"needs float8 weights, got {qw.qtype}"
         if qw.zero is not None or qw.g_idx is not None or qw.extras:
@@ -112,9 +110,7 @@ class Fp8ScaledMMKernel(Kernel):
                "static activations (torch._scaled_mm, CUDA cc >= 8.9)")
     min_capability = (8, 9)
 
-    def supports(self, qw, device):
-        if r := self._device_reason(device):
-            return r
+    def check(self, qw, device):
         if qw.qtype != "float8_e4m3fn":
             return f"needs float8_e4m3fn weights, got {qw.qtype}"
         out, inp = qw.shape

@@ -68,9 +68,7 @@ class Int8DynamicKernel(Kernel):
     layouts = "8-bit symmetric per-channel or per-tensor weights with int8 dynamic activations (int8 x int8)"
     act_rules = ({"kind": Int8DynamicActivation.kind},)
 
-    def supports(self, qw, device):
-        if r := self._device_reason(device):
-            return r
+    def check(self, qw, device):
         return symmetric_int8_reason(qw, ((1, qw.shape[1]), tuple(qw.shape)))
 
     def prepare(self, qw):

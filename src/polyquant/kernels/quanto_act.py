@@ -23,9 +23,7 @@ class QuantoInt8Kernel(Kernel):
     layouts = "8-bit symmetric per-channel weights with quanto's static qint8 activations (int8 x int8)"
     act_rules = ({"kind": QuantoActivation.kind},)
 
-    def supports(self, qw, device):
-        if r := self._device_reason(device):
-            return r
+    def check(self, qw, device):
         from polyquant.kernels.int8_dynamic import symmetric_int8_reason
         return symmetric_int8_reason(qw, ((1, qw.shape[1]),))
 

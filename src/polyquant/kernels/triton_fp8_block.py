@@ -133,9 +133,7 @@ class TritonFp8BlockKernel(Kernel):
                "activations per token or per 1 x G group (Triton, CUDA cc >= 8.9)")
     min_capability = (8, 9)
 
-    def supports(self, qw, device):
-        if r := self._device_reason(device):
-            return r
+    def check(self, qw, device):
         if r := triton_reason():
             return r
         if qw.qtype != "float8_e4m3fn":

@@ -277,9 +277,7 @@ class TritonW4A16Kernel(Kernel):
                "fp16/bf16 activations (Triton, CUDA)")
     min_capability = (7, 0)
 
-    def supports(self, qw, device):
-        if r := self._device_reason(device):
-            return r
+    def check(self, qw, device):
         if r := triton_reason():
             return r
         if qw.qt.kind != "int" or qw.bits not in _BITS:

@@ -177,35 +177,35 @@ class TorchAOInt4Config(MethodConfig):
 
 
 @dataclass
-class TorchAOInt8Config(MethodConfig):
+class _Int8Granularity(MethodConfig):
+    """The int8 configs' one option: ``granularity`` (``row`` or ``tensor``)."""
+
+    granularity: str = "row"
+
+    def validate(self) -> None:
+        check_choice("granularity", self.granularity, GRANULARITIES)
+
+
+@dataclass
+class TorchAOInt8Config(_Int8Granularity):
     """torchao int8 weight-only (``Int8WeightOnlyConfig``).
 
     Attributes:
         granularity: ``row`` (one scale per output channel, torchao's default) or ``tensor``.
     """
 
-    granularity: str = "row"
-
-    def validate(self) -> None:
-        check_choice("granularity", self.granularity, GRANULARITIES)
-
     def describe(self) -> str:
         return f"torchao int8 w8a16 per-{self.granularity}"
 
 
 @dataclass
-class TorchAOInt8DynamicConfig(MethodConfig):
+class TorchAOInt8DynamicConfig(_Int8Granularity):
     """torchao int8 dynamic activations + int8 weights (``Int8DynamicActivationInt8WeightConfig``).
 
     Attributes:
         granularity: ``row`` (per output channel for weights, per token for activations: torchao's
             default) or ``tensor`` (for both).
     """
-
-    granularity: str = "row"
-
-    def validate(self) -> None:
-        check_choice("granularity", self.granularity, GRANULARITIES)
 
     def describe(self) -> str:
         return f"torchao w8a8 dynamic per-{self.granularity}"

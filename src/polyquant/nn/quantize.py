@@ -10,11 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from polyquant.nn.quant_linear import QuantLinear
 
-__all__ = ["QuantRecord", "replace_module", "get_record", "set_kernels", "make_quant_linear", "kernel_summary"]
+__all__ = ["QuantRecord", "replace_module", "get_record", "set_kernels", "make_quant_linear", "kernel_summary",
+           "module_device"]
 
 
 @dataclass
@@ -28,6 +30,15 @@ class QuantRecord:
     seconds: float = 0.0
     source: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def module_device(m: nn.Module) -> torch.device:
+    """Where ``m`` computes: its first parameter's device, else its first buffer's, else the CPU."""
+    for t in m.parameters():
+        return t.device
+    for t in m.buffers():
+        return t.device
+    return torch.device("cpu")
 
 
 def get_record(model: nn.Module) -> QuantRecord | None:

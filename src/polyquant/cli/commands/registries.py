@@ -43,46 +43,48 @@ def format_rows(markdown: bool = False) -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
+def _listing(args, group: str, records, rows) -> int:
+    """One registry listing: ``records()`` as JSON (``--json``), ``rows(markdown)`` as a Markdown
+    (``--markdown``, where the command has it) or text table; then the plug-ins that failed."""
+    markdown = getattr(args, "markdown", False)
+    if args.json:
+        print_json(records())
+    elif markdown:
+        out(markdown_table(*rows(True)))
+    else:
+        out(text_table(*rows(False)))
+    plugin_failures(group, text=not (args.json or markdown))
+    return 0
+
+
+def kernel_rows(markdown: bool = False) -> tuple[list[str], list[list[str]]]:
+    from polyquant.kernels import list_kernels
+    return (["name", "devices", "layouts", "fast", "priority"],
+            [[k.name, ",".join(k.devices), k.layouts, "yes" if k.fast else "no", k.priority] for k in list_kernels()])
+
+
 @command("methods", help="list the quantization methods", args=[_JSON, _MD], order=1)
 def cmd_methods(args) -> int:
     from polyquant.methods import list_methods
     from polyquant.methods.options import option_defaults
-    if args.json:
-        print_json([{"name": s.name, "family": s.family, "bits": list(s.bits), "needs_calibration": s.needs_calibration,
-                     "formats": list(s.formats), "default_format": s.default_format, "activations": s.activations,
-                     "description": s.description, "reference": s.reference,
-                     "options": option_defaults(s.config_cls)} for s in list_methods()])
-    elif args.markdown:
-        out(markdown_table(*method_rows(markdown=True)))
-    else:
-        out(text_table(*method_rows()))
-    plugin_failures("polyquant.methods", text=not (args.json or args.markdown))
-    return 0
+    return _listing(args, "polyquant.methods", lambda: [
+        {"name": s.name, "family": s.family, "bits": list(s.bits), "needs_calibration": s.needs_calibration,
+         "formats": list(s.formats), "default_format": s.default_format, "activations": s.activations,
+         "description": s.description, "reference": s.reference,
+         "options": option_defaults(s.config_cls)} for s in list_methods()], method_rows)
 
 
 @command("formats", help="list the checkpoint formats", args=[_JSON, _MD], order=2)
 def cmd_formats(args) -> int:
     import polyquant.formats as formats
-    if args.json:
-        print_json([{"name": f.name, "quant_method": f.quant_method, "readers": list(f.readers),
-                     "writers": list(f.writers), "description": f.description} for f in formats.list_formats()])
-    elif args.markdown:
-        out(markdown_table(*format_rows(markdown=True)))
-    else:
-        out(text_table(*format_rows()))
-    plugin_failures("polyquant.formats", text=not (args.json or args.markdown))
-    return 0
+    return _listing(args, "polyquant.formats", lambda: [
+        {"name": f.name, "quant_method": f.quant_method, "readers": list(f.readers), "writers": list(f.writers),
+         "description": f.description} for f in formats.list_formats()], format_rows)
 
 
 @command("kernels", help="list the matmul kernels", args=[_JSON], order=3)
 def cmd_kernels(args) -> int:
     from polyquant.kernels import list_kernels
-    ks = list_kernels()
-    if args.json:
-        print_json([{"name": k.name, "devices": list(k.devices), "layouts": k.layouts, "fast": k.fast,
-                     "priority": k.priority} for k in ks])
-    else:
-        out(text_table(["name", "devices", "layouts", "fast", "priority"],
-                       [[k.name, ",".join(k.devices), k.layouts, "yes" if k.fast else "no", k.priority] for k in ks]))
-    plugin_failures("polyquant.kernels", text=not args.json)
-    return 0
+    return _listing(args, "polyquant.kernels", lambda: [
+        {"name": k.name, "devices": list(k.devices), "layouts": k.layouts, "fast": k.fast, "priority": k.priority}
+        for k in list_kernels()], kernel_rows)
