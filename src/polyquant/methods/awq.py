@@ -280,7 +280,6 @@ def search_clip(w: torch.Tensor, H: torch.Tensor, config: AWQConfig) -> torch.Te
     gs = _gs(config, inp)
     v = block_view(w, (1, gs))                       # [out, G, gs]
     Hb = _diag_blocks(H.float(), gs)                 # [G, gs, gs]
-    vt = v.transpose(0, 1)                           # [G, out, gs]
     org_max = v.abs().amax(-1, keepdim=True)         # [out, G, 1]
     best_err = torch.full(org_max.shape[:2], math.inf, device=w.device)
     best_max = org_max[..., 0].clone()

@@ -200,7 +200,7 @@ def _probed_html(rows: Sequence[dict[str, Any]]) -> str:
             f'{_e(_kernels_text(r["kernels"]))}</td>'
             f'<td class="pq-k">{_e(r.get("declared_kernel") or "—")}</td><td>{_e(r.get("note"))}</td></tr>')
     if not body:
-        body.append(f'<tr><td colspan="8">no quantized runs in these results</td></tr>')
+        body.append('<tr><td colspan="8">no quantized runs in these results</td></tr>')
     return f'<table class="pq-matrix-probed"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
