@@ -34,6 +34,20 @@ def test_lut_matches_reference(out, inp, m, b, ig, rows):
         assert torch.allclose(y, ref, rtol=1e-4, atol=1e-5), simd
 
 
+@pytest.mark.parametrize("out, inp, m, b, ig", [(300, 1032, 2, 8, 8), (260, 520, 1, 2, 8), (9, 4104, 1, 8, 8)])
+def test_lut_tiles_match_reference(out, inp, m, b, ig):
+    """Shapes past the kernel's tiling: more rows than a row block (256), more tables than fit one L1
+    slice (32 KiB: 32 of 256 entries), a table count that is not a multiple of the gather width (8),
+    code books of fewer than 8 entries (the register-blocked table build's fallback)."""
+    qw = _qw(out, inp, m, b, ig)
+    x = torch.randn(2, inp)
+    ref = x.double() @ qw.dequantize().double().t()
+    cb = qw.codebooks.float().reshape(m, 1 << b, ig)
+    for simd in simd_levels():
+        y = aqlm_lut_mm(x, qw.data, cb.permute(0, 2, 1).contiguous(), qw.scale.float().reshape(-1), simd=simd)
+        assert torch.allclose(y.double(), ref, rtol=1e-4, atol=1e-4), simd
+
+
 @pytest.mark.parametrize("out, inp, m, b", [(13, 24, 1, 16), (7, 40, 2, 12), (9, 16, 2, 8)])
 def test_gather_matches_reference(out, inp, m, b):
     qw = _qw(out, inp, m, b)

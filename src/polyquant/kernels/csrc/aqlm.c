@@ -48,8 +48,55 @@ int pq_aqlm_simd_level(void) { return pq_f32_simd_level(0); }
 
 static void build_lut_portable(int64_t G, int64_t M, int64_t K, int64_t ig, const float *x, const float *cbT,
                                float *lut) { BUILD_LUT_BODY }
+
+#ifdef PQ_X86
+/* The same table, register-blocked: 64 entries (eight vectors, eight independent FMA chains; then 32,
+ * then 8) of one table accumulate in registers over the ig input columns, so each code-book element is
+ * loaded once and each entry stored once (the loop above reloads and stores the whole row of K entries
+ * for every column). K not a multiple of 8 takes the loop above. */
 AVX2_FN static void build_lut_avx2(int64_t G, int64_t M, int64_t K, int64_t ig, const float *x, const float *cbT,
-                                   float *lut) { BUILD_LUT_BODY }
+                                   float *lut) {
+    if (K % 8) { BUILD_LUT_BODY return; }
+    for (int64_t i = 0; i < G; i++) {
+        const float *xg = x + i * ig;
+        for (int64_t m = 0; m < M; m++) {
+            float *t = lut + (i * M + m) * K;
+            const float *ct = cbT + m * ig * K;
+            int64_t k = 0;
+            for (; k + 64 <= K; k += 64) { /* eight independent FMA chains */
+                __m256 a[8];
+                for (int q = 0; q < 8; q++) a[q] = _mm256_setzero_ps();
+                for (int64_t j = 0; j < ig; j++) {
+                    const __m256 xj = _mm256_broadcast_ss(xg + j);
+                    for (int q = 0; q < 8; q++) a[q] = _mm256_fmadd_ps(xj, _mm256_loadu_ps(ct + j * K + k + 8 * q), a[q]);
+                }
+                for (int q = 0; q < 8; q++) _mm256_storeu_ps(t + k + 8 * q, a[q]);
+            }
+            for (; k + 32 <= K; k += 32) {
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                for (int64_t j = 0; j < ig; j++) {
+                    const __m256 xj = _mm256_broadcast_ss(xg + j);
+                    const float *cj = ct + j * K + k;
+                    a0 = _mm256_fmadd_ps(xj, _mm256_loadu_ps(cj), a0);
+                    a1 = _mm256_fmadd_ps(xj, _mm256_loadu_ps(cj + 8), a1);
+                    a2 = _mm256_fmadd_ps(xj, _mm256_loadu_ps(cj + 16), a2);
+                    a3 = _mm256_fmadd_ps(xj, _mm256_loadu_ps(cj + 24), a3);
+                }
+                _mm256_storeu_ps(t + k, a0);
+                _mm256_storeu_ps(t + k + 8, a1);
+                _mm256_storeu_ps(t + k + 16, a2);
+                _mm256_storeu_ps(t + k + 24, a3);
+            }
+            for (; k < K; k += 8) {
+                __m256 a0 = _mm256_setzero_ps();
+                for (int64_t j = 0; j < ig; j++)
+                    a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(xg + j), _mm256_loadu_ps(ct + j * K + k), a0);
+                _mm256_storeu_ps(t + k, a0);
+            }
+        }
+    }
+}
+#endif
 
 /* ---- look-ups: y[n] = s[n] * sum_t lut[t*K + codes[n][t]], t over G*M ------------------------- */
 static void lookup_portable(int64_t n0, int64_t n1, int64_t T, int64_t K, const uint8_t *codes, const float *lut,
@@ -70,39 +117,65 @@ static void lookup_portable(int64_t n0, int64_t n1, int64_t T, int64_t K, const 
 }
 
 #ifdef PQ_X86
+/* Tables per slice of the look-ups: a slice's tables (LUT_SLICE_BYTES) stay in L1 while every row of a
+ * row block reads them; a whole layer's tables (G*M*K floats: 147 KB for 576 inputs, 2x8) would not. */
+#ifndef LUT_SLICE_BYTES
+#define LUT_SLICE_BYTES 32768
+#endif
+#define LUT_ROW_BLOCK 256
+
 AVX2_FN static void lookup_avx2(int64_t n0, int64_t n1, int64_t T, int64_t K, const uint8_t *codes, const float *lut,
                                 const float *s, float *y) {
     const __m256i step = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256i kvec = _mm256_set1_epi32((int)K);
     const __m256i base0 = _mm256_mullo_epi32(step, kvec);
     const __m256i stride = _mm256_set1_epi32((int)(8 * K));
-    int64_t n = n0;
-    /* two rows at a time: two independent gather chains */
-    for (; n + 2 <= n1; n += 2) {
-        const uint8_t *c0 = codes + n * T, *c1 = c0 + T;
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-        __m256i base = base0;
-        int64_t t = 0;
-        for (; t + 8 <= T; t += 8) {
-            __m256i i0 = _mm256_add_epi32(base, _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(c0 + t))));
-            __m256i i1 = _mm256_add_epi32(base, _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(c1 + t))));
-            a0 = _mm256_add_ps(a0, _mm256_i32gather_ps(lut, i0, 4));
-            a1 = _mm256_add_ps(a1, _mm256_i32gather_ps(lut, i1, 4));
-            base = _mm256_add_epi32(base, stride);
+    const int64_t T8 = T - T % 8;             /* tables taken eight at a time by the gathers */
+    int64_t ts = (LUT_SLICE_BYTES / (K * 4)) / 8 * 8;
+    if (ts < 8) ts = 8;
+    __m256 acc[LUT_ROW_BLOCK];                /* one vector of partial sums per row of the block */
+    for (int64_t b0 = n0; b0 < n1; b0 += LUT_ROW_BLOCK) {
+        const int64_t b1 = b0 + LUT_ROW_BLOCK < n1 ? b0 + LUT_ROW_BLOCK : n1, nb = b1 - b0;
+        for (int64_t r = 0; r < nb; r++) acc[r] = _mm256_setzero_ps();
+        for (int64_t t0 = 0; t0 < T8; t0 += ts) {
+            const int64_t t1 = t0 + ts < T8 ? t0 + ts : T8;
+            const float *l = lut + t0 * K;    /* offsets below are relative to the slice's first table */
+            int64_t r = 0;
+            for (; r + 2 <= nb; r += 2) {     /* two rows at a time: two independent gather chains */
+                const uint8_t *c0 = codes + (b0 + r) * T, *c1 = c0 + T;
+                if (t0 == 0 && b1 + r + 2 <= n1) /* the next row block's codes, while this one runs */
+                    for (int64_t o = 0; o < 2 * T; o += 64) _mm_prefetch((const char *)(c0 + nb * T + o), _MM_HINT_T0);
+                __m256 a0 = acc[r], a1 = acc[r + 1];
+                __m256i base = base0;
+                for (int64_t t = t0; t < t1; t += 8) {
+                    __m256i i0 = _mm256_add_epi32(base, _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(c0 + t))));
+                    __m256i i1 = _mm256_add_epi32(base, _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(c1 + t))));
+                    a0 = _mm256_add_ps(a0, _mm256_i32gather_ps(l, i0, 4));
+                    a1 = _mm256_add_ps(a1, _mm256_i32gather_ps(l, i1, 4));
+                    base = _mm256_add_epi32(base, stride);
+                }
+                acc[r] = a0;
+                acc[r + 1] = a1;
+            }
+            for (; r < nb; r++) {
+                const uint8_t *c0 = codes + (b0 + r) * T;
+                __m256 a0 = acc[r];
+                __m256i base = base0;
+                for (int64_t t = t0; t < t1; t += 8) {
+                    __m256i i0 = _mm256_add_epi32(base, _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(c0 + t))));
+                    a0 = _mm256_add_ps(a0, _mm256_i32gather_ps(l, i0, 4));
+                    base = _mm256_add_epi32(base, stride);
+                }
+                acc[r] = a0;
+            }
         }
-        float r0[8], r1[8];
-        _mm256_storeu_ps(r0, a0);
-        _mm256_storeu_ps(r1, a1);
-        float s0 = ((r0[0] + r0[1]) + (r0[2] + r0[3])) + ((r0[4] + r0[5]) + (r0[6] + r0[7]));
-        float s1 = ((r1[0] + r1[1]) + (r1[2] + r1[3])) + ((r1[4] + r1[5]) + (r1[6] + r1[7]));
-        for (; t < T; t++) {
-            s0 += lut[t * K + c0[t]];
-            s1 += lut[t * K + c1[t]];
+        for (int64_t r = 0; r < nb; r++) {
+            const uint8_t *c = codes + (b0 + r) * T;
+            float v = pq_hsum8_ps(acc[r]);
+            for (int64_t t = T8; t < T; t++) v += lut[t * K + c[t]];
+            y[b0 + r] = v * s[b0 + r];
         }
-        y[n] = s0 * s[n];
-        y[n + 1] = s1 * s[n + 1];
     }
-    if (n < n1) lookup_portable(n, n1, T, K, codes, lut, s, y);
 }
 #endif
 
