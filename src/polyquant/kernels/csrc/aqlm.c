@@ -50,10 +50,10 @@ static void build_lut_portable(int64_t G, int64_t M, int64_t K, int64_t ig, cons
                                float *lut) { BUILD_LUT_BODY }
 
 #ifdef PQ_X86
-/* The same table, register-blocked: 64 entries (eight vectors, eight independent FMA chains; then 32,
- * then 8) of one table accumulate in registers over the ig input columns, so each code-book element is
- * loaded once and each entry stored once (the loop above reloads and stores the whole row of K entries
- * for every column). K not a multiple of 8 takes the loop above. */
+/* The same table, register-blocked: 64 entries of one table (eight vectors: eight independent FMA
+ * chains; smaller K eight entries at a time) accumulate in registers over the ig input columns, so each
+ * code-book element is loaded once and each entry stored once (the loop above reloads and stores the
+ * whole row of K entries for every column). K not a multiple of 8 takes the loop above. */
 AVX2_FN static void build_lut_avx2(int64_t G, int64_t M, int64_t K, int64_t ig, const float *x, const float *cbT,
                                    float *lut) {
     if (K % 8) { BUILD_LUT_BODY return; }
@@ -72,22 +72,7 @@ AVX2_FN static void build_lut_avx2(int64_t G, int64_t M, int64_t K, int64_t ig, 
                 }
                 for (int q = 0; q < 8; q++) _mm256_storeu_ps(t + k + 8 * q, a[q]);
             }
-            for (; k + 32 <= K; k += 32) {
-                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-                for (int64_t j = 0; j < ig; j++) {
-                    const __m256 xj = _mm256_broadcast_ss(xg + j);
-                    const float *cj = ct + j * K + k;
-                    a0 = _mm256_fmadd_ps(xj, _mm256_loadu_ps(cj), a0);
-                    a1 = _mm256_fmadd_ps(xj, _mm256_loadu_ps(cj + 8), a1);
-                    a2 = _mm256_fmadd_ps(xj, _mm256_loadu_ps(cj + 16), a2);
-                    a3 = _mm256_fmadd_ps(xj, _mm256_loadu_ps(cj + 24), a3);
-                }
-                _mm256_storeu_ps(t + k, a0);
-                _mm256_storeu_ps(t + k + 8, a1);
-                _mm256_storeu_ps(t + k + 16, a2);
-                _mm256_storeu_ps(t + k + 24, a3);
-            }
-            for (; k < K; k += 8) {
+            for (; k < K; k += 8) { /* K < 64 (code books of 8-32 entries) */
                 __m256 a0 = _mm256_setzero_ps();
                 for (int64_t j = 0; j < ig; j++)
                     a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(xg + j), _mm256_loadu_ps(ct + j * K + k), a0);
@@ -119,9 +104,7 @@ static void lookup_portable(int64_t n0, int64_t n1, int64_t T, int64_t K, const 
 #ifdef PQ_X86
 /* Tables per slice of the look-ups: a slice's tables (LUT_SLICE_BYTES) stay in L1 while every row of a
  * row block reads them; a whole layer's tables (G*M*K floats: 147 KB for 576 inputs, 2x8) would not. */
-#ifndef LUT_SLICE_BYTES
 #define LUT_SLICE_BYTES 32768
-#endif
 #define LUT_ROW_BLOCK 256
 
 AVX2_FN static void lookup_avx2(int64_t n0, int64_t n1, int64_t T, int64_t K, const uint8_t *codes, const float *lut,
