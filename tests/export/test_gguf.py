@@ -248,3 +248,22 @@ def test_qwen2_with_attention_biases_reads_back(tmp_path, bpe):
     with torch.no_grad():
         ours, theirs = q(x).logits, g(x).logits
     assert (ours - theirs).abs().max() < 1e-4 * ours.abs().max()
+
+
+def test_tensors_are_written_in_llama_quantizes_order(tmp_path, bpe):
+    """llama.cpp's weight_name_comparer: non-block tensors first, then blocks numerically (blk.2 before
+    blk.10), names sorted within a block; llama-quantize writes this order and decodes it fastest."""
+    from polyquant.export.gguf import llama_tensor_order
+    m = tiny_llama(seed=0, hidden=64, vocab=VOCAB, layers=11)
+    q = _fp16_scales(polyquant.quantize(m, polyquant.RTNConfig(bits=4, group_size=32), show_progress=False))
+    export(q, "gguf", tmp_path / "m.gguf", tokenizer=bpe, float_type="F32", type="Q4_0")
+    names = [t.name for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors]
+    assert names == sorted(names, key=llama_tensor_order)
+    assert names[:2] == ["output_norm.weight", "token_embd.weight"] or names[:3] == [
+        "output.weight", "output_norm.weight", "token_embd.weight"]
+    blocks = [int(n.split(".")[1]) for n in names if n.startswith("blk.")]
+    assert blocks == sorted(blocks) and blocks[-1] == 10
+    assert [n for n in names if n.startswith("blk.2.")] == [
+        "blk.2.attn_k.weight", "blk.2.attn_norm.weight", "blk.2.attn_output.weight", "blk.2.attn_q.weight",
+        "blk.2.attn_v.weight", "blk.2.ffn_down.weight", "blk.2.ffn_gate.weight", "blk.2.ffn_norm.weight",
+        "blk.2.ffn_up.weight"]

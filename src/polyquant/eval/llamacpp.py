@@ -105,12 +105,14 @@ def quantize(bin_dir, src: Path, dst: Path, qtype: str = "Q4_0", threads: int = 
 
 
 def bench(bin_dir, model: Path, n_gen: int = 64, n_prompt: int = 0, threads: int = 1, reps: int = 1,
-          timeout: float = 3600) -> dict:
+          timeout: float = 3600, mmap: bool = True) -> dict:
     """``llama-bench`` (JSON output) for one model: ``{"tok_s", "tok_s_sd", "n_gen", "n_prompt", ...}``
-    of its text-generation (or prompt) test."""
+    of its text-generation (or prompt) test. ``mmap=False`` (``-mmp 0``) reads the weights into fresh memory:
+    with mmap the speed follows where the file's page-cache pages happen to sit (a freshly written or copied
+    file decodes up to ~5% faster than an old one with the same bytes), so comparisons of files use False."""
     exe = find_bin("llama-bench", bin_dir)
     cmd = [str(exe), "-m", str(model), "-t", str(threads), "-p", str(n_prompt), "-n", str(n_gen),
-           "-r", str(reps), "-o", "json"]
+           "-r", str(reps), "-o", "json", "-mmp", "1" if mmap else "0"]
     p = _run(cmd, timeout)
     try:
         rows = json.loads(p.stdout[p.stdout.index("["):])
