@@ -28,6 +28,8 @@ model (an F32 GGUF written by our exporter), both scored by ``llama-perplexity``
         --work /tmp/bench-export --llama-bin /tmp/lcp/build/bin
     # the tied lm_head stored once in the .onnx (size before / after, onnxruntime's logits)
     nice -n 5 taskset -c 1 python benchmarks/bench_export.py onnx-share --work /tmp/bench-export
+    # BitNet ternary -> TQ2_0 / TQ1_0, byte for byte against llama-quantize's of the same weights
+    nice -n 5 taskset -c 1 python benchmarks/bench_export.py ternary --work /tmp/bench-export
     # onnxruntime's GPTQ mode (its INC code), few calibration samples
     nice -n 5 taskset -c 1 python benchmarks/bench_export.py ort-gptq --calib-samples 2 --work /tmp/bench-export
 
@@ -470,9 +472,53 @@ def llamacpp_speed(a) -> dict:
     return res
 
 
+def ternary(a) -> dict:
+    """BitNet ternary -> TQ2_0 / TQ1_0 against llama-quantize's own TQ2_0 / TQ1_0 of the same weights (an
+    F32 GGUF of the BitNet layers' dequantized weights, written by our exporter): the files' tensors are
+    compared byte for byte, and llama-perplexity runs both. SmolLM2's 576-wide rows are not a multiple of the
+    TQ types' 256-weight blocks, so the model is a Llama of hidden 256 with random weights and the default
+    model's tokenizer."""
+    import copy
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from polyquant.eval import llamacpp as lc
+    from polyquant.methods.bitnet import BitNetConfig
+    from polyquant.nn.quant_linear import QuantLinear
+    work = Path(a.work) / "ternary"
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    _, tok = polyquant.load_model("default")
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=512, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval()
+    q = polyquant.quantize(model, BitNetConfig(), show_progress=False)
+    flat = copy.deepcopy(model)
+    for name, mod in q.named_modules():
+        if isinstance(mod, QuantLinear):
+            mod.qw_scale.copy_(mod.qw_scale.half().float())  # GGUF's d is fp16
+            flat.get_submodule(name).weight.data.copy_(mod.quantized_weight.dequantize())
+    export(flat, "gguf", work / "f32.gguf", tokenizer=tok, float_type="F32", overwrite=True, source="default")
+    text = work / "text.txt"
+    from polyquant import data
+    text.write_text(data.default_text()[:40000], encoding="utf-8")
+    res: dict = {"model": "llama hidden 256 x 4 layers, random weights, BitNet per-tensor", "ctx": 128, "chunks": 8,
+                 "ppl_f32_dequantized": lc.perplexity(a.llama_bin, work / "f32.gguf", text, ctx=128, chunks=8)["ppl"]}
+    for t in ("TQ2_0", "TQ1_0"):
+        ours, theirs = work / f"ours-{t}.gguf", work / f"llama-quantize-{t}.gguf"
+        r = export(q, "gguf", ours, tokenizer=tok, float_type="F32", type=t, overwrite=True, source="default")
+        lc.quantize(a.llama_bin, work / "f32.gguf", theirs, t,
+                    extra=["--token-embedding-type", "f32", "--output-tensor-type", "f32"])
+        res[t] = {"ours_layers_from_codes": sum(v.get("source") == "codes" for v in r.layers.values()),
+                  "bytes": {"ours": ours.stat().st_size, "llama_quantize": theirs.stat().st_size},
+                  "same_tensors": _same_tensors(ours, theirs),
+                  "ppl_ours": lc.perplexity(a.llama_bin, ours, text, ctx=128, chunks=8)["ppl"],
+                  "ppl_llama_quantize": lc.perplexity(a.llama_bin, theirs, text, ctx=128, chunks=8)["ppl"]}
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("phase", choices=["build", "speed", "onnx-share", "llamacpp", "llamacpp-speed", "ort-gptq", "gptq-checkpoint"])
+    ap.add_argument("phase", choices=["build", "speed", "onnx-share", "llamacpp", "llamacpp-speed", "ort-gptq", "gptq-checkpoint",
+                                       "ternary"])
     ap.add_argument("--ckpt-group", type=int, default=32, choices=(32, 64),
                     help="llamacpp phases: group size of our GPTQ W4 sym checkpoint (64: the build phase's)")
     ap.add_argument("--llama-bin", default=os.environ.get("LLAMA_CPP_BIN", "/tmp/lcp/build/bin"),
@@ -489,7 +535,7 @@ def main() -> None:
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     res = {"build": build, "speed": speed, "onnx-share": onnx_share, "llamacpp": llamacpp, "llamacpp-speed": llamacpp_speed,
-           "ort-gptq": ort_gptq, "gptq-checkpoint": gptq_checkpoint}[a.phase](a)
+           "ort-gptq": ort_gptq, "gptq-checkpoint": gptq_checkpoint, "ternary": ternary}[a.phase](a)
     text = json.dumps(res, indent=2, default=str)
     (Path(a.work) / f"{a.phase}.json").write_text(text)
     print(text)

@@ -267,3 +267,79 @@ def test_tensors_are_written_in_llama_quantizes_order(tmp_path, bpe):
         "blk.2.attn_k.weight", "blk.2.attn_norm.weight", "blk.2.attn_output.weight", "blk.2.attn_q.weight",
         "blk.2.attn_v.weight", "blk.2.ffn_down.weight", "blk.2.ffn_gate.weight", "blk.2.ffn_norm.weight",
         "blk.2.ffn_up.weight"]
+
+
+def _ternary_weight(shape=(8, 512), granularity="tensor", seed=0):
+    from polyquant.methods.bitnet import BitNetConfig, bitnet_quantize
+    torch.manual_seed(seed)
+    qw = bitnet_quantize(torch.randn(*shape), BitNetConfig(granularity=granularity), None)
+    qw.scale = qw.scale.half().float()
+    return qw
+
+
+@pytest.mark.parametrize("gtype", ["TQ2_0", "TQ1_0"])
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_ternary_blocks_are_ggufs_own_bytes_and_decode_exactly(gtype, granularity):
+    """Our TQ packing from BitNet's codes equals gguf-py's reference quantizer byte for byte on the
+    dequantized weight (d = the block's absmax = our scale), and decodes back to it exactly."""
+    qw = _ternary_weight(granularity=granularity)
+    data, why = gguf_blocks(qw, gtype)
+    assert why is None
+    ref = qw.dequantize().numpy()
+    assert data.shape == (8, 512 // 256 * (66 if gtype == "TQ2_0" else 54))
+    assert np.array_equal(data, gguf.quants.quantize(ref, GT[gtype]))
+    np.testing.assert_array_equal(gguf.quants.dequantize(data, GT[gtype]), ref)
+
+
+def test_every_ternary_position_survives_tq1_0():
+    """All 3^5 trit patterns in every byte slot (a wrong power or order of trits fails)."""
+    from polyquant.export.gguf import pack_tq1_0, pack_tq2_0
+    rng = np.random.default_rng(0)
+    t = rng.integers(0, 3, size=(243, 256)).astype(np.uint8)
+    t[:, :5] = np.array(np.unravel_index(np.arange(243), (3,) * 5)).T  # every pattern in the first byte
+    d = np.ones((243, 1), np.float32)
+    for pack, gt in ((pack_tq1_0, "TQ1_0"), (pack_tq2_0, "TQ2_0")):
+        np.testing.assert_array_equal(gguf.quants.dequantize(pack(t, d), GT[gt]), t.astype(np.float32) - 1)
+
+
+def test_ternary_type_choice_and_refusals():
+    from polyquant.export.gguf import _natural_type, gguf_check_layer
+    assert _natural_type(_ternary_weight((8, 512))) == "TQ2_0"
+    narrow = _ternary_weight((8, 576))               # SmolLM's width: not a multiple of 256
+    assert gguf_blocks(narrow, "TQ2_0")[1] == "in_features 576 is not a multiple of the ternary types' 256-weight blocks"
+    assert _natural_type(narrow) == "Q4_0" and gguf_check_layer(narrow) is None
+    data, _ = gguf_blocks(narrow, "Q4_0")            # codes 0, 1, 2 -> Q4_0's 7, 8, 9 exactly
+    np.testing.assert_array_equal(gguf.quants.dequantize(data, GT.Q4_0), narrow.dequantize().numpy())
+    int4 = _weight(polyquant.RTNConfig(bits=4, group_size=32), shape=(8, 512))
+    assert "not ternary" in gguf_blocks(int4, "TQ2_0")[1]
+
+
+def test_bitnet_model_in_tq2_0_loads_in_transformers_with_our_weights(tmp_path, bpe):
+    from transformers import AutoModelForCausalLM
+    m = tiny_llama(seed=0, hidden=256, vocab=VOCAB)
+    from polyquant.methods.bitnet import BitNetConfig
+    q = polyquant.quantize(m, BitNetConfig(), show_progress=False)
+    for mod in q.modules():
+        if isinstance(mod, QuantLinear):
+            mod.qw_scale.copy_(mod.qw_scale.half().float())
+    r = export(q, "gguf", tmp_path / "b.gguf", tokenizer=bpe, float_type="F32")
+    types = {v["type"] for v in r.layers.values() if v.get("source") == "codes"}
+    assert types == {"TQ2_0"} and r.extra["file_type"] == "TQ2_0"
+    g = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="b.gguf", dtype=torch.float32).eval()
+    sd = g.state_dict()
+    for name, mod in q.named_modules():
+        if isinstance(mod, QuantLinear):
+            torch.testing.assert_close(sd[name + ".weight"], mod.quantized_weight.dequantize(), rtol=0, atol=0)
+
+
+def test_float_layers_too_narrow_for_tq_are_refused_before_writing(tmp_path, bpe):
+    m = tiny_llama(seed=0, hidden=64, vocab=VOCAB)
+    with pytest.raises(ExportError, match="not a multiple of TQ2_0's 256-weight blocks"):
+        export(m, "gguf", tmp_path / "f.gguf", tokenizer=bpe, float_type="F32", type="TQ2_0")
+    assert not (tmp_path / "f.gguf").exists()
+
+
+def test_cli_gguf_types_are_the_exporters():
+    from polyquant.cli.commands.export import _GGUF_TYPES
+    from polyquant.export.gguf import GGUF_TYPES
+    assert _GGUF_TYPES == ("auto",) + GGUF_TYPES

@@ -53,8 +53,10 @@ def test_perplexity_and_bench_commands_and_parsing(fake_bin, tmp_path):
     assert ("--no-repack" in args) == lc.has_amx()
     b = lc.bench(None, tmp_path / "m.gguf", n_gen=8, threads=1, reps=2)
     assert b["tok_s"] == 41.5 and b["n_gen"] == 8 and b["build"] == "abc"
-    last = log.read_text().splitlines()[-1].split()
-    assert last[last.index("-n") + 1] == "8" and last[last.index("-r") + 1] == "2" and "json" in last
+    lc.bench(None, tmp_path / "m.gguf", n_gen=8, mmap=False)
+    first, last = (line.split() for line in log.read_text().splitlines()[-2:])
+    assert first[first.index("-n") + 1] == "8" and first[first.index("-r") + 1] == "2" and "json" in first
+    assert first[first.index("-mmp") + 1] == "1" and last[last.index("-mmp") + 1] == "0"  # mmap=False: -mmp 0
 
 
 def test_failures_are_named(tmp_path, monkeypatch):

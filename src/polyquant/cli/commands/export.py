@@ -16,19 +16,23 @@ from polyquant.cli.paths import check_model_arg
 from polyquant.cli.render import out, print_json, print_mapping
 
 _TARGETS = ("gguf", "onnx")
+# polyquant.export.gguf.GGUF_TYPES (kept literal: importing the exporter here would load torch for --help);
+# tests/export/test_gguf.py asserts they agree
+_GGUF_TYPES = ("auto", "Q4_0", "Q4_1", "Q8_0", "TQ1_0", "TQ2_0")
 
 
 @command("export", help="export to GGUF (llama.cpp) or ONNX (onnxruntime)", order=45,
          description="Write a model or quantized checkpoint as one file another runtime runs: --to gguf "
-                     "(llama.cpp; Q4_0 / Q4_1 / Q8_0 blocks packed from polyquant's codes and scales, re-rounded "
+                     "(llama.cpp; Q4_0 / Q4_1 / Q8_0 and ternary TQ1_0 / TQ2_0 blocks packed from polyquant's codes and scales, re-rounded "
                      "with the loss reported where the grid differs; act-order refused) or --to onnx "
                      "(onnxruntime; a decoder with KV cache, quantized MatMuls as com.microsoft.MatMulNBits). "
                      "A layer the target cannot hold is refused by name with the reason.",
          args=[arg("model", metavar="MODEL_OR_CKPT"),
                arg("--to", required=True, choices=_TARGETS, help="target runtime's format"),
                arg("-o", "--output", required=True, metavar="FILE", help="output file (.gguf / .onnx)"),
-               arg("--type", default="auto", choices=("auto", "Q4_0", "Q4_1", "Q8_0"),
-                   help="gguf: type of the quantized layers (default auto: the one that holds each exactly)"),
+               arg("--type", default="auto", choices=_GGUF_TYPES,
+                   help="gguf: type of the quantized layers (default auto: the one that holds each exactly; "
+                        "TQ1_0 / TQ2_0: ternary, rows a multiple of 256)"),
                arg("--float-type", default="F16", choices=("F32", "F16", "Q8_0"),
                    help="gguf: type of float 2-D tensors such as the embeddings (default F16)"),
                arg("--no-requantize", action="store_true",
