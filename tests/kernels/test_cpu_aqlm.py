@@ -76,3 +76,25 @@ def test_out_groups_take_the_reference():
     qw = _qw(16, 32, 2, 8, og=2)
     k, skipped = select_kernel(qw, "cpu")
     assert k.name == "reference" and "out_group_size" in skipped["cpu-aqlm"]
+
+
+def test_decode_fast_path_every_input_form():
+    """The packed decode call (float32, no bias, contiguous, a few rows) and the general path give the
+    reference's output for every input form; the packed call follows buffers that move (share_memory_)."""
+    qw = _qw(24, 48, 2, 8)
+    lin, ref = QuantLinear(qw, None), QuantLinear(qw, None, kernel="reference")
+    xs = [torch.randn(48), torch.randn(1, 1, 48), torch.randn(2, 3, 48), torch.randn(48, 4).t(),  # non-contiguous
+          torch.randn(1, 2, 48).bfloat16(), torch.randn(1, 48, requires_grad=True)]
+    for x in xs:
+        y, r = lin(x), ref(x)
+        assert y.shape == r.shape and y.dtype == r.dtype
+        if x.dtype == torch.bfloat16:  # both round to bf16 at the end: within one bf16 step of the float32 result
+            r = ref(x.float())
+            assert torch.allclose(y.float(), r, rtol=2 ** -7, atol=1e-3)
+        else:
+            assert torch.allclose(y, r, rtol=1e-4, atol=1e-5)
+    before = lin._buffers["k_codes"].data_ptr()
+    lin.share_memory()
+    assert lin._buffers["k_codes"].data_ptr() != before
+    x = torch.randn(1, 1, 48)
+    assert torch.allclose(lin(x), ref(x), rtol=1e-4, atol=1e-5)

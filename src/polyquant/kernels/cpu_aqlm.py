@@ -11,17 +11,27 @@ A compiled C kernel (``kernels/csrc/aqlm.c``, built once by :mod:`polyquant.kern
 - larger code books (1x16): each output gathers its code words and dots them with the input groups.
 
 Up to ``DEQUANT_MIN_M - 1`` activation rows (decode) take these loops; longer inputs (prefill)
-dequantize the weight (the reference formula) and call PyTorch's matmul. float32 throughout; AVX2+FMA
-or portable C (``simd_level``); OpenMP over output rows with ``torch.get_num_threads()`` threads.
-What remains: no AVX-512 path (the AVX2 one runs there; 16-wide gathers measured 11 % faster on the
-look-ups alone here), out_group_size > 1 takes the reference kernel. Tried and not kept: int16 tables
-looked up 64 rows at a time with AVX-512 VBMI byte permutes (``vpermt2b``): the look-ups ran 2x faster,
-but rounding each table to int16 cost as much again on 576-wide layers, so the float path stayed ahead.
+dequantize the weight (the reference formula) and call PyTorch's matmul. float32 throughout; AVX-512F
+(the table build as a small GEMM: four input groups x 64 entries in 16 zmm accumulators, since every
+group reads the same code book; 1.4-1.5x the AVX2 build), AVX2+FMA or portable C (``simd_level``);
+OpenMP over output rows with ``torch.get_num_threads()`` threads.
+Decode in float32 without a bias goes straight from the layer to ``pq_aqlm_lut_mv``, whose constant
+arguments (shapes, buffer addresses, code path) sit in one int64 array packed at the first call and
+rebuilt when a buffer moves: a 576 x 576 layer's call went from 41 to 34 us (the C work is 30 us), +3 %
+decode on the default model. out_group_size > 1 takes the reference kernel.
+Decode of the default model's 2x8 checkpoint at 1 thread (benchmarks/README, AQLM): 1.53x the ``aqlm``
+package's Numba kernel, 1.74x fp32.
+
+Tried and not kept: int16 tables looked up 64 rows at a time with AVX-512 VBMI byte permutes
+(``vpermt2b``): the look-ups ran 2x faster, but rounding each table to int16 cost as much again on
+576-wide layers. 16-wide AVX-512 gathers in the same loops: 0.90-0.94x the AVX2 kernel on the 576-input
+layers, 1.08x on down_proj (1536 inputs), 5 % slower over the model's 210 layers.
 
 The module also binds the quantizer's greedy code pass (``aqlm_sweep``), used by ``methods/aqlm.py``.
 """
 from __future__ import annotations
 
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -42,13 +52,14 @@ _C = CLibrary(_LIB, {
     "pq_aqlm_lut_mm": ([I64] * 6 + [PTR, I64, PTR, PTR, PTR, PTR, PTR, I64, I64, I64], None),
     "pq_aqlm_gather_mm": ([I64] * 6 + [PTR, I64, PTR, PTR, PTR, PTR, I64, I64, I64], None),
     "pq_aqlm_sweep": ([I64] * 5 + [PTR] * 8 + [I64, I64], I64),
+    "pq_aqlm_lut_mv": ([PTR, PTR, I64, PTR, PTR, I64], None),
 })
 _lib = _C.lib  # the library with its signatures declared (RuntimeError when it cannot build)
 simd_levels = _C.simd_levels  # every code path this CPU can run (tests cover each)
 
 
 def simd_level() -> int:
-    """The code path this CPU runs: 2 AVX2 + FMA, 0 portable C."""
+    """The code path this CPU runs: 1 AVX-512F, 2 AVX2 + FMA, 0 portable C."""
     return _C.simd_level()
 
 
@@ -111,6 +122,45 @@ def aqlm_gather_mm(x: torch.Tensor, codes: torch.Tensor, cb: torch.Tensor, s: to
     return y
 
 
+_SCRATCH = threading.local()  # each thread's table scratch (grown to the largest layer it has run)
+
+
+def _scratch(numel: int) -> int:
+    buf = getattr(_SCRATCH, "lut", None)
+    if buf is None or buf.numel() < numel:
+        buf = _SCRATCH.lut = torch.empty(numel, dtype=torch.float32)
+    return buf.data_ptr()
+
+
+class _DecodeCall:
+    """A layer's decode call with its constant arguments packed once (``pq_aqlm_lut_mv``): per token it
+    converts six arguments instead of sixteen and allocates only the output. Valid while the layer's
+    buffers keep their storage (``key``: their addresses; a device move or ``share_memory_`` rebuilds it)."""
+
+    __slots__ = ("key", "plan", "plan_ptr", "n", "lut_numel", "fn")
+
+    def __init__(self, codes: torch.Tensor, cbT: torch.Tensor, s: torch.Tensor, inp: int):
+        n, g, m = codes.shape
+        _, ig, k = cbT.shape
+        self.key = (codes.data_ptr(), cbT.data_ptr(), s.data_ptr())
+        self.plan = torch.tensor([n, g, ig, m, k, inp, *self.key, _C.level(None)], dtype=torch.int64)
+        self.plan_ptr, self.n, self.lut_numel = self.plan.data_ptr(), n, g * m * k
+        self.fn = _lib().pq_aqlm_lut_mv
+
+    def __call__(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """``x`` contiguous float32 ``[..., in]`` holding ``rows`` rows -> ``[..., N]``."""
+        y = torch.empty(x.shape[:-1] + (self.n,), dtype=torch.float32)
+        self.fn(self.plan_ptr, x.data_ptr(), rows, _scratch(self.lut_numel), y.data_ptr(), torch.get_num_threads())
+        return y
+
+
+def _decode_call(module, codes: torch.Tensor, cbT: torch.Tensor, s: torch.Tensor) -> _DecodeCall:
+    call = module.__dict__.get("_aqlm_decode")
+    if call is None or call.key != (codes.data_ptr(), cbT.data_ptr(), s.data_ptr()):
+        call = module.__dict__["_aqlm_decode"] = _DecodeCall(codes, cbT, s, module.in_features)
+    return call
+
+
 class CpuAqlmKernel(Kernel):
     """AQLM code books on the CPU: a look-up-table GEMV for code books of up to 256 entries, a code-word
     gather for larger ones (1x16); prefill dequantizes and calls PyTorch's matmul."""
@@ -141,11 +191,23 @@ class CpuAqlmKernel(Kernel):
         return buf
 
     def forward(self, module, x):
-        x, x2, xf = layer_rows(module, x, torch.float32)
         b = module._buffers
-        cb, s, codes, cbT = b["k_cb"], b["k_s"], b["k_codes"], b.get("k_cbT")
+        cbT = b.get("k_cbT")
+        # decode in float32 (the common case): straight to the packed call, no reshapes or casts (each
+        # costs about a microsecond, and a 576-wide layer's whole call is about thirty)
+        if (cbT is not None and x.dtype is torch.float32 and module.act_quant is None and module.bias is None
+                and x.is_contiguous() and not (x.requires_grad and torch.is_grad_enabled())):
+            rows = x.numel() // module.in_features
+            if rows < DEQUANT_MIN_M:
+                return _decode_call(module, b["k_codes"], cbT, b["k_s"])(x, rows)
+        x, x2, xf = layer_rows(module, x, torch.float32)
+        cb, s, codes = b["k_cb"], b["k_s"], b["k_codes"]
         if x2.shape[0] < DEQUANT_MIN_M and not (xf.requires_grad and torch.is_grad_enabled()):
-            y = aqlm_lut_mm(xf, codes, cbT, s) if cbT is not None else aqlm_gather_mm(xf, codes, cb, s)
+            if cbT is not None:
+                xf = xf if xf.is_contiguous() else xf.contiguous()
+                y = _decode_call(module, codes, cbT, s)(xf, xf.shape[0])
+            else:
+                y = aqlm_gather_mm(xf, codes, cb, s)
         else:
             y = F.linear(xf, module.quantized_weight.dequantize(torch.float32))
         return layer_output(module, y, x)

@@ -14,7 +14,9 @@
  *   independent (the objective is a sum over rows), so rows run in parallel tiles.
  *
  * Code paths: the same C compiled twice, portable and with AVX2+FMA enabled (auto-vectorised), plus
- * AVX2 gathers for the table look-ups; simd 2 = AVX2, 0 = portable.
+ * AVX2 gathers for the table look-ups; simd 1 = AVX-512F (the table build with 16-wide FMAs, register-
+ * blocked over four input groups; the rest as AVX2: 16-wide gathers were slower here), 2 = AVX2,
+ * 0 = portable.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -24,11 +26,12 @@
 
 #ifdef PQ_X86
 #define AVX2_FN __attribute__((target("avx2,fma")))
+#define AVX512_FN __attribute__((target("avx512f,avx2,fma")))
 #else
 #define AVX2_FN
 #endif
 
-int pq_aqlm_simd_level(void) { return pq_f32_simd_level(0); }
+int pq_aqlm_simd_level(void) { return pq_f32_simd_level(1); }
 
 /* ---- table build: lut[(i*M + m)*K + k] = x[i*ig .. +ig) . cb[m][k] ---------------------------- */
 #define BUILD_LUT_BODY                                                                              \
@@ -78,6 +81,48 @@ AVX2_FN static void build_lut_avx2(int64_t G, int64_t M, int64_t K, int64_t ig, 
                     a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(xg + j), _mm256_loadu_ps(ct + j * K + k), a0);
                 _mm256_storeu_ps(t + k, a0);
             }
+        }
+    }
+}
+#endif
+
+#ifdef PQ_X86
+/* The table build with 16-wide FMAs (AVX-512F), register-blocked as a small GEMM: the tables of four
+ * input groups over 64 entries (16 zmm accumulators) take, per input column j, four code-book loads and
+ * four broadcasts for sixteen FMAs (build_lut_avx2: one load per FMA), since every group reads the same
+ * code book. K not a multiple of 64 takes build_lut_avx2. */
+#define LUT512_ROWS(R)                                                                              \
+    do {                                                                                            \
+        __m512 a[R][4];                                                                             \
+        for (int r = 0; r < R; r++)                                                                 \
+            for (int q = 0; q < 4; q++) a[r][q] = _mm512_setzero_ps();                              \
+        for (int64_t j = 0; j < ig; j++) {                                                          \
+            const float *cj = ct + j * K + k;                                                       \
+            const __m512 b0 = _mm512_loadu_ps(cj), b1 = _mm512_loadu_ps(cj + 16);                   \
+            const __m512 b2 = _mm512_loadu_ps(cj + 32), b3 = _mm512_loadu_ps(cj + 48);              \
+            for (int r = 0; r < R; r++) {                                                           \
+                const __m512 xr = _mm512_set1_ps(x[(i + r) * ig + j]);                              \
+                a[r][0] = _mm512_fmadd_ps(xr, b0, a[r][0]);                                         \
+                a[r][1] = _mm512_fmadd_ps(xr, b1, a[r][1]);                                         \
+                a[r][2] = _mm512_fmadd_ps(xr, b2, a[r][2]);                                         \
+                a[r][3] = _mm512_fmadd_ps(xr, b3, a[r][3]);                                         \
+            }                                                                                       \
+        }                                                                                           \
+        for (int r = 0; r < R; r++) {                                                               \
+            float *t = lut + ((i + r) * M + m) * K + k;                                             \
+            for (int q = 0; q < 4; q++) _mm512_storeu_ps(t + 16 * q, a[r][q]);                      \
+        }                                                                                           \
+    } while (0)
+
+AVX512_FN static void build_lut_avx512(int64_t G, int64_t M, int64_t K, int64_t ig, const float *x, const float *cbT,
+                                       float *lut) {
+    if (K % 64) { build_lut_avx2(G, M, K, ig, x, cbT, lut); return; }
+    for (int64_t m = 0; m < M; m++) {
+        const float *ct = cbT + m * ig * K;
+        for (int64_t k = 0; k < K; k += 64) {
+            int64_t i = 0;
+            for (; i + 4 <= G; i += 4) LUT512_ROWS(4);
+            for (; i < G; i++) LUT512_ROWS(1);
         }
     }
 }
@@ -170,18 +215,26 @@ void pq_aqlm_lut_mm(int64_t Mr, int64_t N, int64_t G, int64_t ig, int64_t M, int
     const int64_t T = G * M;
     for (int64_t r = 0; r < Mr; r++) {
 #ifdef PQ_X86
-        if (simd == 2) build_lut_avx2(G, M, K, ig, x + r * ldx, cbT, lut);
+        if (simd == 1 || simd == 3) build_lut_avx512(G, M, K, ig, x + r * ldx, cbT, lut);
+        else if (simd == 2) build_lut_avx2(G, M, K, ig, x + r * ldx, cbT, lut);
         else
 #endif
             build_lut_portable(G, M, K, ig, x + r * ldx, cbT, lut);
         const int64_t chunk = (N + PQ_THREADS(nthreads) - 1) / PQ_THREADS(nthreads); /* one chunk per thread */
         PQ_FOR_CHUNKS(n0, n1, N, chunk, nthreads) {
 #ifdef PQ_X86
-            if (simd == 2) { lookup_avx2(n0, n1, T, K, codes, lut, s, y + r * ldy); continue; }
+            if (simd >= 1) { lookup_avx2(n0, n1, T, K, codes, lut, s, y + r * ldy); continue; }
 #endif
             lookup_portable(n0, n1, T, K, codes, lut, s, y + r * ldy);
         }
     }
+}
+
+/* The same for decode with its constant arguments in one array (one ctypes conversion instead of ten):
+ * p = {N, G, ig, M, K, ldx, codes, cbT, s, simd}, pointers as int64; y is [Mr][N]. */
+void pq_aqlm_lut_mv(const int64_t *p, const float *x, int64_t Mr, float *lut, float *y, int64_t nthreads) {
+    pq_aqlm_lut_mm(Mr, p[0], p[1], p[2], p[3], p[4], x, p[5], (const uint8_t *)(intptr_t)p[6],
+                   (const float *)(intptr_t)p[7], (const float *)(intptr_t)p[8], lut, y, p[0], nthreads, p[9]);
 }
 
 /* ---- code-word gather (any K): y[r][n] = s[n] * sum_{i,m} cb[m][codes[n][i][m]] . x[r][i*ig..] ------ */
@@ -217,7 +270,7 @@ void pq_aqlm_gather_mm(int64_t Mr, int64_t N, int64_t G, int64_t ig, int64_t M, 
                        int64_t simd) {
     const int64_t chunk = (N + PQ_THREADS(nthreads) - 1) / PQ_THREADS(nthreads); /* one chunk per thread */
     PQ_FOR_CHUNKS(n0, n1, N, chunk, nthreads) {
-        if (simd == 2) gather_avx2(n0, n1, Mr, G, ig, M, K, x, ldx, codes, cb, s, y, ldy);
+        if (simd >= 1) gather_avx2(n0, n1, Mr, G, ig, M, K, x, ldx, codes, cb, s, y, ldy);
         else gather_portable(n0, n1, Mr, G, ig, M, K, x, ldx, codes, cb, s, y, ldy);
     }
 }
@@ -325,7 +378,7 @@ int64_t pq_aqlm_sweep(int64_t out, int64_t in, int64_t ig, int64_t M, int64_t K,
 #pragma omp for schedule(dynamic, 1)
             for (int64_t t = 0; t < ntiles; t++) {
                 const int64_t o0 = t * TILE, o1 = (o0 + TILE < out) ? o0 + TILE : out;
-                if (simd == 2) total += sweep_avx2(o0, o1, in, ig, M, K, H, G_, R, codes, cb, cbT, nb, s, cost);
+                if (simd >= 1) total += sweep_avx2(o0, o1, in, ig, M, K, H, G_, R, codes, cb, cbT, nb, s, cost);
                 else total += sweep_portable(o0, o1, in, ig, M, K, H, G_, R, codes, cb, cbT, nb, s, cost);
             }
             free(cost);
