@@ -325,6 +325,7 @@ def test_bitnet_model_in_tq2_0_loads_in_transformers_with_our_weights(tmp_path, 
     r = export(q, "gguf", tmp_path / "b.gguf", tokenizer=bpe, float_type="F32")
     types = {v["type"] for v in r.layers.values() if v.get("source") == "codes"}
     assert types == {"TQ2_0"} and r.extra["file_type"] == "TQ2_0"
+    assert r.extra["activation_rules_not_carried"] == 14  # BitNet's int8 rule: llama.cpp uses its own
     g = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="b.gguf", dtype=torch.float32).eval()
     sd = g.state_dict()
     for name, mod in q.named_modules():

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import polyquant
+from polyquant.methods.bitnet import BitNetConfig
 from polyquant.export import ExportError, export
 from polyquant.nn.quant_linear import QuantLinear
 from polyquant.nn.quantize import replace_module
@@ -71,6 +72,9 @@ def _qw(cfg, shape=(48, 128), act_order=False, seed=0):
     (polyquant.RTNConfig(bits=2, group_size=32, sym=False), False, None),
     (polyquant.RTNConfig(bits=4, group_size=32), True, "g_idx"),           # act-order: onnxruntime's g_idx
     (polyquant.RTNConfig(bits=4, group_size=32, sym=False), True, "perm"),  # act-order with zeros: gather
+    (BitNetConfig(), False, None),                                          # ternary, one scale: 2-bit, zp 1
+    (BitNetConfig(granularity="channel"), False, None),
+    (BitNetConfig(granularity="group", group_size=32), False, None),
 ])
 def test_matmulnbits_layer_matches_the_reference_kernel(cfg, act_order, route):
     qw = _qw(cfg, act_order=act_order)
@@ -231,3 +235,22 @@ def test_untied_lm_head_is_not_shared(tmp_path):
     q = polyquant.quantize(m, polyquant.RTNConfig(bits=4, group_size=32), show_progress=False, kernel="reference")
     r = export(q, "onnx", tmp_path / "m.onnx", tokenizer_dir=False)
     assert r.extra["shared_initializers"] == [] and len(_float_mats(tmp_path / "m.onnx")) == 2
+
+
+def test_bitnet_model_exports_its_ternary_weights_and_says_its_activations_are_not_carried(tmp_path, bpe):
+    """Ternary layers become MatMulNBits 2-bit (zero point 1, one scale repeated): onnxruntime's logits are
+    polyquant's with float activations; every layer is marked as not carrying BitNet's int8 activations."""
+    q = _model(BitNetConfig())
+    out = tmp_path / "b.onnx"
+    r = export(q, "onnx", out, tokenizer=bpe)
+    assert len(r.layers) == 14 and all(i["type"] == "MatMulNBits2" for i in r.layers.values())
+    assert r.extra["activation_rules_not_carried"] == 14
+    assert all(i["activations"].startswith("bitnet not carried") for i in r.layers.values())
+    for m in q.modules():
+        if isinstance(m, QuantLinear):
+            m.act_quant = None
+    ids = torch.randint(0, VOCAB, (1, 10))
+    with torch.no_grad():
+        ref = q(ids).logits.numpy()
+    got = _session(str(out)).run(["logits"], feeds(q.config, ids.numpy()))[0]
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()

@@ -127,6 +127,27 @@ def quant_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
+def note_activation_rules(model: nn.Module, result: "ExportResult", runtime: str) -> int:
+    """Mark every exported layer whose activation rule (BitNet's int8 per token, LLM.int8, W8A8 ...) the
+    file does not carry: the target runs those layers with its own activations (``runtime`` says which),
+    so its outputs are the weights' without polyquant's activation rounding. Returns how many; logs it."""
+    import logging
+    from polyquant.activations.base import rule_of
+    n = 0
+    for name, mod in quant_layers(model).items():
+        act = getattr(mod, "act_quant", None)
+        if act is None or name not in result.layers:
+            continue
+        r = rule_of(act)
+        result.layers[name]["activations"] = f"{r.kind if r else type(act).__name__} not carried: {runtime}"
+        n += 1
+    if n:
+        result.extra["activation_rules_not_carried"] = n
+        logging.getLogger(__name__).warning(
+            "%d layers' activation rules are not carried into the %s file: %s", n, result.target, runtime)
+    return n
+
+
 def resolve_model(model_or_dir: Any, tokenizer: Any = None):
     """``(model, tokenizer, source)`` from a model in memory or a checkpoint folder / spec that
     :func:`polyquant.models.load_model` reads (quantized folders go through ``formats.load``)."""

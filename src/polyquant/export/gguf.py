@@ -48,7 +48,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from polyquant.export.base import ExportError, ExportResult, Exporter, atomic_file, quant_layers, register_exporter
+from polyquant.export.base import (ExportError, ExportResult, Exporter, atomic_file, note_activation_rules, quant_layers,
+                                   register_exporter)
 
 __all__ = ["export_gguf", "pack_q4_0", "pack_q4_1", "pack_q8_0", "pack_tq1_0", "pack_tq2_0", "gguf_blocks", "GGUF_TYPES", "llama_permutation", "gguf_check_layer"]
 
@@ -559,6 +560,8 @@ def export_gguf(model: nn.Module, tokenizer: Any, out: Path, *, type: str = "aut
                 if perm is not None:
                     b = b[perm]
                 tensors.append((f"{stem}.bias", b.contiguous().numpy(), None))
+        note_activation_rules(model, result, "llama.cpp quantizes activations its own way (8-bit blocks of "
+                                             "32 or 256 in its dot products)")
         for tname, data, raw in sorted(tensors, key=lambda t: llama_tensor_order(t[0])):
             if raw is None:
                 w.add_tensor(tname, data)
@@ -574,7 +577,7 @@ def export_gguf(model: nn.Module, tokenizer: Any, out: Path, *, type: str = "aut
         w.close()
     result.bytes = Path(out).stat().st_size
     result.seconds = time.perf_counter() - t0
-    result.extra = {"tokenizer": tok_info, "architecture": arch, "file_type": ftype}
+    result.extra.update({"tokenizer": tok_info, "architecture": arch, "file_type": ftype})
     return result
 
 

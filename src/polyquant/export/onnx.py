@@ -23,6 +23,10 @@ integer layouts are stored bit for bit (onnxruntime 1.32 on CPU; 3-bit has no ke
   ``g_idx`` path) are stored with their columns sorted by group and the activation gathered in the
   same order first (``Gather(A, perm, axis=-1)``, exact).
 - int8 per-channel: MatMulNBits with ``bits=8`` (its int8 equivalent in onnxruntime).
+- ternary (BitNet): ``bits=2`` with zero point 1 (codes 0, 1, 2 are -1, 0, 1), a per-tensor scale repeated
+  over every row and block.
+- activation rules (BitNet's int8, LLM.int8, W8A8) are not carried: MatMulNBits runs float activations
+  (``accuracy_level`` 4: its own int8 blocks); the result marks each such layer.
 - refused by layer name with the reason: code books (NF4 / FP4), float8, float zero points (HQQ),
   3-bit, sparse outliers.
 
@@ -40,7 +44,8 @@ from typing import Any
 
 from torch import nn
 
-from polyquant.export.base import ExportError, ExportResult, Exporter, atomic_file, quant_layers, register_exporter
+from polyquant.export.base import (ExportError, ExportResult, Exporter, atomic_file, note_activation_rules, quant_layers,
+                                   register_exporter)
 from polyquant.export.onnx_graph import (MS_DOMAIN, DecoderWithCache, _float_copy, _swap_matmuls,  # noqa: F401
                                          _torch_export, io_names, kv_shape, share_tied_weights)
 from polyquant.export.onnx_nbits import matmulnbits_tensors, onnx_check_layer, onnx_layer_type
@@ -94,6 +99,8 @@ def export_onnx(model: nn.Module, tokenizer: Any, out: Path, *, accuracy_level: 
         t_export = time.perf_counter() - t0
         proto = onnx.load(str(fpath))
     result.layers = _swap_matmuls(proto, qlayers, keys, accuracy_level)
+    note_activation_rules(model, result, "MatMulNBits runs float activations" if accuracy_level == 0 else
+                          f"MatMulNBits accuracy_level {accuracy_level} quantizes activations its own way")
     shared = share_tied_weights(proto) if share_weights else []
     proto.ir_version = IR_VERSION
     proto.producer_name = "polyquant"

@@ -15,9 +15,20 @@ __all__ = ["onnx_check_layer", "matmulnbits_tensors", "onnx_layer_type"]
 
 
 # -- the layer --------------------------------------------------------------------------------
+def _code_offset(qt) -> int:
+    """code = value + offset: ternary codes 0, 1, 2 are values -1, 0, 1 (MatMulNBits 2-bit, zero point 1)."""
+    return 1 if qt.kind == "ternary" else qt.code_offset
+
+
+def _per_tensor(qw) -> bool:
+    return tuple(qw.block) == tuple(qw.shape)
+
+
 def _block_size(qw) -> tuple[int | None, str | None]:
     out, inp = qw.shape
     r, c = qw.block
+    if _per_tensor(qw):  # one scale (BitNet): repeated over every row and block
+        r = 1
     if r != 1:
         return None, f"2-D blocks {qw.block} (MatMulNBits has one scale per row block of K)"
     if c >= inp:  # per channel: repeat the row's scale over blocks that divide K
@@ -33,7 +44,7 @@ def _block_size(qw) -> tuple[int | None, str | None]:
 def onnx_check_layer(qw) -> str | None:
     """Why MatMulNBits cannot hold ``qw`` bit for bit (None when it can)."""
     qt = qw.qt
-    if qt.kind != "int":
+    if qt.kind not in ("int", "ternary"):
         return f"qtype {qw.qtype} is not an integer grid (MatMulNBits holds integer codes)"
     if qt.bits not in (2, 4, 8):
         return f"{qt.bits}-bit codes (onnxruntime's CPU MatMulNBits runs 2, 4 and 8 bits)"
@@ -46,7 +57,7 @@ def onnx_check_layer(qw) -> str | None:
         z = qw.zero.to(torch.float32)
         if not bool((z == z.round()).all()):
             return "non-integer zero points (e.g. HQQ's float zeros): MatMulNBits' uint8 zero points cannot hold them"
-        zp = z + qt.code_offset
+        zp = z + _code_offset(qt)
         if zp.min() < 0 or zp.max() > (1 << qt.bits) - 1:
             return f"zero points outside the {qt.bits}-bit code range"
     if qw.g_idx is not None:
@@ -82,21 +93,24 @@ def matmulnbits_tensors(qw) -> dict[str, Any]:
     codes = qw.codes
     scale = qw.scale.to(torch.float32)
     zero = qw.zero
-    zp = None if zero is None else (zero.to(torch.float32) + qw.qt.code_offset)
+    off = _code_offset(qw.qt)
+    zp = None if zero is None else (zero.to(torch.float32) + off)
     g_idx = perm = None
     if qw.g_idx is not None:
         g = qw.g_idx.long()
-        if zp is None and bits in (2, 4) and qw.qt.code_offset == 1 << (bits - 1):
+        if zp is None and bits in (2, 4) and off == 1 << (bits - 1):
             g_idx = g.to(torch.int32).numpy()
         else:  # sort the columns by group: each group becomes one contiguous block
             p = torch.argsort(g, stable=True)
             perm, codes = p.numpy().astype(np.int64), codes[:, p]
     c = qw.block[1]
-    if c >= k:  # per channel: one scale (zero) per row, repeated over the blocks
+    if _per_tensor(qw):
+        scale = scale.reshape(1, 1)
+    if c >= k:  # per channel (or tensor): one scale (zero) per row, repeated over the blocks
         scale = scale.expand(n, kb)
         zp = None if zp is None else zp.expand(n, kb)
-    if zp is None and qw.qt.code_offset != 1 << (bits - 1):  # unsigned codes without zero: zp = offset
-        zp = torch.full((n, kb), float(qw.qt.code_offset))
+    if zp is None and off != 1 << (bits - 1):  # unsigned (or ternary) codes without zero: zp = offset
+        zp = torch.full((n, kb), float(off))
     if zp is not None and bool((zp == (1 << (bits - 1))).all()):
         zp = None  # the default zero point
     pad = kb * bs - k
@@ -126,7 +140,7 @@ def onnx_layer_type(qw) -> str:
     """The MatMulNBits variant a layer it holds becomes (``MatMulNBits4``, ``+g_idx`` / ``+gather`` for act-order)."""
     t = f"MatMulNBits{qw.bits}"
     if qw.g_idx is not None:
-        sym = qw.zero is None and qw.bits in (2, 4) and qw.qt.code_offset == 1 << (qw.bits - 1)
+        sym = qw.zero is None and qw.bits in (2, 4) and _code_offset(qw.qt) == 1 << (qw.bits - 1)
         t += "+g_idx" if sym else "+gather"
     return t
 
