@@ -279,3 +279,19 @@ def test_cli_streams_automatically_when_the_model_does_not_fit(src, tmp_path, ca
     capsys.readouterr()
     code = main(["quantize", str(src), "-m", "quanto", "-o", str(tmp_path / "no"), "--stream", "-q"])
     assert code == 2 and "--stream: quanto calibrates the whole quantized model" in capsys.readouterr().err
+
+
+def test_source_without_generation_config_gives_the_in_memory_generation_config(src, tmp_path):
+    """A folder without generation_config.json (as a generated model): the streamed checkpoint's file is
+    the one from_pretrained derives from config.json, as the in-memory save writes it."""
+    import shutil
+    bare = tmp_path / "bare"
+    shutil.copytree(src, bare)
+    (bare / "generation_config.json").unlink()
+    cfg = _cfg("rtn")
+    model, tok = polyquant.load_model(str(bare))
+    save(polyquant.quantize(model, cfg, show_progress=False), tmp_path / "mem", tokenizer=tok)
+    _stream(bare, cfg, tmp_path / "str")
+    a = json.loads((tmp_path / "mem" / "generation_config.json").read_text())
+    b = json.loads((tmp_path / "str" / "generation_config.json").read_text())
+    assert a == b and "output_attentions" not in b

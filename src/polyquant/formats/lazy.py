@@ -84,13 +84,21 @@ class LazyModel:
         self._load_generation_config()
 
     def _load_generation_config(self) -> None:
+        """The generation config ``from_pretrained`` would give: the folder's file, else one read from its
+        config.json (not the skeleton's ``from_model_config``, which adds ``output_attentions`` /
+        ``output_hidden_states``: a streamed checkpoint's generation_config.json would then differ)."""
+        if getattr(self.model, "generation_config", None) is None:
+            return
+        from transformers import GenerationConfig
         path = self.folder / "generation_config.json"
-        if path.is_file() and getattr(self.model, "generation_config", None) is not None:
-            from transformers import GenerationConfig
-            try:
+        try:
+            if path.is_file():
                 self.model.generation_config = GenerationConfig.from_pretrained(str(self.folder))
-            except Exception:  # noqa: BLE001 - transformers keeps the one from the model config then
-                pass
+            else:
+                self.model.generation_config = GenerationConfig.from_pretrained(
+                    str(self.folder), config_file_name="config.json", _from_model_config=True)
+        except Exception:  # noqa: BLE001 - transformers keeps the one from the model config then
+            pass
 
     # -- reading ------------------------------------------------------------------------------
     def __enter__(self) -> "LazyModel":
