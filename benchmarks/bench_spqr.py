@@ -12,7 +12,9 @@ seed 0)`` with exact float32 forwards (the CPU default), perplexity on the first
 windows of 512 of the default text. Rows (``--rows``): ``gptq-w4-g64`` and ``gptq-w3-g64`` (GPTQ at
 its defaults, sym), ``spqr-w3`` (the README setting: 3-bit, groups of 16, 3-bit statistics in
 groups of 16, threshold 0.2, act-order, damp 1.0: about 4 bits per weight counted) and ``spqr-w2``
-(2-bit weights, same statistics, threshold ``--w2-threshold``: about 3 bits). Quantization time is
+(2-bit weights, same statistics, threshold ``--w2-threshold``), and any ``spqr-w{bits}[-t{threshold}]
+[-g{group_size}]`` (``spqr-w3-t1.0-g64``: 3-bit codes in groups of 64, about 3.3 bits, the ~3-bit row
+that beats GPTQ W3 g64). Quantization time is
 reported as wall and process-CPU seconds (CPU seconds are the fairer measure on a shared machine)
 and as a ratio to GPTQ W4 g64's in the same run. ``bits_per_weight`` is
 ``QuantizedWeight.nbytes()`` of every quantized layer (codes, packed statistics, permutation,
@@ -88,9 +90,10 @@ def accuracy(a) -> None:
     cfgs = _configs(a.w2_threshold)
     for name in [r for r in a.rows if r != "fp32"]:
         cfg = cfgs.get(name)
-        if cfg is None:  # spqr-w{bits}-t{threshold}
-            b, t = name.split("-")[1:3]
-            cfg = SpQRConfig(bits=int(b[1:]), outlier_threshold=float(t[1:]))
+        if cfg is None:  # spqr-w{bits}[-t{threshold}][-g{group_size}]
+            opts = {p[0]: p[1:] for p in name.split("-")[1:]}
+            cfg = SpQRConfig(bits=int(opts["w"]), **({"outlier_threshold": float(opts["t"])} if "t" in opts else {}),
+                             **({"group_size": int(opts["g"])} if "g" in opts else {}))
         if a.include:
             cfg = cfg.replace(include=list(a.include))
         t0, c0 = time.perf_counter(), _cpu()
