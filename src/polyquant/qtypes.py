@@ -60,16 +60,20 @@ class QType:
 
     @property
     def qmin(self) -> int:
-        """Smallest value (signed domain for signed ints)."""
+        """Smallest value (signed domain for signed ints; -1 for ternary)."""
+        if self.kind == "ternary":
+            return -1
         return -(1 << (self.bits - 1)) if self.signed else 0
 
     @property
     def qmax(self) -> int:
+        if self.kind == "ternary":
+            return 1
         return (1 << (self.bits - 1)) - 1 if self.signed else (1 << self.bits) - 1
 
     @property
     def code_offset(self) -> int:
-        """code = value + code_offset for integer types."""
+        """code = value + code_offset for integer and ternary types (ternary: codes 0, 1, 2 = -1, 0, 1)."""
         return -self.qmin
 
     @property
@@ -87,9 +91,7 @@ class QType:
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Reference quantizer for values already divided by their scale: nearest code."""
         if self.kind == "int" or self.kind == "ternary":
-            lo, hi = (self.qmin, self.qmax) if self.kind == "int" else (-1, 1)
-            off = self.code_offset if self.kind == "int" else 1
-            return (torch.clamp(torch.round(x), lo, hi) + off).to(torch.uint8)
+            return (torch.clamp(torch.round(x), self.qmin, self.qmax) + self.code_offset).to(torch.uint8)
         if self.kind == "codebook":
             table = torch.tensor(self.values, dtype=torch.float32, device=x.device)
             x = x.float().unsqueeze(-1)

@@ -303,11 +303,11 @@ def test_every_ternary_position_survives_tq1_0():
 
 
 def test_ternary_type_choice_and_refusals():
-    from polyquant.export.gguf import _natural_type, gguf_check_layer
-    assert _natural_type(_ternary_weight((8, 512))) == "TQ2_0"
+    from polyquant.export.gguf_blocks import gguf_check_layer, natural_type
+    assert natural_type(_ternary_weight((8, 512))) == "TQ2_0"
     narrow = _ternary_weight((8, 576))               # SmolLM's width: not a multiple of 256
     assert gguf_blocks(narrow, "TQ2_0")[1] == "in_features 576 is not a multiple of the ternary types' 256-weight blocks"
-    assert _natural_type(narrow) == "Q4_0" and gguf_check_layer(narrow) is None
+    assert natural_type(narrow) == "Q4_0" and gguf_check_layer(narrow) is None
     data, _ = gguf_blocks(narrow, "Q4_0")            # codes 0, 1, 2 -> Q4_0's 7, 8, 9 exactly
     np.testing.assert_array_equal(gguf.quants.dequantize(data, GT.Q4_0), narrow.dequantize().numpy())
     int4 = _weight(polyquant.RTNConfig(bits=4, group_size=32), shape=(8, 512))

@@ -15,11 +15,6 @@ __all__ = ["onnx_check_layer", "matmulnbits_tensors", "onnx_layer_type"]
 
 
 # -- the layer --------------------------------------------------------------------------------
-def _code_offset(qt) -> int:
-    """code = value + offset: ternary codes 0, 1, 2 are values -1, 0, 1 (MatMulNBits 2-bit, zero point 1)."""
-    return 1 if qt.kind == "ternary" else qt.code_offset
-
-
 def _per_tensor(qw) -> bool:
     return tuple(qw.block) == tuple(qw.shape)
 
@@ -57,7 +52,7 @@ def onnx_check_layer(qw) -> str | None:
         z = qw.zero.to(torch.float32)
         if not bool((z == z.round()).all()):
             return "non-integer zero points (e.g. HQQ's float zeros): MatMulNBits' uint8 zero points cannot hold them"
-        zp = z + _code_offset(qt)
+        zp = z + qt.code_offset
         if zp.min() < 0 or zp.max() > (1 << qt.bits) - 1:
             return f"zero points outside the {qt.bits}-bit code range"
     if qw.g_idx is not None:
@@ -93,7 +88,7 @@ def matmulnbits_tensors(qw) -> dict[str, Any]:
     codes = qw.codes
     scale = qw.scale.to(torch.float32)
     zero = qw.zero
-    off = _code_offset(qw.qt)
+    off = qw.qt.code_offset
     zp = None if zero is None else (zero.to(torch.float32) + off)
     g_idx = perm = None
     if qw.g_idx is not None:
@@ -140,7 +135,7 @@ def onnx_layer_type(qw) -> str:
     """The MatMulNBits variant a layer it holds becomes (``MatMulNBits4``, ``+g_idx`` / ``+gather`` for act-order)."""
     t = f"MatMulNBits{qw.bits}"
     if qw.g_idx is not None:
-        sym = qw.zero is None and qw.bits in (2, 4) and _code_offset(qw.qt) == 1 << (qw.bits - 1)
+        sym = qw.zero is None and qw.bits in (2, 4) and qw.qt.code_offset == 1 << (qw.bits - 1)
         t += "+g_idx" if sym else "+gather"
     return t
 

@@ -20,7 +20,7 @@ arguments (shapes, buffer addresses, code path) sit in one int64 array packed at
 rebuilt when a buffer moves: a 576 x 576 layer's call went from 41 to 34 us (the C work is 30 us), +3 %
 decode on the default model. out_group_size > 1 takes the reference kernel.
 Decode of the default model's 2x8 checkpoint at 1 thread (benchmarks/README, AQLM): 1.53x the ``aqlm``
-package's Numba kernel, 1.74x fp32.
+package's Numba kernel (median of five runs, lowest 1.49x), 1.7x fp32.
 
 Tried and not kept: int16 tables looked up 64 rows at a time with AVX-512 VBMI byte permutes
 (``vpermt2b``): the look-ups ran 2x faster, but rounding each table to int16 cost as much again on
