@@ -286,6 +286,38 @@ def test_indefinite_hessian_raises_dampening_with_a_warning():
             gptq_quantize(W, GPTQConfig(bits=4, group_size=32), {"H": -torch.eye(96), "n": 10})
 
 
+def _inverse_upper_out_of_place(H, damp_percent):
+    """The textbook form: cholesky(cholesky_inverse(cholesky(H + damp mean(diag H) I)), upper)."""
+    damp = float(damp_percent)
+    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    while True:
+        L, info = torch.linalg.cholesky_ex(H + (damp * torch.mean(torch.diagonal(H))) * eye)
+        if int(info) == 0:
+            return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True), damp
+        damp *= 10
+
+
+@pytest.mark.parametrize("indefinite", [False, True])
+def test_in_place_inverse_hessian_is_the_out_of_place_one_bit_for_bit(indefinite):
+    from polyquant.methods.gptq import _inverse_hessian_upper
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(300, 160, generator=g) * torch.rand(160, generator=g) * 4
+    H = 2 * X.T @ X / 300
+    if indefinite:  # the first factorisation fails: the retry must start again from H itself
+        Qm, _ = torch.linalg.qr(torch.randn(160, 160, generator=g))
+        lam = torch.linspace(2, 0.1, 160)
+        lam[-1] = -0.05
+        H = Qm @ torch.diag(lam) @ Qm.T
+    before = H.clone()
+    want, damp = _inverse_upper_out_of_place(H, 0.01)
+    assert (damp > 0.01) == indefinite
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = _inverse_hessian_upper(H, 0.01)
+    assert torch.equal(got, want)
+    assert torch.equal(H, before)  # the dampening added in place is taken off again
+
+
 def test_refusals():
     W, _, stats = _problem()
     cfg = GPTQConfig(bits=4, group_size=32)

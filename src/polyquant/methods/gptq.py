@@ -219,20 +219,33 @@ def _stored_scale(scale: torch.Tensor, scale_dtype: str) -> torch.Tensor:
 
 # -- inverse Hessian ---------------------------------------------------------------------------
 def _inverse_hessian_upper(H: torch.Tensor, damp_percent: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp I)^-1``; dampening x10 on failure."""
-    mean_diag = torch.mean(torch.diagonal(H))
+    """Upper Cholesky factor of ``(H + damp I)^-1``; dampening x10 on failure.
+
+    Bit for bit ``cholesky(cholesky_inverse(cholesky(H + damp * mean(diag H) * I)), upper=True)``,
+    computed in one new ``[n, n]`` buffer: the dampening is added to ``H``'s diagonal in place
+    (restored before returning) and the factorisations write over their input, two to four ``n^2``
+    buffers fewer at the peak than out-of-place calls (about 500 MB at n = 5632)."""
+    diag = torch.diagonal(H)
+    mean_diag = torch.mean(diag)  # over the strided view, as before (the same summation order)
+    saved = diag.clone()
     damp = float(damp_percent)
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    for attempt in range(MAX_DAMP_RETRIES + 1):
-        L, info = torch.linalg.cholesky_ex(H + (damp * mean_diag) * eye)
-        if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if int(info) == 0 and torch.isfinite(U).all():
-                return U
-        if attempt < MAX_DAMP_RETRIES:
-            warnings.warn(f"GPTQ: the Hessian is not positive definite with damp_percent={damp:g}; "
-                          f"retrying with {damp * 10:g}", RuntimeWarning, stacklevel=3)
-            damp *= 10
+    U = torch.empty_like(H)
+    info = torch.empty((), dtype=torch.int32, device=H.device)
+    try:
+        for attempt in range(MAX_DAMP_RETRIES + 1):
+            diag.copy_(saved + damp * mean_diag)
+            torch.linalg.cholesky_ex(H, out=(U, info))
+            if int(info) == 0:
+                torch.cholesky_inverse(U, out=U)
+                torch.linalg.cholesky_ex(U, upper=True, out=(U, info))
+                if int(info) == 0 and torch.isfinite(U).all():
+                    return U
+            if attempt < MAX_DAMP_RETRIES:
+                warnings.warn(f"GPTQ: the Hessian is not positive definite with damp_percent={damp:g}; "
+                              f"retrying with {damp * 10:g}", RuntimeWarning, stacklevel=3)
+                damp *= 10
+    finally:
+        diag.copy_(saved)
     raise ValueError(f"GPTQ: the Hessian is not positive definite even with damp_percent={damp:g} "
                      "(degenerate calibration inputs?); check the calibration data or raise damp_percent")
 
@@ -350,7 +363,8 @@ def gptq_quantize(weight: torch.Tensor, config: GPTQConfig, stats: dict | None) 
     elif config.group_aware:
         perm, starts = _group_aware_order(torch.diagonal(H), gs)
     if perm is not None:
-        W, H = W[:, perm], H[perm][:, perm]
+        W, H = W[:, perm], H[perm]
+        H = H[:, perm]  # two statements: the unpermuted copy is freed before the second
     with _one_thread(W.device):  # one thread: the factorisation's rounding does not depend on the thread count
         Hinv = _inverse_hessian_upper(H, config.damp_percent)
     del H

@@ -242,7 +242,8 @@ def spqr_quantize(weight: torch.Tensor, config: SpQRConfig, stats: dict | None) 
     out, inp = W.shape
     perm = torch.argsort(torch.diagonal(H), descending=True) if config.act_order else None
     if perm is not None:
-        W, H = W[:, perm], H[perm][:, perm]
+        W, H = W[:, perm], H[perm]
+        H = H[:, perm]  # two statements: the unpermuted copy is freed before the second
     zero_dead_inputs(W, H)
     U = _inverse_hessian_upper(H, float(config.damp_percent))
     del H
