@@ -7,7 +7,8 @@ here), and bit-identity of streamed and in-memory checkpoints on the default mod
     python benchmarks/bench_streaming.py identity                     # default model, rtn/gptq/awq
 
 Each quantization runs as its own ``polyquant quantize`` process; its peak RSS is the child's
-``ru_maxrss`` (``os.wait4``), its time the wall clock and the CPU time (user + system) of the
+own high-water mark (``VmHWM``, read every 0.2 s until it exits; its ``ru_maxrss``, also
+recorded, includes this process's resident size at the fork), its time the wall clock and the CPU time (user + system) of the
 process (loading included; on a shared machine the CPU time is the comparable figure). Run
 heavy jobs with ``nice -n 5 taskset -c 1``. Results: JSON on stdout and in benchmarks/results/.
 """
@@ -113,23 +114,36 @@ def quantize(model: str, out: Path, flags: list[str], stream: bool, stop_after: 
     log = out.parent / f"{out.name}.log"
     with open(log, "w") as f:
         p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, text=True)
-        stopped = None
+        stopped, hwm = None, 0
         while True:
+            hwm = max(hwm, _vm_hwm(p.pid))  # before wait4 reaps it (its memory map is gone then)
             pid, status, ru = os.wait4(p.pid, os.WNOHANG)  # the child's own rusage once it ends
             if pid:
                 break
-            time.sleep(0.5)
+            time.sleep(0.2)
             if stop_after is not None and stopped is None and _units_done(out, stream) >= stop_after:
                 stopped = _units_done(out, stream)
                 p.send_signal(signal.SIGTERM)
         p.returncode = os.waitstatus_to_exitcode(status)
     text = log.read_text()
     row = {"stream": stream, "seconds": round(time.perf_counter() - t0, 1),
-           "cpu_s": round(ru.ru_utime + ru.ru_stime, 1), "peak_rss_mib": round(ru.ru_maxrss / 1024, 1),
+           "cpu_s": round(ru.ru_utime + ru.ru_stime, 1), "peak_rss_mib": round(hwm / 2**20, 1),
+           "ru_maxrss_mib": round(ru.ru_maxrss / 1024, 1),
            "rc": p.returncode, "cmd": " ".join(cmd[1:]), "tail": text.strip().splitlines()[-2:]}
     if stop_after is not None:
         row["stopped_after_units" if stream else "stopped_after_blocks"] = stopped
     return row
+
+
+def _vm_hwm(pid: int) -> int:
+    """The child's peak resident bytes so far (``VmHWM``: its own memory map's high-water mark; 0
+    once it has exited). Its ``ru_maxrss`` is not that: Linux carries the resident size of the
+    process it was forked from (this one) into it, up to the ``exec``."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), 0)
+    except OSError:
+        return 0
 
 
 def tensors_of(folder: Path) -> dict:

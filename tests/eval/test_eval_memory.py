@@ -75,3 +75,21 @@ def test_peak_rss_is_process_peak():
         hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
     assert abs(peak - hwm) < 4 << 20      # same number, up to the kernel's lazy counter sync
     assert peak > 50 << 20                # python + torch: bytes, not KiB
+
+
+def test_peak_rss_of_a_child_is_its_own_not_the_parents():
+    """ru_maxrss of a process carries the resident size of the parent it was forked from; the
+    peak polyquant reports (benchmarks run one configuration per child process) must not."""
+    import subprocess
+    import sys
+    ballast = bytearray(700 << 20)  # the parent holds 700 MB more than any child needs
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    code = ("import resource; from polyquant.eval.memory import peak_rss_bytes; "
+            "print(peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    del ballast
+    own, kernel = int(out[-2]), int(out[-1])
+    with open("/proc/self/status") as f:
+        parent = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    # ru_maxrss (``kernel``) reads above 700 MB here; the process's own high-water mark does not
+    assert own < parent - (500 << 20), (own, kernel, parent)
