@@ -105,6 +105,8 @@ def quantize(model: str, out: Path, flags: list[str], stream: bool, stop_after: 
     """One ``polyquant quantize`` process: wall seconds, CPU seconds, peak RSS (MiB), exit code.
     ``stop_after``: SIGTERM it once that many units (streamed) / blocks (in memory) are done."""
     import signal
+
+    from polyquant.eval.memory import vm_hwm_bytes  # not ru_maxrss: it carries this process's RSS at the fork
     shutil.rmtree(out, ignore_errors=True)
     for p in (out.parent / f"{out.name}.partial", out.parent / f".{out.name}.calibration-resume"):
         shutil.rmtree(p, ignore_errors=True)
@@ -116,7 +118,7 @@ def quantize(model: str, out: Path, flags: list[str], stream: bool, stop_after: 
         p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, text=True)
         stopped, hwm = None, 0
         while True:
-            hwm = max(hwm, _vm_hwm(p.pid))  # before wait4 reaps it (its memory map is gone then)
+            hwm = max(hwm, vm_hwm_bytes(p.pid) or 0)  # before wait4 reaps it (its memory map is gone then)
             pid, status, ru = os.wait4(p.pid, os.WNOHANG)  # the child's own rusage once it ends
             if pid:
                 break
@@ -133,17 +135,6 @@ def quantize(model: str, out: Path, flags: list[str], stream: bool, stop_after: 
     if stop_after is not None:
         row["stopped_after_units" if stream else "stopped_after_blocks"] = stopped
     return row
-
-
-def _vm_hwm(pid: int) -> int:
-    """The child's peak resident bytes so far (``VmHWM``: its own memory map's high-water mark; 0
-    once it has exited). Its ``ru_maxrss`` is not that: Linux carries the resident size of the
-    process it was forked from (this one) into it, up to the ``exec``."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), 0)
-    except OSError:
-        return 0
 
 
 def tensors_of(folder: Path) -> dict:

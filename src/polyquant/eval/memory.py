@@ -84,15 +84,16 @@ def peak_rss_bytes() -> int:
     On Linux it is the memory map's high-water mark (``VmHWM`` of ``/proc/self/status``): the
     kernel's ``ru_maxrss`` also holds the resident size of the parent it was forked from, up to
     the ``exec`` (a child started by a 1.6 GB process reads at least 1.6 GB)."""
-    hwm = _vm_hwm_bytes("self")
+    hwm = vm_hwm_bytes("self")
     if hwm is not None:
         return hwm
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
 
 
-def _vm_hwm_bytes(pid: int | str = "self") -> int | None:
-    """``VmHWM`` of process ``pid`` in bytes (None where ``/proc`` does not have it)."""
+def vm_hwm_bytes(pid: int | str = "self") -> int | None:
+    """``VmHWM`` of process ``pid`` in bytes: its own memory map's high-water mark (None where
+    ``/proc`` does not have it, or once the process has exited)."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
