@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from polyquant.methods.gptq import GPTQConfig, gptq_quantize
-from polyquant.methods.spqr import (SpQRConfig, decode_stats, decode_two_level, leave_one_out_gain, minmax_params,
+from polyquant.methods.spqr import (SpQRConfig, _fake, decode_stats, decode_two_level, leave_one_out_gain, minmax_params,
                                     spqr_quantize, spqr_stats, two_level_encode)
 
 
@@ -103,6 +103,34 @@ def test_leave_one_out_gain_flags_the_weight_that_stretches_the_range():
     assert int(gain.argmax()) == 4 and float(gain[0, 4]) > 3 * float(torch.cat([gain[0, :4], gain[0, 5:]]).max())
     s, z = minmax_params(torch.zeros(2, 4), 7)  # a flat row uses [-1, 1]
     assert torch.allclose(s, torch.full((2, 1), 2 / 7)) and torch.allclose(z, torch.full((2, 1), 3.5))
+
+
+def _brute_leave_one_out_gain(w, d, maxq):
+    """Every leave-one-out grid fitted on the others, one by one (the definition)."""
+    out, g = w.shape
+    full = ((_fake(w, *minmax_params(w, maxq), maxq) - w) / d).square().sum(-1)
+    gain = torch.empty(out, g, dtype=torch.float64)
+    for j in range(g):
+        keep = [k for k in range(g) if k != j]
+        x = w[:, keep]
+        gain[:, j] = full - ((_fake(x, *minmax_params(x, maxq), maxq) - x) / d[keep]).square().sum(-1)
+    return gain
+
+
+@pytest.mark.parametrize("g", [2, 3, 16, 64])
+def test_leave_one_out_gain_is_the_definition(g):
+    gen = torch.Generator().manual_seed(g)
+    w = torch.randn(48, g, generator=gen, dtype=torch.float64)
+    w[:4] = torch.round(w[:4] * 2) / 2  # ties, at the extremes too
+    w[4] = 0.25  # a flat row
+    w[5, : g // 2 + 1] = w[5].amin()  # the minimum held by half the row
+    d = torch.rand(g, generator=gen, dtype=torch.float64) + 0.5
+    for maxq in (3, 7, 15):
+        fast, ref = leave_one_out_gain(w, d, maxq), _brute_leave_one_out_gain(w, d, maxq)
+        scale = ref.abs().amax(-1, keepdim=True).clamp_min(1e-12)
+        assert float(((fast - ref).abs() / scale).max()) < 1e-9, (g, maxq)
+    with pytest.raises(ValueError, match="at least 2"):
+        leave_one_out_gain(w[:, :1], d[:1], 7)
 
 
 def test_act_order_records_the_permutation_and_groups():

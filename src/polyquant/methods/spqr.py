@@ -151,8 +151,11 @@ class SpQRConfig(MethodConfig):
 def minmax_params(x: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and unrounded zero of an asymmetric ``maxq``-level grid over the last dim of ``x``
     (keepdim): ``scale = (max - min) / maxq``, ``zero = -min / scale``; ``min == max`` uses [-1, 1]."""
-    lo = x.amin(-1, keepdim=True)
-    hi = x.amax(-1, keepdim=True)
+    return _grid(x.amin(-1, keepdim=True), x.amax(-1, keepdim=True), maxq)
+
+
+def _grid(lo: torch.Tensor, hi: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`minmax_params` from the range ``[lo, hi]`` itself."""
     flat = lo == hi
     lo = torch.where(flat, torch.full_like(lo, -1.0), lo)
     hi = torch.where(flat, torch.full_like(hi, 1.0), hi)
@@ -207,31 +210,32 @@ def two_level_encode(v: torch.Tensor, bits: int, group: int
 
 
 # -- leave-one-out outlier gain -------------------------------------------------------------------
-_KEEP: dict[tuple[int, str], torch.Tensor] = {}
-
-
-def _keep_index(g: int, device: torch.device) -> torch.Tensor:
-    """``[g, g - 1]``: for each left-out position j, the other positions."""
-    key = (g, str(device))
-    if key not in _KEEP:
-        t = torch.arange(g - 1, device=device)
-        j = torch.arange(g, device=device)[:, None]
-        _KEEP[key] = t + (t >= j).long()
-    return _KEEP[key]
-
-
 def leave_one_out_gain(w: torch.Tensor, d: torch.Tensor, maxq: int) -> torch.Tensor:
-    """For a group ``w [out, g]`` with Hessian factors ``d [g]`` (``U_kk``): for each weight, how much
-    the group's weighted squared error ``sum ((q(w) - w) / d)^2`` drops when that weight is left out
-    (not quantized) and the quantizer is fitted on the others. ``[out, g]``."""
+    """For a group ``w [out, g]`` (``g >= 2``) with Hessian factors ``d [g]`` (``U_kk``): for each
+    weight, how much the group's weighted squared error ``sum ((q(w) - w) / d)^2`` drops when that
+    weight is left out (not quantized) and the quantizer is fitted on the others. ``[out, g]``.
+
+    The others' min/max grid is the group's own unless the weight left out is the row's minimum or
+    maximum, so the gain of every other weight is its own error term, and the two extreme positions
+    take the grid of the row without them (second smallest / second largest value): three ``[out, g]``
+    error evaluations instead of the ``[out, g, g - 1]`` of fitting every leave-one-out grid."""
     out, g = w.shape
-    keep = _keep_index(g, w.device)
-    data = w[:, keep]  # [out, g, g-1]
-    s, z = minmax_params(data, maxq)
-    loo = ((_fake(data, s, z, maxq) - data) / d[keep]).square().sum(-1)
-    s0, z0 = minmax_params(w, maxq)
-    base = ((_fake(w, s0, z0, maxq) - w) / d).square().sum(-1, keepdim=True)
-    return base - loo
+    if g < 2:
+        raise ValueError(f"a leave-one-out gain needs groups of at least 2 weights, got {g}")
+    lo2 = w.topk(2, dim=-1, largest=False).values  # smallest, second smallest (equal when tied)
+    hi2 = w.topk(2, dim=-1).values
+    lo, hi = lo2[:, :1], hi2[:, :1]
+
+    def err(s, z):
+        return ((_fake(w, s, z, maxq) - w) / d).square()
+
+    e = err(*_grid(lo, hi, maxq))
+    gain = e  # not an extreme: the others keep the group's grid, and leaving the weight out drops its term
+    base = e.sum(-1, keepdim=True)
+    for is_j, grid in ((w == hi, (lo, hi2[:, 1:])), (w == lo, (lo2[:, 1:], hi))):
+        ea = err(*_grid(*grid, maxq))
+        gain = torch.where(is_j, base - (ea.sum(-1, keepdim=True) - ea), gain)
+    return gain
 
 
 # -- the algorithm --------------------------------------------------------------------------------
@@ -273,7 +277,10 @@ def spqr_quantize(weight: torch.Tensor, config: SpQRConfig, stats: dict | None) 
 def _column_loop(W: torch.Tensor, U: torch.Tensor, cfg: SpQRConfig):
     """GPTQ's blocked loop with SpQR's group statistics and outliers, in processing order.
     Returns codes [out, in], scale / zero fp16 [out, G], first-order codes [out, G] (scale, zero),
-    the second-order record fp16 [R, G, 4], the outlier mask and float16 residuals [out, in]."""
+    the second-order record fp16 [R, G, 4], the outlier mask and float16 residuals [out, in].
+
+    As GPTQ's loop, it works on the transposed weight (an input column is a contiguous row), so the
+    error updates inside a block are contiguous ``addr_`` calls."""
     out, inp = W.shape
     gs, qg = cfg.group_size, cfg.qq_groupsize
     maxq = (1 << cfg.bits) - 1
@@ -283,23 +290,24 @@ def _column_loop(W: torch.Tensor, U: torch.Tensor, cfg: SpQRConfig):
     use_outliers = not math.isinf(float(cfg.outlier_threshold))
     # the reference's scale of the outlier criterion: mean over columns of var_rows(W) / U_kk^2
     thr = float(cfg.outlier_threshold) * float((W.var(dim=0) / diag.square()).mean()) if use_outliers else math.inf
-    codes = torch.zeros(out, inp, dtype=torch.uint8, device=W.device)
+    Wt = W.t().contiguous()  # [in, out]
+    codes = torch.zeros(inp, out, dtype=torch.uint8, device=W.device)
     scale = torch.empty(out, G, dtype=torch.float16, device=W.device)
     zero = torch.empty_like(scale)
     qs = torch.empty(out, G, dtype=torch.uint8, device=W.device)
     qz = torch.empty_like(qs)
     rec = torch.empty(R, G, 4, dtype=torch.float16, device=W.device)
-    omask = torch.zeros(out, inp, dtype=torch.bool, device=W.device)
-    ovals = torch.zeros(out, inp, dtype=torch.float32, device=W.device)
+    omask = torch.zeros(inp, out, dtype=torch.bool, device=W.device)
+    ovals = torch.zeros(inp, out, dtype=torch.float32, device=W.device)
     B = int(cfg.block_size)
     s = z = None
     for b1 in range(0, inp, B):
         b2 = min(b1 + B, inp)
-        Err = torch.zeros(out, b2 - b1, dtype=W.dtype, device=W.device)
+        Err = torch.zeros(b2 - b1, out, dtype=W.dtype, device=W.device)
         for c in range(b1, b2):
             if c % gs == 0:  # a group starts: fit its statistics on the current (updated) weights
                 g = c // gs
-                gw = W[:, c:min(c + gs, inp)]
+                gw = Wt[c:min(c + gs, inp)].t()  # [out, group]
                 if use_outliers and not cfg.simplified_outliers and gw.shape[1] > 1:
                     likely = leave_one_out_gain(gw, diag[c:c + gw.shape[1]], maxq) > thr
                     keep = (~likely).to(gw.dtype)
@@ -311,7 +319,7 @@ def _column_loop(W: torch.Tensor, U: torch.Tensor, cfg: SpQRConfig):
                 rec[:, g] = torch.stack([ss, sz, zs, zz], dim=1)
                 scale[:, g], zero[:, g] = sdec.to(torch.float16), zdec.to(torch.float16)
                 s, z = sdec, zdec
-            w = W[:, c]
+            w = Wt[c]
             q = _codes(w, s, z, maxq)
             deq = s * (q - z)
             d = U[c, c]
@@ -320,18 +328,18 @@ def _column_loop(W: torch.Tensor, U: torch.Tensor, cfg: SpQRConfig):
                 is_out = err.square() > thr
                 if bool(is_out.any()):
                     resid = (w - deq).to(torch.float16)
-                    ovals[:, c] = torch.where(is_out, resid.float(), ovals[:, c])
-                    omask[:, c] = is_out
+                    ovals[c] = torch.where(is_out, resid.float(), 0.0)
+                    omask[c] = is_out
                     deq = torch.where(is_out, deq + resid.float(), deq)
                     err = (w - deq) / d
-            codes[:, c] = q.to(torch.uint8)
-            W[:, c] = deq
+            codes[c] = q.to(torch.uint8)
+            Wt[c] = deq
             if c + 1 < b2:
-                W[:, c + 1:b2].addr_(err, U[c, c + 1:b2], alpha=-1)
-            Err[:, c - b1] = err
+                Wt[c + 1:b2].addr_(U[c, c + 1:b2], err, alpha=-1)
+            Err[c - b1] = err
         if b2 < inp:
-            W[:, b2:].addmm_(Err, U[b1:b2, b2:], alpha=-1)
-    return codes, scale, zero, qs, qz, rec, omask, ovals
+            Wt[b2:].addmm_(U[b1:b2, b2:].t(), Err, alpha=-1)
+    return codes.t().contiguous(), scale, zero, qs, qz, rec, omask.t().contiguous(), ovals.t().contiguous()
 
 
 # -- reading the encoding back ------------------------------------------------------------------------
