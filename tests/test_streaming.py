@@ -281,6 +281,26 @@ def test_cli_streams_automatically_when_the_model_does_not_fit(src, tmp_path, ca
     assert code == 2 and "--stream: quanto calibrates the whole quantized model" in capsys.readouterr().err
 
 
+def test_streamed_calibration_fixes_the_heap_before_the_plan_check(src, tmp_path, monkeypatch):
+    """The plan check quantizes stand-ins; run on glibc's adaptive heap it left 1.5 GB free but
+    resident for a whole streamed GPTQ run of the 1.5B benchmark model."""
+    import polyquant.cli.commands.quantize as cmd
+    import polyquant.formats.stream as fstream
+    calls = []
+    monkeypatch.setattr(fstream, "_bounded_heap", lambda: calls.append("heap"))
+    plan = cmd._plan
+    monkeypatch.setattr(cmd, "_plan", lambda *a, **k: (calls.append("plan"), plan(*a, **k))[1])
+    base = ["quantize", str(src), "-g", "32", "-q", "--calib-samples", "2", "--calib-seqlen", "16"]
+    assert main(base + ["-m", "gptq", "-o", str(tmp_path / "g"), "--stream"]) == 0
+    assert calls[:2] == ["heap", "plan"]
+    calls.clear()
+    assert main(base[:4] + ["-m", "rtn", "-o", str(tmp_path / "r"), "--stream"]) == 0  # no calibration: adaptive
+    assert calls == ["plan"]
+    calls.clear()
+    assert main(base + ["-m", "gptq", "-o", str(tmp_path / "m"), "--no-stream"]) == 0  # in memory: adaptive
+    assert "heap" not in calls
+
+
 def test_source_without_generation_config_gives_the_in_memory_generation_config(src, tmp_path):
     """A folder without generation_config.json (as a generated model): the streamed checkpoint's file is
     the one from_pretrained derives from config.json, as the in-memory save writes it."""

@@ -174,11 +174,14 @@ def cmd_quantize(args) -> int:
     if args.quiet:
         _quiet_loaders()
 
+    from polyquant.cli.stream import choose, run_stream
+    streaming, why = choose(args, spec, fmt, out_dir)
+    if streaming:  # before the plan check's stand-in quantization: its heap would stay for the whole run
+        from polyquant.formats.stream import bound_heap
+        bound_heap(spec)
     skeleton = _skeleton(args.model)  # shapes from config.json: the plan is checked before the weights load
     if skeleton is not None:
         config = _plan(skeleton, config, values, fmt, args.kernel)
-    from polyquant.cli.stream import choose, run_stream
-    streaming, why = choose(args, spec, fmt, out_dir)
     log.info("%s (%s)", "streaming" if streaming else "in memory", why)
     if streaming:
         return run_stream(args, spec, config, fmt, out_dir, calib_text, threads, _calib_settings, Interrupted)
