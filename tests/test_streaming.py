@@ -276,6 +276,12 @@ def test_cli_streams_automatically_when_the_model_does_not_fit(src, tmp_path, ca
     monkeypatch.setattr(cli_stream, "available_bytes", lambda: 10 * int(float_bytes(src)))
     assert main(["quantize", str(src), "-m", "rtn", "-g", "32", "-o", str(tmp_path / "mem"), "-q"]) == 0
     assert json.loads((tmp_path / "mem" / "polyquant.json").read_text())["runtime"]["stream"] is False
+    # the need is the method's own: 3x the float model is room for RTN in memory, not for HQQ (3.5x)
+    monkeypatch.setattr(cli_stream, "available_bytes", lambda: 3 * int(float_bytes(src)))
+    assert main(["quantize", str(src), "-m", "hqq", "-g", "32", "-o", str(tmp_path / "hqq"), "-q"]) == 0
+    assert json.loads((tmp_path / "hqq" / "polyquant.json").read_text())["runtime"]["stream"] is True
+    assert main(["quantize", str(src), "-m", "rtn", "-g", "32", "-o", str(tmp_path / "rtn3"), "-q"]) == 0
+    assert json.loads((tmp_path / "rtn3" / "polyquant.json").read_text())["runtime"]["stream"] is False
     capsys.readouterr()
     code = main(["quantize", str(src), "-m", "quanto", "-o", str(tmp_path / "no"), "--stream", "-q"])
     assert code == 2 and "--stream: quanto calibrates the whole quantized model" in capsys.readouterr().err

@@ -54,6 +54,9 @@ def test_duplicate_registration_and_bad_specs():
             register_method(MethodSpec("_test_m", _Cfg, rtn_quantize, False, "magic", (4,), ("x",)))
         with pytest.raises(ValueError, match="format"):
             register_method(MethodSpec("_test_m", _Cfg, rtn_quantize, False, "integer weight-only", (4,), ()))
+        for bad in (0.5, True, "2"):
+            with pytest.raises(ValueError, match="memory_factor"):
+                MethodSpec("_test_m", _Cfg, rtn_quantize, False, "integer weight-only", (4,), ("x",), memory_factor=bad)
         assert "_test_m" not in METHODS
         register_method(MethodSpec("_test_m", _Cfg, rtn_quantize, False, "integer weight-only", (4,), ("x",)))
         assert _Cfg.method == "_test_m" and _Cfg().to_dict()["method"] == "_test_m"

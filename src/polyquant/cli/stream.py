@@ -16,11 +16,6 @@ from polyquant.cli.render import err, out
 
 log = logging.getLogger("polyquant.cli")
 
-#: streaming is chosen automatically when the float model (float32) times this exceeds the memory
-#: available: the in-memory path holds the float model, the quantized one and transient copies
-AUTO_FACTOR = 1.5
-
-
 def stream_folder(spec: str) -> Path | None:
     """The float safetensors folder a model spec streams from, or None (a .gguf or the default
     model before its one-time conversion, which the in-memory path does)."""
@@ -86,9 +81,11 @@ def choose(args, spec, fmt_name: str, out_dir: Path) -> tuple[bool, str]:
         return False, reason
     if (partial_dir_for(out_dir) / MANIFEST).is_file():
         return True, f"resuming {partial_dir_for(out_dir)}"
-    need, avail = float_bytes(folder) * AUTO_FACTOR, available_bytes()
+    # the in-memory path holds the float model, the quantized one and the method's transient copies
+    need, avail = float_bytes(folder) * spec.memory_factor, available_bytes()
     if avail is not None and need > avail:
-        return True, f"the float model needs about {need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available"
+        return True, (f"{spec.name} in memory needs about {need / 2**30:.1f} GiB ({spec.memory_factor:g}x the float32 "
+                      f"model), {avail / 2**30:.1f} GiB available")
     return False, "the model fits in memory"
 
 
