@@ -274,9 +274,9 @@ _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 def bound_heap(spec) -> None:
     """Fix the mmap threshold (:func:`_bounded_heap`) when method ``spec`` calibrates: RTN / HQQ meet
     their memory bound without it and page-fault 35% more with it. Call it before anything large is
-    allocated: the plan check's stand-in quantization before a streamed GPTQ run left a 1.8 GB heap
-    (1.5 GB of it free but resident) that the whole run then kept (2.90 GB peak on the 1.5B benchmark
-    model instead of 2.29 GB). Idempotent."""
+    allocated: the plan check's stand-in quantization before a streamed GPTQ run left a 1784 MiB heap
+    (1469 MiB of it free but resident) that the whole run then kept (2903 MiB peak on the 1.5B benchmark
+    model instead of 2344 MiB). Idempotent."""
     if spec.needs_calibration:
         _bounded_heap()
 
