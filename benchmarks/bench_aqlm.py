@@ -5,7 +5,8 @@ Quality stage (one process; the same calibration and windows as ``bench_gptq_def
 calibration tokens of ``--calib`` (pydoc), seed 0, exact fp32 forwards; perplexity on the first
 ``--windows`` held-back windows of 512 of each ``--texts`` text: pydoc, and enwiki out of domain).
 Rows: fp32, AQLM (``--scheme``, default 2x8 g8), GPTQ W3 g64, GPTQ W2 g64 (sym, group-aware order), HQQ
-2-bit g64, RTN W2 g64 sym. Each row appends one JSON line to ``--out`` as it
+2-bit g64, RTN W2 g64 sym; ``aqlm-ft`` is the AQLM row with block fine-tuning (``--finetune-epochs``,
+``--finetune-lr``, ``--finetune-batch``; each block's output error before / after is recorded). Each row appends one JSON line to ``--out`` as it
 finishes. The AQLM row saves its checkpoint (``--ckpt``, ``aqlm`` format) and records where the
 quantization time went (k-means init / code search / code books / scales per layer, summed; the rest
 is the calibration forwards and statistics). Interop: transformers (with ``aqlm`` installed) loads the
@@ -90,24 +91,35 @@ def quality(a) -> None:
             q = model
         elif row.startswith("aqlm"):
             m, b = (int(v) for v in a.scheme.split("x"))
+            tune = {"finetune_epochs": a.finetune_epochs, "finetune_lr": a.finetune_lr,
+                    "finetune_batch": a.finetune_batch} if row == "aqlm-ft" else {}
             cfg = AQLMConfig(num_codebooks=m, nbits_per_codebook=b, in_group_size=a.in_group_size,
                              beam_size=a.beam_size, max_iters=a.max_iters, init_iters=a.init_iters,
-                             codebook_steps=a.codebook_steps)
+                             codebook_steps=a.codebook_steps, **tune)
             phases: dict[str, float] = {}
-            orig = aqlm_mod.aqlm_fit
+            orig, orig_tune = aqlm_mod.aqlm_fit, aqlm_mod.fit_block
+            block_errors: list = []
 
             def fit(*args, **kw):
                 state, info = orig(*args, **kw)
                 for k, v in info["seconds"].items():
                     phases[k] = phases.get(k, 0.0) + v
                 return state, info
-            aqlm_mod.aqlm_fit = fit
+
+            def fit_block(*args, **kw):
+                res = orig_tune(*args, **kw)
+                phases["block fine-tuning"] = phases.get("block fine-tuning", 0.0) + res.seconds
+                block_errors.append([round(res.loss_before, 6), round(res.loss_after, 6), res.epochs])
+                return res
+            aqlm_mod.aqlm_fit, aqlm_mod.fit_block = fit, fit_block
             try:
                 q = polyquant.quantize(model, cfg, calibration=Calibration(calib, resume_dir=a.resume_dir, autocast=None),
                                        inplace=True)
             finally:
-                aqlm_mod.aqlm_fit = orig
-            extra = {"config": cfg.to_dict(), "method_seconds": {k: round(v, 1) for k, v in phases.items()}}
+                aqlm_mod.aqlm_fit, aqlm_mod.fit_block = orig, orig_tune
+            if block_errors:
+                extra["block_output_error_before_after_epochs"] = block_errors
+            extra.update({"config": cfg.to_dict(), "method_seconds": {k: round(v, 1) for k, v in phases.items()}})
         elif row.startswith("gptq"):
             bits = int(row.split("-w")[1].split("-")[0])
             cfg = GPTQConfig(bits=bits, group_size=64, sym=True)
@@ -283,6 +295,9 @@ def main() -> None:
     ap.add_argument("--max-iters", type=int, default=4)
     ap.add_argument("--init-iters", type=int, default=12)
     ap.add_argument("--codebook-steps", type=int, default=4)
+    ap.add_argument("--finetune-epochs", type=int, default=10, help="row aqlm-ft: block fine-tuning epochs")
+    ap.add_argument("--finetune-lr", type=float, default=1e-4)
+    ap.add_argument("--finetune-batch", type=int, default=4)
     ap.add_argument("--n-samples", type=int, default=128)
     C.add_text_args(ap)
     ap.add_argument("--seqlen", type=int, default=512)

@@ -49,6 +49,7 @@ from polyquant.calibration.checkpoint import ResumeState, run_key
 from polyquant.calibration.data import as_samples
 from polyquant.calibration.memo import BlockMemo
 from polyquant.calibration.stats import collector_factory
+from polyquant.calibration.tune import TuneJob
 from polyquant.nn.quantize import make_quant_linear, module_device, replace_module
 from polyquant.nn.quant_linear import QuantLinear
 from polyquant.nn.select import find_blocks
@@ -230,6 +231,17 @@ def _swap_in_fake(blk: nn.Module, name: str, qw: QuantizedWeight, lin: nn.Module
     replace_module(blk, name, _FakeQuant(qw.dequantize(w.dtype).to(w.device), lin.bias))
 
 
+def _tune(blk, i, tuner, qws, lins, inps, recs, targets, autocast) -> dict[str, QuantizedWeight]:
+    """Run the method's block tuner on the quantized block and swap in the stand-ins of what it returns
+    (the Linears' recorded errors stay the layer-wise ones, measured before tuning)."""
+    tuned = tuner(TuneJob(blk, i, dict(qws), dict(lins), inps, recs, targets, autocast))
+    if set(tuned) != set(qws):
+        raise ValueError(f"block {i}: the tuner returned {sorted(tuned)}, expected {sorted(qws)}")
+    for name, qw in tuned.items():
+        _swap_in_fake(blk, name, qw, lins[name])
+    return tuned
+
+
 def _finish_block(blk, spec, config, qws: dict[str, QuantizedWeight], originals: dict[str, nn.Module]) -> None:
     for name, qw in qws.items():
         replace_module(blk, name, make_quant_linear(spec, config, qw, originals[name]))
@@ -357,6 +369,8 @@ def _process_block(model, blk, i, lins, spec, config, factory, true_seq, inps, r
             for name, qw in qws.items():
                 _swap_in_fake(blk, name, qw, lins[name])
         else:
+            tuner = spec.block_tuner(config) if lins and spec.block_tuner is not None else None
+            targets = [_run_block(blk, inps[j], recs[j], autocast) for j in range(len(inps))] if tuner else None
             reuse = stack.enter_context(BlockMemo(blk)) if lins and true_seq else None
             names = [n for n, _ in blk.named_modules() if n in lins]  # module order
             for group in block_groups(model, names, true_seq):
@@ -374,6 +388,11 @@ def _process_block(model, blk, i, lins, spec, config, factory, true_seq, inps, r
                     if reuse is not None:
                         reuse.wrap(name, blk.get_submodule(name))
                 del collectors
+            if tuner is not None:  # the stand-ins change: no output of this block's passes is reusable
+                stack.close()
+                reuse = None
+                qws = _tune(blk, i, tuner, qws, lins, inps, recs, targets, autocast)
+                del targets
         if reuse is not None:
             reuse.keep = False
         for j in range(len(inps)):

@@ -31,7 +31,11 @@ the input Hessian ``H = 2/n X X^T`` the sequential driver collects (X is never m
    Code books and scales are kept at float16 values (what the checkpoint stores) as they are updated,
    and the codes come last, so the stored weight is the one the objective measured.
 
-Block fine-tuning (the paper's end-to-end step) is not implemented.
+Block fine-tuning (the paper's step after each block, ``finetune_epochs > 0``): once a block's Linears are
+quantized, their code books and scales (codes fixed) are trained by Adam so that the quantized block,
+fed the inputs the quantized model gives it, reproduces the float block's outputs on the same inputs
+(:mod:`polyquant.calibration.tune`; the driver's ``block_tuner`` hook). Code books and scales are
+rounded to float16 again at the end.
 
 Stored size (``QuantizedWeight.nbytes``): codes ``M * nbits / in_group_size`` bits per weight plus the
 code books ``M * 2**nbits * og * ig * 16`` bits per layer plus 16 bits per output group. For 2x8 on a
@@ -48,14 +52,18 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
+from polyquant.calibration.tune import TuneJob, TuneSettings, fit_block
 from polyquant.methods._hessian import hessian_inputs, zero_dead_inputs
 from polyquant.methods.base import MethodConfig, check_int
 from polyquant.methods.registry import MethodSpec, register_method
 from polyquant.methods.traits import BENCH, Preset, Prior, rel
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
-__all__ = ["AQLMConfig", "aqlm_quantize", "aqlm_fit", "AQLMState", "weighted_kmeans", "SCHEMES"]
+__all__ = ["AQLMConfig", "aqlm_quantize", "aqlm_fit", "AQLMState", "weighted_kmeans", "SCHEMES", "TrainableAQLM",
+           "aqlm_block_tuner"]
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +88,11 @@ class AQLMConfig(MethodConfig):
         init_points_per_centroid: vectors sampled per centroid for the k-means fit (0: all).
         codebook_steps: conjugate-gradient steps of each code book update.
         true_sequential: quantize a block's Linears group by group (driver option).
-        seed: k-means seeding.
+        seed: k-means seeding (and the sample order of the block fine-tuning).
+        finetune_epochs: block fine-tuning epochs over the calibration samples (0: none).
+        finetune_lr: its Adam learning rate.
+        finetune_batch: calibration samples per Adam step.
+        finetune_tolerance: stop when an epoch improves the block's output error by less than this fraction.
     """
 
     num_codebooks: int = 2
@@ -95,9 +107,17 @@ class AQLMConfig(MethodConfig):
     codebook_steps: int = 4
     true_sequential: bool = True
     seed: int = 0
+    finetune_epochs: int = 0
+    finetune_lr: float = 1e-4
+    finetune_batch: int = 4
+    finetune_tolerance: float = 1e-3
 
     def validate(self) -> None:
         check_int("num_codebooks", self.num_codebooks, 1, 64)
+        check_int("finetune_epochs", self.finetune_epochs, 0, 100000)
+        check_int("finetune_batch", self.finetune_batch, 1, 1 << 20)
+        _check_fraction("finetune_lr", self.finetune_lr, zero=False)
+        _check_fraction("finetune_tolerance", self.finetune_tolerance)
         check_int("nbits_per_codebook", self.nbits_per_codebook, 1, 16)
         check_int("in_group_size", self.in_group_size, 1, 256)
         check_int("out_group_size", self.out_group_size, 1, 256)
@@ -109,9 +129,7 @@ class AQLMConfig(MethodConfig):
         check_int("seed", self.seed, 0, 2**63 - 1)
         if not isinstance(self.true_sequential, bool):
             raise ValueError(f"true_sequential must be a bool, got {self.true_sequential!r}")
-        t = self.relative_tolerance
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < 1 or not math.isfinite(t):
-            raise ValueError(f"relative_tolerance must be a number in [0, 1), got {t!r}")
+        _check_fraction("relative_tolerance", self.relative_tolerance)
 
     @property
     def code_bits(self) -> float:
@@ -122,6 +140,13 @@ class AQLMConfig(MethodConfig):
         g = f"g{self.in_group_size}" + (f"x{self.out_group_size}" if self.out_group_size != 1 else "")
         beam = f" beam{self.beam_size}" if self.beam_size != 1 else ""
         return f"aqlm {self.num_codebooks}x{self.nbits_per_codebook} {g}{beam}"
+
+
+def _check_fraction(name: str, t, zero: bool = True) -> None:
+    """``t`` a finite number in [0, 1) (in (0, 1) with ``zero=False``)."""
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 0 <= t < 1 \
+            or (not zero and t == 0):
+        raise ValueError(f"{name} must be a number in {'[' if zero else '('}0, 1), got {t!r}")
 
 
 # -- weighted k-means ----------------------------------------------------------------------------
@@ -451,6 +476,59 @@ def aqlm_quantize(weight: torch.Tensor, config: AQLMConfig, stats: dict | None) 
     return QuantizedWeight.from_vector_codes(state.codes, cb, state.s.to(torch.float16))
 
 
+# -- block fine-tuning ---------------------------------------------------------------------------
+class TrainableAQLM(nn.Module):
+    """A quantized AQLM Linear with its code books and scales as float32 parameters (codes fixed):
+    ``forward`` builds ``scale[o] * sum_m codebooks[m, codes[o, i, m]]`` differentiably."""
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        m, k, og, ig = qw.codebooks.shape
+        codes = qw.codes.long()  # [ob, ib, m]
+        self.shape = tuple(qw.shape)
+        self.dims = (m, k, og, ig, codes.shape[0], codes.shape[1])
+        self.register_buffer("codes", codes, persistent=False)
+        self.register_buffer("index", (codes + torch.arange(m) * k).reshape(-1, m), persistent=False)
+        self.codebooks = nn.Parameter(qw.codebooks.float().clone())
+        self.scales = nn.Parameter(qw.scale.float().reshape(-1).clone())
+        self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)
+
+    def weight(self) -> torch.Tensor:
+        m, k, og, ig, ob, ib = self.dims
+        blocks = self.codebooks.reshape(m * k, og * ig)[self.index].sum(dim=1)
+        blocks = blocks.view(ob, ib, og, ig) * self.scales.view(ob, 1, 1, 1)
+        return blocks.permute(0, 2, 1, 3).reshape(self.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight().to(x.dtype), self.bias)
+
+    def export(self) -> QuantizedWeight:
+        """The tuned weight, code books and scales rounded to float16 (what the checkpoint stores)."""
+        with torch.no_grad():
+            return QuantizedWeight.from_vector_codes(self.codes, self.codebooks.to(torch.float16).contiguous(),
+                                                     self.scales.to(torch.float16))
+
+
+def aqlm_block_tuner(config: AQLMConfig):
+    """The driver's ``block_tuner`` hook: None unless ``finetune_epochs`` > 0."""
+    if config.finetune_epochs <= 0:
+        return None
+    settings = TuneSettings(epochs=config.finetune_epochs, lr=config.finetune_lr, batch=config.finetune_batch,
+                            tolerance=config.finetune_tolerance, seed=config.seed)
+
+    def tune(job: TuneJob) -> dict[str, QuantizedWeight]:
+        mods = {name: TrainableAQLM(qw, job.linears[name].bias).to(job.linears[name].weight.device)
+                for name, qw in job.qws.items()}
+        res = fit_block(job, mods, settings)
+        log.info("aqlm block %d fine-tuning: output error %.4e -> %.4e in %d epochs, %.1f s", job.index,
+                 res.loss_before, res.loss_after, res.epochs, res.seconds)
+        if res.loss_after >= res.loss_before:  # nothing gained: keep the untouched float16 values
+            return dict(job.qws)
+        return {name: m.export() for name, m in mods.items()}
+
+    return tune
+
+
 register_method(MethodSpec(
     name="aqlm",
     config_cls=AQLMConfig,
@@ -463,6 +541,7 @@ register_method(MethodSpec(
                 "least-squares code books",
     reference="Egiazarian et al. 2024, AQLM (arXiv 2401.06118); Vahe1994/AQLM",
     collect="hessian",
+    block_tuner=aqlm_block_tuner,
     # compare's rows: 2x8 (about 2.2 bits per weight on SmolLM2-135M, code books counted) and 1x16 (the
     # paper's default; its 65536 x 8 fp16 code book per layer outweighs the codes of a 576-wide model)
     presets=(Preset("aqlm-2x8", {"num_codebooks": 2, "nbits_per_codebook": 8}, sweep=False),

@@ -43,6 +43,10 @@ class MethodSpec:
             or a factory ``linear -> collector`` (None: the Hessian, for a method that needs data).
         quantize_block: the block hook of the sequential driver: ``(BlockJob) -> {name: QuantizedWeight}``
             quantizes a whole block at once (AWQ's scale search); None: Linear by Linear.
+        block_tuner: ``config -> tuner or None``: block fine-tuning after a block's Linears are quantized
+            Linear by Linear; the tuner, ``(TuneJob) -> {name: QuantizedWeight}``, gets the block, its
+            quantized weights, the calibration inputs and the float block's outputs on them
+            (:mod:`polyquant.calibration.tune`); None from the hook: no tuning with this config.
         act_rule: ``config -> activation rule or None``: the run-time activation quantization of
             every layer (an :class:`polyquant.activations.ActivationQuantizer`).
         layer_act_rule: ``(config, qw, act) -> (qw, act)``: per-layer activation parameters carried
@@ -71,6 +75,7 @@ class MethodSpec:
     reference: str = ""
     collect: str | Callable[[Any], Any] | None = None
     quantize_block: Callable[[Any], dict[str, QuantizedWeight]] | None = None
+    block_tuner: Callable[[Any], Callable[[Any], dict[str, QuantizedWeight]] | None] | None = None
     act_rule: Callable[[Any], Any] | None = None
     layer_act_rule: Callable[..., tuple[QuantizedWeight, Any]] | None = None
     after_quantize: Callable[..., None] | None = None
@@ -88,7 +93,7 @@ class MethodSpec:
                     raise ValueError(f"method {self.name!r}: {name} given twice (field and extra[{key!r}])")
                 object.__setattr__(self, name, extra.pop(key))
         object.__setattr__(self, "extra", extra)
-        for name in ("quantize_block", "act_rule", "layer_act_rule", "after_quantize"):
+        for name in ("quantize_block", "block_tuner", "act_rule", "layer_act_rule", "after_quantize"):
             v = getattr(self, name)
             if v is not None and not callable(v):
                 raise ValueError(f"method {self.name!r}: {name} must be callable, got {v!r}")
