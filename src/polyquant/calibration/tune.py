@@ -19,7 +19,6 @@ result depends on the seed, the block index and the thread count only.
 """
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,8 +31,6 @@ from polyquant.nn.quantize import replace_module
 from polyquant.tensor.quantized_weight import QuantizedWeight
 
 __all__ = ["TuneJob", "TuneSettings", "fit_block"]
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -84,14 +81,13 @@ class TuneResult:
     history: list[float] = field(default_factory=list)
 
 
-def _block_loss(job: TuneJob, order) -> float:
-    num = den = 0.0
-    for j in order:
+def _block_loss(job: TuneJob, den: float) -> float:
+    """The relative output error of the block over every sample (``den``: the targets' squared norm)."""
+    num = 0.0
+    for j, t in enumerate(job.targets):
         y = _run_block(job.block, job.inputs[j], job.records[j], job.autocast)
-        t = job.targets[j]
         num += float((y.float() - t.float()).pow(2).sum())
-        den += float(t.float().pow(2).sum())
-    return num / max(den, 1e-30)
+    return num / den
 
 
 def fit_block(job: TuneJob, modules: dict[str, nn.Module], settings: TuneSettings) -> TuneResult:
@@ -104,15 +100,14 @@ def fit_block(job: TuneJob, modules: dict[str, nn.Module], settings: TuneSetting
     frozen = [(p, p.requires_grad) for p in blk.parameters()]
     before = {name: blk.get_submodule(name) for name in modules}
     n = len(job.inputs)
-    den = sum(float(t.float().pow(2).sum()) for t in job.targets)
-    den = max(den, 1e-30)
+    den = max(sum(float(t.float().pow(2).sum()) for t in job.targets), 1e-30)
     try:
         for p, _ in frozen:
             p.requires_grad_(False)
         for name, m in modules.items():
             replace_module(blk, name, m)
         with torch.no_grad():
-            best = _block_loss(job, range(n))
+            best = _block_loss(job, den)
         first = best
         best_state = [p.detach().clone() for p in params]
         if not params or settings.epochs <= 0 or n == 0:
@@ -135,7 +130,7 @@ def fit_block(job: TuneJob, modules: dict[str, nn.Module], settings: TuneSetting
                         loss.backward()
                     opt.step()
             with torch.no_grad():
-                cur = _block_loss(job, range(n))
+                cur = _block_loss(job, den)
             history.append(cur)
             if cur < best:
                 best = cur

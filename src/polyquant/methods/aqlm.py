@@ -60,7 +60,7 @@ from polyquant.methods._hessian import hessian_inputs, zero_dead_inputs
 from polyquant.methods.base import MethodConfig, check_int
 from polyquant.methods.registry import MethodSpec, register_method
 from polyquant.methods.traits import BENCH, Preset, Prior, rel
-from polyquant.tensor.quantized_weight import QuantizedWeight
+from polyquant.tensor.quantized_weight import QuantizedWeight, vector_weight
 
 __all__ = ["AQLMConfig", "aqlm_quantize", "aqlm_fit", "AQLMState", "weighted_kmeans", "SCHEMES", "TrainableAQLM",
            "aqlm_block_tuner"]
@@ -483,21 +483,14 @@ class TrainableAQLM(nn.Module):
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None) -> None:
         super().__init__()
-        m, k, og, ig = qw.codebooks.shape
-        codes = qw.codes.long()  # [ob, ib, m]
         self.shape = tuple(qw.shape)
-        self.dims = (m, k, og, ig, codes.shape[0], codes.shape[1])
-        self.register_buffer("codes", codes, persistent=False)
-        self.register_buffer("index", (codes + torch.arange(m) * k).reshape(-1, m), persistent=False)
+        self.register_buffer("codes", qw.codes.long(), persistent=False)  # [ob, ib, m]
         self.codebooks = nn.Parameter(qw.codebooks.float().clone())
         self.scales = nn.Parameter(qw.scale.float().reshape(-1).clone())
         self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)
 
     def weight(self) -> torch.Tensor:
-        m, k, og, ig, ob, ib = self.dims
-        blocks = self.codebooks.reshape(m * k, og * ig)[self.index].sum(dim=1)
-        blocks = blocks.view(ob, ib, og, ig) * self.scales.view(ob, 1, 1, 1)
-        return blocks.permute(0, 2, 1, 3).reshape(self.shape)
+        return vector_weight(self.codebooks, self.codes, self.scales, self.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight().to(x.dtype), self.bias)

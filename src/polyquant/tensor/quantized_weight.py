@@ -42,7 +42,7 @@ from polyquant.qtypes import QType, get_qtype, vector_qtype
 from polyquant.tensor.packing import pack, unpack
 from polyquant.tensor.sparse import SparseOutliers
 
-__all__ = ["QuantizedWeight", "expand_blocks"]
+__all__ = ["QuantizedWeight", "expand_blocks", "vector_weight"]
 
 
 def expand_blocks(t: torch.Tensor, block: tuple[int, int], shape: tuple[int, int],
@@ -251,15 +251,7 @@ class QuantizedWeight:
         return expand_blocks(self.zero, self.block, self.shape, self.g_idx)
 
     def _dequantize_vector(self) -> torch.Tensor:
-        cb = self.codebooks.to(torch.float32)
-        m, k, og, ig = cb.shape
-        codes = self.codes.long()  # [ob, ib, m]
-        ob, ib, _ = codes.shape
-        flat = cb.reshape(m * k, og * ig)
-        idx = codes + torch.arange(m, device=codes.device) * k
-        blocks = flat[idx.reshape(-1, m)].sum(dim=1)  # codebook order, then sum: [ob*ib, og*ig]
-        blocks = blocks.view(ob, ib, og, ig) * self.scale.to(torch.float32).view(ob, 1, 1, 1)
-        return blocks.permute(0, 2, 1, 3).reshape(self.shape)
+        return vector_weight(self.codebooks.to(torch.float32), self.codes, self.scale.to(torch.float32), self.shape)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The ground truth: ``(decode(code) - zero) * scale`` as a dense ``[out, in]`` tensor
@@ -361,3 +353,16 @@ class QuantizedWeight:
             extra += f", outliers={self.outliers.nnz}"
         return (f"QuantizedWeight({self.qtype}, shape={self.shape}, block={self.block}, "
                 f"{'sym' if self.symmetric else 'asym'}{', act-order' if self.g_idx is not None else ''}{extra})")
+
+
+def vector_weight(codebooks: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, shape) -> torch.Tensor:
+    """The dense ``[out, in]`` weight of vector codes: ``scale[o] * sum_m codebooks[m, codes[o, i, m]]``
+    (code books ``[M, 2**b, og, ig]``, unsigned codes ``[out/og, in/ig, M]``, scales ``[out/og]``); summed in
+    code book order, and differentiable in ``codebooks`` and ``scale`` (AQLM's block fine-tuning)."""
+    m, k, og, ig = codebooks.shape
+    codes = codes.long()
+    ob, ib, _ = codes.shape
+    idx = codes + torch.arange(m, device=codes.device) * k
+    blocks = codebooks.reshape(m * k, og * ig)[idx.reshape(-1, m)].sum(dim=1)  # [ob*ib, og*ig]
+    blocks = blocks.view(ob, ib, og, ig) * scale.reshape(ob, 1, 1, 1)
+    return blocks.permute(0, 2, 1, 3).reshape(tuple(shape))
