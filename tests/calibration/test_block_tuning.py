@@ -153,3 +153,25 @@ def test_resume_gives_the_same_tuned_model(tmp_path):
 def test_bad_tuning_configs_name_the_field(kw, field):
     with pytest.raises(ValueError, match=field):
         AQLMConfig(**kw)
+
+
+def test_tuning_gives_the_same_model_at_any_thread_count():
+    """The tuner's gradients (Adam over summed sample losses) are reduced in a fixed order: one and two
+    intra-op threads give bit-identical code books and scales (a block wide enough for torch to split
+    its matmuls and reductions across threads)."""
+    torch.manual_seed(0)
+    model = tiny_qwen2(hidden=128, layers=1)
+    calib = _calib(4, seqlen=96)
+    threads = torch.get_num_threads()
+    out = {}
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            q = _quantize(model, calib, finetune_epochs=3, finetune_lr=1e-2)
+            out[t] = {n: m.quantized_weight for n, m in _qlinears(q).items()}
+    finally:
+        torch.set_num_threads(threads)
+    assert out[1].keys() == out[2].keys() and len(out[1]) == 7
+    for name, a in out[1].items():
+        b = out[2][name]
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.codebooks, b.codebooks) and torch.equal(a.scale, b.scale), name
