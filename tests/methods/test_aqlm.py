@@ -31,7 +31,12 @@ def _objective(W, H, qw):
                                        ({"num_codebooks": 0}, "num_codebooks"),
                                        ({"in_group_size": 0}, "in_group_size"),
                                        ({"beam_size": 0}, "beam_size"),
-                                       ({"relative_tolerance": 2.0}, "relative_tolerance")])
+                                       ({"relative_tolerance": 2.0}, "relative_tolerance"),
+                                       ({"finetune_epochs": -1}, "finetune_epochs"),
+                                       ({"finetune_lr": 0.0}, "finetune_lr"),
+                                       ({"finetune_lr": float("nan")}, "finetune_lr"),
+                                       ({"finetune_batch": 0}, "finetune_batch"),
+                                       ({"finetune_tolerance": 1.0}, "finetune_tolerance")])
 def test_bad_configs_name_the_field(kw, field):
     with pytest.raises(ValueError, match=field):
         AQLMConfig(**kw)

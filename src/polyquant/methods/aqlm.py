@@ -46,7 +46,6 @@ SmolLM2-135M), so it only pays on wide models.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -57,7 +56,7 @@ from torch import nn
 
 from polyquant.calibration.tune import TuneJob, TuneSettings, fit_block
 from polyquant.methods._hessian import hessian_inputs, zero_dead_inputs
-from polyquant.methods.base import MethodConfig, check_int
+from polyquant.methods.base import MethodConfig, check_fraction, check_int
 from polyquant.methods.registry import MethodSpec, register_method
 from polyquant.methods.traits import BENCH, Preset, Prior, rel
 from polyquant.tensor.quantized_weight import QuantizedWeight, vector_weight
@@ -116,8 +115,8 @@ class AQLMConfig(MethodConfig):
         check_int("num_codebooks", self.num_codebooks, 1, 64)
         check_int("finetune_epochs", self.finetune_epochs, 0, 100000)
         check_int("finetune_batch", self.finetune_batch, 1, 1 << 20)
-        _check_fraction("finetune_lr", self.finetune_lr, zero=False)
-        _check_fraction("finetune_tolerance", self.finetune_tolerance)
+        check_fraction("finetune_lr", self.finetune_lr, zero=False)
+        check_fraction("finetune_tolerance", self.finetune_tolerance)
         check_int("nbits_per_codebook", self.nbits_per_codebook, 1, 16)
         check_int("in_group_size", self.in_group_size, 1, 256)
         check_int("out_group_size", self.out_group_size, 1, 256)
@@ -129,7 +128,7 @@ class AQLMConfig(MethodConfig):
         check_int("seed", self.seed, 0, 2**63 - 1)
         if not isinstance(self.true_sequential, bool):
             raise ValueError(f"true_sequential must be a bool, got {self.true_sequential!r}")
-        _check_fraction("relative_tolerance", self.relative_tolerance)
+        check_fraction("relative_tolerance", self.relative_tolerance)
 
     @property
     def code_bits(self) -> float:
@@ -140,13 +139,6 @@ class AQLMConfig(MethodConfig):
         g = f"g{self.in_group_size}" + (f"x{self.out_group_size}" if self.out_group_size != 1 else "")
         beam = f" beam{self.beam_size}" if self.beam_size != 1 else ""
         return f"aqlm {self.num_codebooks}x{self.nbits_per_codebook} {g}{beam}"
-
-
-def _check_fraction(name: str, t, zero: bool = True) -> None:
-    """``t`` a finite number in [0, 1) (in (0, 1) with ``zero=False``)."""
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 0 <= t < 1 \
-            or (not zero and t == 0):
-        raise ValueError(f"{name} must be a number in {'[' if zero else '('}0, 1), got {t!r}")
 
 
 # -- weighted k-means ----------------------------------------------------------------------------

@@ -8,10 +8,11 @@ Layer selection lives here too, so a checkpoint records which modules were quant
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-__all__ = ["MethodConfig", "check_choice", "check_int"]
+__all__ = ["MethodConfig", "check_choice", "check_fraction", "check_int"]
 
 
 def check_int(name: str, value: Any, lo: int | None = None, hi: int | None = None) -> None:
@@ -19,6 +20,13 @@ def check_int(name: str, value: Any, lo: int | None = None, hi: int | None = Non
         raise ValueError(f"{name} must be an integer, got {value!r}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+
+
+def check_fraction(name: str, value: Any, zero: bool = True) -> None:
+    """``value`` a finite number in [0, 1) (in (0, 1) with ``zero=False``): tolerances, learning rates."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0 <= value < 1 or (not zero and value == 0):
+        raise ValueError(f"{name} must be a number in {'[' if zero else '('}0, 1), got {value!r}")
 
 
 def check_choice(name: str, value: Any, choices: tuple | list) -> None:
