@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from helpers import tiny_llama
+from polyquant.finetune.distill import kl_loss
 from polyquant.finetune.ternary import STEBitLinear, TernaryFinetuneConfig, finetune_ternary, to_bitnet
 from polyquant.formats import load, save
 
@@ -20,9 +21,8 @@ def _cfg(**kw):
 
 
 def _kl_now(student, teacher, ids):
-    from polyquant.finetune.ternary import _kl
     with torch.no_grad():
-        return float(_kl(student(ids).logits, teacher(ids).logits, 1.0))
+        return float(kl_loss(student(ids).logits, teacher(ids).logits, 1.0))
 
 
 def test_loss_goes_down_and_the_result_saves(tmp_path):

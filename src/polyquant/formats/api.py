@@ -192,7 +192,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, format: str | None = None
         record["source"] = rec.source
     if rules := act_rule_record(layers):  # each layer's activation rule, as described (ActRule)
         record["act_rules"] = rules
-    for key in ("calibration", "runtime"):  # calibration settings; kernel and threads of the run
+    for key in ("calibration", "runtime", "global_finetune"):  # calibration settings; kernel and threads; fine-tuning
         if isinstance((rec.extra or {}).get(key), dict):
             record[key] = rec.extra[key]
 
