@@ -195,14 +195,17 @@ def global_tune(a) -> None:
             logf.write(json.dumps(rec) + "\n")
             logf.flush()
     t0 = time.perf_counter()
-    tuned, info = finetune_codebooks(base, q, calibration_tokens(tok), cfg, checkpoint_dir=a.global_resume, log=log)
+    from polyquant.calibration import calibration_stream
+    tokens = calibration_tokens(tok) if a.global_text == "pydoc" else calibration_stream(tok)
+    tuned, info = finetune_codebooks(base, q, tokens, cfg, checkpoint_dir=a.global_resume, log=log)
     secs = time.perf_counter() - t0
     ppl = C.ppl_by_text(tuned, tok, texts, a.windows)
     if a.global_save:
         polyquant.save(tuned, a.global_save, tokenizer=tok, overwrite=True)
     losses = info["losses"]
     k = max(1, len(losses) // 10)
-    _emit({"stage": "global", "ckpt": a.ckpt, "config": cfg.to_dict(), "threads": a.threads, "windows": a.windows,
+    _emit({"stage": "global", "ckpt": a.ckpt, "config": cfg.to_dict(), "text": a.global_text,
+           "text_tokens": int(tokens.numel()), "threads": a.threads, "windows": a.windows,
            "ppl": ppl[texts[0]], "ppl_by_text": ppl, "ppl_before": before, "seconds": round(secs, 1),
            "seconds_per_step": round(info["seconds"] / max(1, len(losses)), 2),
            "loss_first_tenth": round(sum(losses[:k]) / k, 4), "loss_last_tenth": round(sum(losses[-k:]) / k, 4),
@@ -342,6 +345,8 @@ def main() -> None:
     ap.add_argument("--global-lr", type=float, default=1e-4)
     ap.add_argument("--global-seq-len", type=int, default=512)
     ap.add_argument("--global-batch", type=int, default=1)
+    ap.add_argument("--global-text", choices=("pydoc", "mix"), default="pydoc",
+                    help="global: train on pydoc's calibration slice, or on the pydoc + enwiki slices (the CLI's default)")
     ap.add_argument("--global-freeze-norms", action="store_true")
     ap.add_argument("--global-baseline", action="store_true", help="global: also measure the checkpoint untuned")
     ap.add_argument("--global-log", default=None)

@@ -141,3 +141,18 @@ def test_default_falls_back_to_pydoc_with_a_warning(tok, positional_texts, monke
 def test_mix_refusals(tok, positional_texts, kw, match):
     with pytest.raises(ValueError, match=match):
         calibration_data(tok, **{"n_samples": 4, "seqlen": 10, **kw})
+
+
+def test_calibration_stream_is_the_calibration_slices_in_mix_order(tok, positional_texts, monkeypatch):
+    from polyquant.calibration import calibration_stream
+    lens, base = positional_texts
+    s = calibration_stream(tok)
+    want = [base[k] + torch.arange(data.split_index(lens[k]), lens[k]) for k in ("pydoc", "enwiki")]
+    assert torch.equal(s, torch.cat(want))  # never a token of either evaluation slice
+    assert torch.equal(calibration_stream(tok, mix=("enwiki",)), want[1])
+    for mix, match in ((("pydoc", "pydoc"), "distinct"), (("c4",), "unknown built-in text 'c4'")):
+        with pytest.raises(ValueError, match=match):
+            calibration_stream(tok, mix=mix)
+    monkeypatch.setattr(data, "enwiki_available", lambda: False)
+    with pytest.warns(RuntimeWarning, match="pydoc text alone"):
+        assert torch.equal(calibration_stream(tok), want[0])

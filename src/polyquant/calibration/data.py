@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["calibration_data", "window_offsets", "as_samples", "DEFAULT_MIX", "default_sources"]
+__all__ = ["calibration_data", "calibration_stream", "window_offsets", "as_samples", "DEFAULT_MIX", "default_sources"]
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,29 @@ def calibration_data(tokenizer, text: str | os.PathLike | None = None, n_samples
         raise ValueError(f"text must be None, a string or a path, got {type(text).__name__}")
     offsets = window_offsets(len(ids), n_samples, seqlen, seed)
     return [ids[o:o + seqlen].unsqueeze(0).clone() for o in offsets]
+
+
+def calibration_stream(tokenizer, mix: Sequence[str] | None = None) -> torch.Tensor:
+    """One 1-D token stream for training (the fine-tuning modes draw windows from it): the calibration
+    slices (last 10%, never evaluated) of the built-in texts of ``mix`` (default :func:`default_sources`,
+    as ``calibration_data``), concatenated in that order."""
+    from polyquant import data
+    if mix is None:
+        mix = default_sources()
+        if mix != DEFAULT_MIX:
+            warnings.warn("the enwiki excerpt is not on this machine: training on the pydoc text alone "
+                          f"(install it with `pip install --no-deps gensim==4.4.0`, or set ${data.ENWIKI_ENV_VAR})",
+                          RuntimeWarning, stacklevel=2)
+    mix = tuple(mix)
+    if not mix or len(set(mix)) != len(mix):
+        raise ValueError(f"mix must name distinct built-in texts, got {mix!r}")
+    parts = []
+    for name in mix:
+        if name not in data.BUILTIN_TEXTS:
+            raise ValueError(f"unknown built-in text {name!r} in mix; known: {sorted(data.BUILTIN_TEXTS)}")
+        ids = data.builtin_tokens(tokenizer, name)
+        parts.append(ids[data.split_index(len(ids)):])
+    return torch.cat(parts)
 
 
 def _check_ids(t: torch.Tensor, what: str) -> torch.Tensor:

@@ -23,8 +23,8 @@ def _schedule_args(steps: int, lr: float, every: int) -> list:
             arg("--checkpoint-every", type=int, default=every, help=f"steps between checkpoints (default {every})")]
 
 
-def _run_args() -> list:
-    return [arg("--text", metavar="FILE", help="training text (default: the built-in text's calibration slice)"),
+def _run_args(text_default: str) -> list:
+    return [arg("--text", metavar="FILE", help=f"training text (default: {text_default})"),
             arg("--seed", type=int, default=0, help="window seed (default 0)"),
             arg("--threads", type=positive, metavar="N", help="torch threads"),
             arg("-o", "--output", required=True, metavar="DIR", help="output folder"),
@@ -45,7 +45,7 @@ def _run_args() -> list:
                    help="steps over which quantization is blended in (default 50; 0: ternary from the start)"),
                arg("--linear-class", choices=("autobitlinear", "bitlinear"), default="autobitlinear",
                    help="BitNet class written (default autobitlinear, as Microsoft's BitNet b1.58 2B4T)"),
-               *_run_args()])
+               *_run_args("the built-in pydoc text's calibration slice")])
 def cmd_finetune_ternary(args) -> int:
     """Fine-tune ternary and save a BitNet checkpoint."""
     import torch
@@ -96,13 +96,14 @@ def cmd_finetune_ternary(args) -> int:
                                                       "default: the checkpoint's source)"),
                *_schedule_args(100, 1e-4, 10),
                arg("--freeze-norms", action="store_true", help="train code books and scales only"),
-               *_run_args()])
+               *_run_args("the calibration slices of the built-in pydoc + enwiki mix, as quantize calibrates")])
 def cmd_finetune_aqlm(args) -> int:
     """Tune an AQLM checkpoint globally and save it."""
     import torch
 
     import polyquant
-    from polyquant.data import calibration_tokens, tokenize
+    from polyquant.calibration import calibration_stream
+    from polyquant.data import tokenize
     from polyquant.finetune.codebook import CodebookFinetuneConfig, finetune_codebooks
     from polyquant.formats import load, save
     from polyquant.report.store import atomic_write_text
@@ -134,7 +135,7 @@ def cmd_finetune_aqlm(args) -> int:
     teacher, tok = polyquant.load_model(teacher_spec)
     q, qtok = load(ckpt)
     tok = qtok or tok
-    tokens = tokenize(tok, text) if text is not None else calibration_tokens(tok)
+    tokens = tokenize(tok, text) if text is not None else calibration_stream(tok)
     resume = folder.parent / f".{folder.name}.finetune-resume"
     t0 = time.perf_counter()
     tuned, info = finetune_codebooks(teacher, q, tokens, cfg, checkpoint_dir=resume, show_progress=not args.quiet)
