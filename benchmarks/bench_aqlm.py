@@ -210,6 +210,8 @@ def global_tune(a) -> None:
            "seconds_per_step": round(info["seconds"] / max(1, len(losses)), 2),
            "loss_first_tenth": round(sum(losses[:k]) / k, 4), "loss_last_tenth": round(sum(losses[-k:]) / k, 4),
            "bits_per_weight": _bpw(tuned)}, a.out)
+    if a.global_save:
+        _emit({"stage": "interop", "ckpt": a.global_save, **interop(a.global_save, tok)}, a.out)
 
 
 def quick_checkpoint(path: str) -> None:
@@ -342,7 +344,7 @@ def main() -> None:
     ap.add_argument("--finetune-lr", type=float, default=1e-4)
     ap.add_argument("--finetune-batch", type=int, default=4)
     ap.add_argument("--global-steps", type=int, default=100)
-    ap.add_argument("--global-lr", type=float, default=1e-4)
+    ap.add_argument("--global-lr", type=float, default=1e-3)
     ap.add_argument("--global-seq-len", type=int, default=512)
     ap.add_argument("--global-batch", type=int, default=1)
     ap.add_argument("--global-text", choices=("pydoc", "mix"), default="pydoc",

@@ -94,7 +94,7 @@ def cmd_finetune_ternary(args) -> int:
          args=[arg("checkpoint", metavar="CHECKPOINT", help="an AQLM checkpoint folder"),
                arg("--teacher", metavar="MODEL", help="the float model ('default', a local folder or a .gguf; "
                                                       "default: the checkpoint's source)"),
-               *_schedule_args(100, 1e-4, 10),
+               *_schedule_args(100, 1e-3, 10),
                arg("--freeze-norms", action="store_true", help="train code books and scales only"),
                *_run_args("the calibration slices of the built-in pydoc + enwiki mix, as quantize calibrates")])
 def cmd_finetune_aqlm(args) -> int:
