@@ -56,6 +56,25 @@ def _split_counts(n: int, k: int) -> list[int]:
     return [n // k + (1 if j < n % k else 0) for j in range(k)]
 
 
+def _resolve_mix(mix: Sequence[str] | None, doing: str) -> tuple[str, ...]:
+    """``mix`` checked (distinct built-in text names), or :func:`default_sources` with a warning when the
+    enwiki excerpt is missing."""
+    from polyquant import data
+    if mix is None:
+        mix = default_sources()
+        if mix != DEFAULT_MIX:
+            warnings.warn(f"the enwiki excerpt is not on this machine: {doing} on the pydoc text alone "
+                          f"(install it with `pip install --no-deps gensim==4.4.0`, or set ${data.ENWIKI_ENV_VAR})",
+                          RuntimeWarning, stacklevel=3)
+    mix = tuple(mix)
+    if not mix or len(set(mix)) != len(mix):
+        raise ValueError(f"mix must name distinct built-in texts, got {mix!r}")
+    for name in mix:
+        if name not in data.BUILTIN_TEXTS:
+            raise ValueError(f"unknown built-in text {name!r} in mix; known: {sorted(data.BUILTIN_TEXTS)}")
+    return mix
+
+
 def calibration_data(tokenizer, text: str | os.PathLike | None = None, n_samples: int = 128,
                      seqlen: int = 2048, seed: int = 0, *, mix: Sequence[str] | None = None
                      ) -> list[torch.Tensor]:
@@ -78,18 +97,7 @@ def calibration_data(tokenizer, text: str | os.PathLike | None = None, n_samples
     from polyquant import data
 
     if text is None:
-        if mix is None:
-            mix = default_sources()
-            if mix != DEFAULT_MIX:
-                warnings.warn("the enwiki excerpt is not on this machine: calibrating on the pydoc text alone "
-                              f"(install it with `pip install --no-deps gensim==4.4.0`, or set ${data.ENWIKI_ENV_VAR})",
-                              RuntimeWarning, stacklevel=2)
-        mix = tuple(mix)
-        if not mix or len(set(mix)) != len(mix):
-            raise ValueError(f"mix must name distinct built-in texts, got {mix!r}")
-        for name in mix:
-            if name not in data.BUILTIN_TEXTS:
-                raise ValueError(f"unknown built-in text {name!r} in mix; known: {sorted(data.BUILTIN_TEXTS)}")
+        mix = _resolve_mix(mix, "calibrating")
         if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
             raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
         per_text = []
@@ -123,19 +131,8 @@ def calibration_stream(tokenizer, mix: Sequence[str] | None = None) -> torch.Ten
     slices (last 10%, never evaluated) of the built-in texts of ``mix`` (default :func:`default_sources`,
     as ``calibration_data``), concatenated in that order."""
     from polyquant import data
-    if mix is None:
-        mix = default_sources()
-        if mix != DEFAULT_MIX:
-            warnings.warn("the enwiki excerpt is not on this machine: training on the pydoc text alone "
-                          f"(install it with `pip install --no-deps gensim==4.4.0`, or set ${data.ENWIKI_ENV_VAR})",
-                          RuntimeWarning, stacklevel=2)
-    mix = tuple(mix)
-    if not mix or len(set(mix)) != len(mix):
-        raise ValueError(f"mix must name distinct built-in texts, got {mix!r}")
     parts = []
-    for name in mix:
-        if name not in data.BUILTIN_TEXTS:
-            raise ValueError(f"unknown built-in text {name!r} in mix; known: {sorted(data.BUILTIN_TEXTS)}")
+    for name in _resolve_mix(mix, "training"):
         ids = data.builtin_tokens(tokenizer, name)
         parts.append(ids[data.split_index(len(ids)):])
     return torch.cat(parts)

@@ -32,6 +32,20 @@ def _run_args(text_default: str) -> list:
             arg("-q", "--quiet", action="store_true", help="no progress bar")]
 
 
+def _finish(model, fmt: str, what: str, folder: Path, resume: Path, tok, cfg, info: dict, args, t0: float) -> int:
+    """Save the tuned model and its loss history (``finetune.json``), drop the resume state, report."""
+    from polyquant.formats import save
+    from polyquant.report.store import atomic_write_text
+    save(model, folder, format=fmt, tokenizer=tok, overwrite=args.overwrite)
+    atomic_write_text(folder / "finetune.json", json.dumps({"config": cfg.to_dict(), "losses": info["losses"],
+                                                            "seconds": info["seconds"]}, indent=1))
+    shutil.rmtree(resume, ignore_errors=True)
+    kl = f"; KL {info['losses'][0]:.4f} -> {info['losses'][-1]:.4f}" if info["losses"] else ""
+    out(f"wrote {folder} ({what}, {dir_bytes(folder) / 1e6:.1f} MB){kl} over {cfg.steps} steps "
+        f"in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
 @command("finetune-ternary", help="train a ternary BitNet b1.58 model from a float one (distillation)", order=25,
          description="Replace the model's Linears by ternary BitLinears (absmean weights, int8 per-token "
                      "activations, straight-through gradients) and train them for --steps steps on windows of "
@@ -53,8 +67,6 @@ def cmd_finetune_ternary(args) -> int:
     import polyquant
     from polyquant.data import calibration_tokens, tokenize
     from polyquant.finetune.ternary import TernaryFinetuneConfig, finetune_ternary, to_bitnet
-    from polyquant.formats import save
-    from polyquant.report.store import atomic_write_text
     check_model_arg(args.model, allow_checkpoint=False)
     folder = Path(args.output).expanduser()
     check_output(folder, args.overwrite)
@@ -73,14 +85,8 @@ def cmd_finetune_ternary(args) -> int:
         err(f"polyquant: resumed from step {info['resumed_from']} ({resume})")
     q = to_bitnet(student, cfg, info)
     q.polyquant.source = source_of(args.model)
-    save(q, folder, format="bitnet", tokenizer=tok, overwrite=args.overwrite)
-    atomic_write_text(folder / "finetune.json", json.dumps({"config": cfg.to_dict(), "losses": info["losses"],
-                                                            "seconds": info["seconds"]}, indent=1))
-    shutil.rmtree(resume, ignore_errors=True)
-    kl = f"; KL {info['losses'][0]:.4f} -> {info['losses'][-1]:.4f}" if info["losses"] else ""
-    out(f"wrote {folder} (bitnet {cfg.linear_class}, {len(info['modules'])} ternary layers, "
-        f"{dir_bytes(folder) / 1e6:.1f} MB){kl} over {cfg.steps} steps in {time.perf_counter() - t0:.0f} s")
-    return 0
+    return _finish(q, "bitnet", f"bitnet {cfg.linear_class}, {len(info['modules'])} ternary layers", folder, resume,
+                   tok, cfg, info, args, t0)
 
 
 @command("finetune-aqlm", help="tune an AQLM checkpoint end to end against the float model (distillation)", order=26,
@@ -105,8 +111,7 @@ def cmd_finetune_aqlm(args) -> int:
     from polyquant.calibration import calibration_stream
     from polyquant.data import tokenize
     from polyquant.finetune.codebook import CodebookFinetuneConfig, finetune_codebooks
-    from polyquant.formats import load, save
-    from polyquant.report.store import atomic_write_text
+    from polyquant.formats import load
     ckpt = Path(args.checkpoint).expanduser()
     if not is_checkpoint(ckpt):
         raise UsageError(f"{args.checkpoint!r} is not a quantized checkpoint folder (quantize it first: "
@@ -142,11 +147,4 @@ def cmd_finetune_aqlm(args) -> int:
     if info["resumed_from"]:
         err(f"polyquant: resumed from step {info['resumed_from']} ({resume})")
     tuned.polyquant.source = source_of(teacher_spec)
-    save(tuned, folder, format="aqlm", tokenizer=tok, overwrite=args.overwrite)
-    atomic_write_text(folder / "finetune.json", json.dumps({"config": cfg.to_dict(), "losses": info["losses"],
-                                                            "seconds": info["seconds"]}, indent=1))
-    shutil.rmtree(resume, ignore_errors=True)
-    kl = f"; KL {info['losses'][0]:.4f} -> {info['losses'][-1]:.4f}" if info["losses"] else ""
-    out(f"wrote {folder} (aqlm, {len(info['modules'])} tuned layers, {dir_bytes(folder) / 1e6:.1f} MB){kl} "
-        f"over {cfg.steps} steps in {time.perf_counter() - t0:.0f} s")
-    return 0
+    return _finish(tuned, "aqlm", f"aqlm, {len(info['modules'])} tuned layers", folder, resume, tok, cfg, info, args, t0)
