@@ -8,7 +8,8 @@ Parts (``python benchmarks/bench_bitnet.py PART [options]``):
   (``tests/formats/test_bitnet.py``'s writer) loaded by both.
 * ``speed``: decode (greedy, KV cache, 1 thread) and prefill (one 512-token window) of the default model
   in fp32, ternarized (absmean PTQ, lm_head float, ``cpu-ternary``) and RTN W4 g64 on ``cpu-lut4``
-  (and ``auto``), interleaved rounds; run it under ``flock /tmp/polyquant-core0.lock taskset -c 0``.
+  (and ``auto``; ``--bf16-head`` adds the ternary and W4 rows with the float head in bf16), interleaved
+  rounds; run it under ``flock /tmp/polyquant-core0.lock taskset -c 0``.
 * ``ppl``: perplexity of fp32 and absmean PTQ on the first ``--windows`` evaluation windows.
 * ``finetune``: ternary fine-tuning (resumable: ``--ckpt`` folder), then the perplexity of the result
   on the same windows; ``--stop-after`` bounds the steps run in this call.
@@ -148,6 +149,15 @@ def part_speed(args) -> None:
     nf4 = polyquant.quantize(model, BnbNF4Config(blocksize=64), show_progress=False)
     set_kernels(nf4, "cpu-lut4")
     rows["nf4-b64-cpu-lut4"] = nf4
+    if args.bf16_head:  # the float head (49152 x 576, 113 MB in fp32: the largest read of a ternary token) in bf16
+        import copy
+
+        from polyquant.nn.runtime import set_float_dtype
+        for k in ("bitnet-ternary", "rtn-w4g64-cpu-lut4"):
+            if k in rows:
+                m = copy.deepcopy(rows[k])
+                set_float_dtype(m, torch.bfloat16, scope="lm_head")
+                rows[k + "+bf16-head"] = m
     from polyquant.eval.memory import weight_bytes
     info = {k: {"kernels": kernel_summary(m) if k != "fp32" else {"float": 1}, "weight_bytes": weight_bytes(m)}
             for k, m in rows.items()}
@@ -228,6 +238,8 @@ def main(argv=None) -> None:
     sp.add_argument("--rounds", type=int, default=5)
     sp.add_argument("--prefill-rounds", type=int, default=2)
     sp.add_argument("--decode-tokens", type=int, default=32)
+    sp.add_argument("--bf16-head", action="store_true",
+                    help="also the ternary and W4 cpu-lut4 rows with the float lm_head computed in bf16 (lossy cast)")
     sub.add_parser("interop")
     args = ap.parse_args(argv)
     {"interop": part_interop, "finetune": part_finetune, "ppl": part_ppl, "speed": part_speed}[args.part](args)

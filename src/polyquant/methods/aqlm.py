@@ -532,11 +532,10 @@ register_method(MethodSpec(
     presets=(Preset("aqlm-2x8", {"num_codebooks": 2, "nbits_per_codebook": 8}, sweep=False),
              Preset("aqlm-1x16", {"num_codebooks": 1, "nbits_per_codebook": 16}, sweep=False)),
     # the advisor matches ``bits`` against the code index width (8 for Kx8, 16 for 1x16)
-    priors=(Prior(8, None, None, rel(35.0), "assumed: no whole-model perplexity of AQLM 2x8 measured yet; between GPTQ W3 "
-                  "g64 (" + BENCH + ": 27.099) and W2 g64: benchmarks/bench_aqlm.py layers (blocks 0/15/29, 16 x 512) "
-                  "gives a geometric-mean relative output error of 0.0067 for 2x8 against 0.0035 GPTQ W3 g64, 0.023 GPTQ "
-                  "W2 g64, 0.096 HQQ 2-bit g64"),
-            Prior(16, None, None, rel(35.0), "assumed: AQLM 1x16 as 2x8 in accuracy, but on a 576-wide model its "
+    priors=(Prior(8, None, None, rel(34.92), "measured, " + BENCH + ": AQLM 2x8 g8 as quantize makes it (128 x 512 "
+                  "mix calibration, 2026-12-07): 34.92 (GPTQ W3 g64 in the same run 29.12); `polyquant finetune-aqlm` "
+                  "(100 steps, 11 min at 2 threads) then brings it to 24.70, below GPTQ W3"),
+            Prior(16, None, None, rel(34.92), "assumed: AQLM 1x16 as 2x8 in accuracy, but on a 576-wide model its "
                   "65536 x 8 fp16 code book per layer (1 MiB) costs more than the codes: about 27 bits per weight "
                   "on a 576 x 576 layer, so it never wins on size here (it pays on 4096-wide models: ~2.3 bits)")),
 ))
