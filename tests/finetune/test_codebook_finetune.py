@@ -5,12 +5,13 @@ the same model bit for bit, and models it does not apply to are refused."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 
 import polyquant
-from helpers import tiny_llama
+from helpers import run_cli, tiny_llama, tiny_model_dir, words
 from polyquant.calibration import Calibration
 from polyquant.finetune.codebook import CodebookFinetuneConfig, finetune_codebooks
 from polyquant.finetune.distill import kl_loss
@@ -102,37 +103,28 @@ def test_refuses_what_it_does_not_apply_to(pair):
         CodebookFinetuneConfig(seq_len=1)
 
 
-def test_finetune_aqlm_command(tmp_path, capsys):
-    import json
-
-    from helpers import tiny_tokenizer_dir
-    from polyquant.cli import main
-    model_dir = tmp_path / "model"
-    tiny_llama(tie=False).save_pretrained(str(model_dir))
-    tiny_tokenizer_dir(model_dir)
+def test_finetune_aqlm_command(tmp_path, tmp_path_factory, capsys):
+    model_dir = tiny_model_dir(tmp_path_factory, 0, "ft-aqlm")
     text = tmp_path / "text.txt"
-    text.write_text(" ".join(f"w{(i * 7) % 250}" for i in range(400)))
+    text.write_text(words(400, 0))
     q = tmp_path / "q"
-    assert main(["quantize", str(model_dir), "--method", "aqlm", "--opt", "num_codebooks=1", "--opt",
-                 "nbits_per_codebook=4", "--opt", "max_iters=1", "--calib-samples", "2", "--calib-seqlen", "32",
-                 "--calib-text", str(text), "-o", str(q), "-q"]) == 0, capsys.readouterr().err
-    capsys.readouterr()
-    rc = main(["finetune-aqlm", str(q), "--steps", "3", "--seq-len", "32", "--checkpoint-every", "1",
-               "--text", str(text), "-o", str(tmp_path / "out"), "-q"])  # teacher: the recorded source
-    assert rc == 0, capsys.readouterr().err
+    rc, _, err = run_cli(capsys, "quantize", model_dir, "--method", "aqlm", "--opt", "num_codebooks=1", "--opt",
+                         "nbits_per_codebook=4", "--opt", "max_iters=1", "--calib-samples", "2", "--calib-seqlen", "32",
+                         "--calib-text", text, "-o", q, "-q")
+    assert rc == 0, err
     out = tmp_path / "out"
+    rc, _, err = run_cli(capsys, "finetune-aqlm", q, "--steps", "3", "--seq-len", "32", "--checkpoint-every", "1",
+                         "--text", text, "-o", out, "-q")  # teacher: the recorded source
+    assert rc == 0, err
     assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "aqlm"
     assert json.loads((out / "polyquant.json").read_text())["global_finetune"]["step"] == 3
     assert not (tmp_path / ".out.finetune-resume").exists()
-    m, _ = load(out)
-    a, b = load(q)[0], m
-    la, lb = _layers(a), _layers(b)
+    la, lb = _layers(load(q)[0]), _layers(load(out)[0])
     assert la.keys() == lb.keys() and all(torch.equal(la[n].quantized_weight.codes, lb[n].quantized_weight.codes)
                                           for n in la)
     rtn = tmp_path / "rtn"
-    assert main(["quantize", str(model_dir), "--method", "rtn", "-o", str(rtn), "-q"]) == 0
-    capsys.readouterr()
-    assert main(["finetune-aqlm", str(rtn), "-o", str(tmp_path / "x"), "-q"]) != 0
-    assert "tunes aqlm checkpoints" in capsys.readouterr().err
-    assert main(["finetune-aqlm", str(model_dir), "-o", str(tmp_path / "x"), "-q"]) != 0
-    assert "not a quantized checkpoint" in capsys.readouterr().err
+    assert run_cli(capsys, "quantize", model_dir, "--method", "rtn", "-o", rtn, "-q")[0] == 0
+    rc, _, err = run_cli(capsys, "finetune-aqlm", rtn, "-o", tmp_path / "x", "-q")
+    assert rc != 0 and "tunes aqlm checkpoints" in err
+    rc, _, err = run_cli(capsys, "finetune-aqlm", model_dir, "-o", tmp_path / "x", "-q")
+    assert rc != 0 and "not a quantized checkpoint" in err

@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 from polyquant.cli.base import UsageError, arg, command, positive
-from polyquant.cli.paths import check_model_arg, check_output, dir_bytes, is_checkpoint, read_text_arg, source_of
+from polyquant.cli.paths import (check_model_arg, check_output, dir_bytes, is_checkpoint, read_text_arg, recorded_source,
+                                 source_of)
 from polyquant.cli.render import err, out
 
 
@@ -120,12 +121,9 @@ def cmd_finetune_aqlm(args) -> int:
     if qcfg.get("quant_method") != "aqlm":
         raise UsageError(f"{args.checkpoint!r} is a {qcfg.get('quant_method')!r} checkpoint; finetune-aqlm tunes "
                          "aqlm checkpoints (for ternary models see finetune-ternary)")
-    teacher_spec = args.teacher
-    if teacher_spec is None:
-        rec = ckpt / "polyquant.json"
-        teacher_spec = json.loads(rec.read_text()).get("source") if rec.is_file() else None
-        if not teacher_spec:
-            raise UsageError(f"{args.checkpoint!r} does not record the model it was quantized from: give --teacher MODEL")
+    teacher_spec = args.teacher or recorded_source(ckpt)
+    if not teacher_spec:
+        raise UsageError(f"{args.checkpoint!r} does not record the model it was quantized from: give --teacher MODEL")
     check_model_arg(teacher_spec, allow_checkpoint=False)
     folder = Path(args.output).expanduser()
     check_output(folder, args.overwrite)
