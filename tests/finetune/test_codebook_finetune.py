@@ -99,6 +99,16 @@ def test_refuses_what_it_does_not_apply_to(pair):
     rtn = polyquant.quantize(teacher, RTNConfig(bits=4, group_size=32), show_progress=False)
     with pytest.raises(ValueError, match="no code-book layer"):
         finetune_codebooks(teacher, rtn, TOKENS, _cfg())
+    other = tiny_llama(tie=False)
+    other.model.layers[0].self_attn.q_proj = torch.nn.Linear(32, 64, bias=False)
+    with pytest.raises(ValueError, match=r"layer 'model.layers.0.self_attn.q_proj' is \[64, 32\] there, \[64, 64\]"):
+        finetune_codebooks(other, q, TOKENS, _cfg())
+    with pytest.raises(ValueError, match="layer 'model.layers.1.self_attn.q_proj' is missing"):
+        shallow = tiny_llama(tie=False, layers=1)
+        finetune_codebooks(shallow, q, TOKENS, _cfg())
+    with pytest.raises(ValueError, match="not the same vocabulary"):
+        wide = tiny_llama(tie=False, vocab=300)
+        finetune_codebooks(wide, q, TOKENS, _cfg())
     with pytest.raises(ValueError, match="seq_len"):
         CodebookFinetuneConfig(seq_len=1)
 

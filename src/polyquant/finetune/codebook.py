@@ -51,6 +51,26 @@ def _codebook_layers(model: nn.Module) -> list[tuple[str, QuantLinear]]:
     return out
 
 
+def _check_teacher(teacher: nn.Module, layers: list[tuple[str, QuantLinear]], model: nn.Module) -> None:
+    """The teacher must be the model's float original: the same Linear at every quantized layer's name and
+    the same output head (vocabulary); refused before any work, naming the first mismatch."""
+    for name, ql in layers:
+        try:
+            lin = teacher.get_submodule(name)
+        except AttributeError:
+            lin = None
+        shape = tuple(getattr(lin, "weight", torch.empty(0)).shape) if lin is not None else None
+        if shape != (ql.out_features, ql.in_features):
+            raise ValueError(f"the teacher is not this model's float original: layer {name!r} is "
+                             f"{'missing' if shape is None else list(shape)} there, "
+                             f"[{ql.out_features}, {ql.in_features}] in the quantized model")
+    heads = [getattr(m.get_output_embeddings(), "weight", None) if hasattr(m, "get_output_embeddings") else None
+             for m in (teacher, model)]
+    if all(h is not None for h in heads) and heads[0].shape != heads[1].shape:
+        raise ValueError(f"the teacher's output head is {list(heads[0].shape)}, the quantized model's "
+                         f"{list(heads[1].shape)}: not the same vocabulary")
+
+
 def finetune_codebooks(teacher: nn.Module, model: nn.Module, tokens: torch.Tensor, config: CodebookFinetuneConfig,
                        *, checkpoint_dir: str | os.PathLike | None = None, stop_after: int | None = None,
                        show_progress: bool = True, log: Callable[[dict[str, Any]], None] | None = None,
@@ -71,6 +91,7 @@ def finetune_codebooks(teacher: nn.Module, model: nn.Module, tokens: torch.Tenso
     if not layers:
         raise ValueError(f"the model ({record.method}) has no code-book layer to fine-tune; "
                          "global fine-tuning applies to aqlm models")
+    _check_teacher(teacher, layers, model)
     for p in student.parameters():
         p.requires_grad_(False)
     kept: dict[str, tuple[str, Any, str]] = {}
